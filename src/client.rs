@@ -1,0 +1,194 @@
+//! A leader-aware client for the CLI, the benchmark and the fault tests.
+//!
+//! Any node accepts any request, so the client does not need the leader to be correct; it prefers the
+//! leader to save the forwarding hop. A request that fails with `UNAVAILABLE` was not applied, so it is
+//! retried on the hinted leader or the next node until the deadline. Any other failure is returned as is:
+//! retrying a write whose fate is unknown could apply it twice.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::api::error::LEADER_ADDR_HEADER;
+use crate::network::endpoint;
+use crate::pb::v1 as pb;
+use crate::pb::v1::cluster_client::ClusterClient;
+use crate::pb::v1::kv_client::KvClient;
+
+pub struct Client {
+    nodes: Mutex<Vec<(String, Channel)>>,
+    preferred: AtomicUsize,
+    timeout: Duration,
+}
+
+impl Client {
+    pub fn new(endpoints: &[String], timeout: Duration) -> anyhow::Result<Self> {
+        anyhow::ensure!(!endpoints.is_empty(), "no endpoints given");
+        let nodes = endpoints
+            .iter()
+            .map(|addr| Ok((addr.clone(), endpoint(addr)?.connect_lazy())))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self {
+            nodes: Mutex::new(nodes),
+            preferred: AtomicUsize::new(0),
+            timeout,
+        })
+    }
+
+    fn nodes(&self) -> std::sync::MutexGuard<'_, Vec<(String, Channel)>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pick(&self, attempt: usize) -> (usize, Channel) {
+        let nodes = self.nodes();
+        let i = (self.preferred.load(Ordering::Relaxed) + attempt) % nodes.len();
+        (i, nodes[i].1.clone())
+    }
+
+    /// Points the client at the hinted leader, adding it if it was not among the endpoints.
+    fn follow_hint(&self, status: &tonic::Status) -> bool {
+        let Some(addr) = status
+            .metadata()
+            .get(LEADER_ADDR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+        else {
+            return false;
+        };
+        let mut nodes = self.nodes();
+        let i = match nodes.iter().position(|(a, _)| *a == addr) {
+            Some(i) => i,
+            None => match endpoint(&addr) {
+                Ok(e) => {
+                    nodes.push((addr, e.connect_lazy()));
+                    nodes.len() - 1
+                }
+                Err(_) => return false,
+            },
+        };
+        self.preferred.store(i, Ordering::Relaxed);
+        true
+    }
+
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(KvClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut attempt = 0;
+        loop {
+            let (i, channel) = self.pick(attempt);
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match f(KvClient::new(channel), remaining).await {
+                Ok(v) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(s)
+                    if crate::api::error::certainly_not_proposed(&s)
+                        && Instant::now() < deadline =>
+                {
+                    if self.follow_hint(&s) {
+                        attempt = 0;
+                    } else {
+                        attempt += 1;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20 * attempt.min(10) as u64)).await;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+
+    pub async fn put(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        prev_kv: bool,
+    ) -> Result<pb::PutResponse, tonic::Status> {
+        let req = pb::PutRequest {
+            key,
+            value,
+            prev_kv,
+        };
+        self.call(|mut c, t| {
+            let r = with_timeout(req.clone(), t);
+            async move { c.put(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn get(
+        &self,
+        key: Vec<u8>,
+        consistency: pb::Consistency,
+        min_revision: u64,
+    ) -> Result<pb::GetResponse, tonic::Status> {
+        let req = pb::GetRequest {
+            key,
+            consistency: consistency as i32,
+            min_revision,
+        };
+        self.call(|mut c, t| {
+            let r = with_timeout(req.clone(), t);
+            async move { c.get(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn delete(
+        &self,
+        key: Vec<u8>,
+        prev_kv: bool,
+    ) -> Result<pb::DeleteResponse, tonic::Status> {
+        let req = pb::DeleteRequest { key, prev_kv };
+        self.call(|mut c, t| {
+            let r = with_timeout(req.clone(), t);
+            async move { c.delete(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn scan(&self, req: pb::ScanRequest) -> Result<pb::ScanResponse, tonic::Status> {
+        self.call(|mut c, t| {
+            let r = with_timeout(req.clone(), t);
+            async move { c.scan(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, tonic::Status> {
+        self.call(|mut c, t| {
+            let r = with_timeout(req.clone(), t);
+            async move { c.txn(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Every endpoint's own view of the cluster (an unreachable node is reported, not skipped).
+    pub async fn statuses(&self) -> Vec<(String, Result<pb::StatusResponse, tonic::Status>)> {
+        let nodes = self.nodes().clone();
+        let mut out = Vec::new();
+        for (addr, channel) in nodes {
+            let r = ClusterClient::new(channel)
+                .status(with_timeout(
+                    pb::StatusRequest {},
+                    self.timeout.min(Duration::from_secs(2)),
+                ))
+                .await
+                .map(|r| r.into_inner());
+            out.push((addr, r));
+        }
+        out
+    }
+}
+
+fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout.max(Duration::from_millis(1)));
+    r
+}

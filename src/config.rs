@@ -1,0 +1,152 @@
+//! Server settings, from the command line (or `RAFTKV_*` environment variables).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::types::NodeId;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// This node's id: a small integer, never reused for another node.
+    #[arg(long, env = "RAFTKV_ID")]
+    pub id: NodeId,
+    /// Address to serve the public API and Raft traffic on.
+    #[arg(long, env = "RAFTKV_LISTEN")]
+    pub listen: String,
+    /// Address other nodes and clients reach this node at (default: this node's entry in --peers).
+    #[arg(long, env = "RAFTKV_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Where this node keeps its sled database.
+    #[arg(long, env = "RAFTKV_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// The initial voters, `1=HOST:PORT,2=HOST:PORT,3=HOST:PORT`. A fresh cluster bootstraps from this
+    /// once; after that the membership lives in the log.
+    #[arg(long, env = "RAFTKV_PEERS", value_parser = parse_peers)]
+    pub peers: BTreeMap<NodeId, String>,
+    /// Leader heartbeat interval.
+    #[arg(long, default_value_t = 50)]
+    pub heartbeat_ms: u64,
+    /// Election timeout range: a follower that hears nothing for this long campaigns.
+    #[arg(long, default_value_t = 150)]
+    pub election_min_ms: u64,
+    #[arg(long, default_value_t = 300)]
+    pub election_max_ms: u64,
+    /// Take a snapshot (and purge the log behind it) after this many applied entries.
+    #[arg(long, default_value_t = 10_000)]
+    pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot, so briefly lagging followers catch up without one.
+    #[arg(long, default_value_t = 1_000)]
+    pub keep_logs: u64,
+    /// Largest value accepted (INVALID_ARGUMENT above it).
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub max_value_bytes: usize,
+    /// Largest request message accepted (RESOURCE_EXHAUSTED above it). At least max-value-bytes + 64 KiB.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_request_bytes: usize,
+    /// How long a request may wait for a leader, a quorum or replication when the client sets no deadline.
+    #[arg(long, default_value_t = 5_000)]
+    pub request_timeout_ms: u64,
+}
+
+impl ServerArgs {
+    pub fn advertise_addr(&self) -> String {
+        self.advertise
+            .clone()
+            .or_else(|| self.peers.get(&self.id).cloned())
+            .unwrap_or_else(|| self.listen.clone())
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_key_bytes: 4096,
+            max_value_bytes: self.max_value_bytes,
+            max_request_bytes: self.max_request_bytes.max(self.max_value_bytes + 64 * 1024),
+            max_txn_ops: 128,
+            default_scan_limit: 1000,
+            max_scan_limit: 10_000,
+        }
+    }
+
+    pub fn raft_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
+        let limits = self.limits();
+        // A full AppendEntries batch of the largest requests must fit in one peer message.
+        let max_payload_entries = (crate::network::MAX_PEER_MESSAGE_BYTES
+            / limits.max_request_bytes)
+            .clamp(1, 300) as u64;
+        openraft::Config {
+            cluster_name: "raftkv".to_string(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_min_ms,
+            election_timeout_max: self.election_max_ms,
+            // A node back from a partition asks before it campaigns, so it cannot depose a healthy leader.
+            enable_pre_vote: Some(true),
+            install_snapshot_timeout: 10_000,
+            max_payload_entries,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.keep_logs,
+            purge_batch_size: 256,
+            ..Default::default()
+        }
+        .validate()
+    }
+}
+
+/// Input limits, enforced at the API edge before anything reaches the log.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub default_scan_limit: usize,
+    pub max_scan_limit: usize,
+}
+
+pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("peer {part:?} is not ID=HOST:PORT"))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|e| format!("peer id {id:?}: {e}"))?;
+        if id == 0 {
+            return Err("node id 0 is reserved (it means 'no leader')".into());
+        }
+        let addr = addr.trim();
+        if addr.is_empty() || !addr.contains(':') {
+            return Err(format!("peer {id} address {addr:?} is not HOST:PORT"));
+        }
+        if peers.insert(id, addr.to_string()).is_some() {
+            return Err(format!("peer {id} listed twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no peers given".into());
+    }
+    Ok(peers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_reject_garbage() {
+        let p = parse_peers("1=127.0.0.1:7001, 2=127.0.0.1:7002,3=h:1").unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!(p[&2], "127.0.0.1:7002");
+        for bad in ["", "1", "x=a:1", "0=a:1", "1=a:1,1=b:2", "1=nohost"] {
+            assert!(parse_peers(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! raftkv: a Raft-replicated key-value store.
+//!
+//! openraft does consensus; this crate is the storage (sled), the network (tonic), the public gRPC API and
+//! the tooling around them. Each box of the design is one module, so an openraft upgrade touches one module
+//! per layer.
+
+pub mod api;
+pub mod client;
+pub mod codec;
+pub mod config;
+pub mod network;
+pub mod node;
+pub mod pb;
+pub mod server;
+pub mod store;
+pub mod types;

@@ -1,0 +1,61 @@
+//! Raft traffic between nodes over tonic: [`client`] is openraft's side (it calls peers), [`server`]
+//! answers peers. Both share one port with the public API.
+
+pub mod client;
+pub mod server;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest node-to-node message. It bounds an AppendEntries batch: `max_payload_entries` is derived
+/// from it and the largest client request, so a full batch always fits.
+pub const MAX_PEER_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// One lazily connected channel per peer address and purpose, shared by every caller. tonic channels
+/// reconnect by themselves, so a restarted peer is reached again without rebuilding anything, and
+/// snapshots get their own connection so a large transfer never delays heartbeats.
+#[derive(Clone, Default)]
+pub struct PeerChannels {
+    channels: Arc<Mutex<HashMap<(String, Purpose), Channel>>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Purpose {
+    Raft,
+    Snapshot,
+    /// Forwarded client writes and read-index requests.
+    Client,
+}
+
+impl PeerChannels {
+    pub fn get(&self, addr: &str, purpose: Purpose) -> Result<Channel, tonic::transport::Error> {
+        let key = (addr.to_string(), purpose);
+        let mut map = self
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(ch) = map.get(&key) {
+            return Ok(ch.clone());
+        }
+        let channel = endpoint(addr)?.connect_lazy();
+        map.insert(key, channel.clone());
+        Ok(channel)
+    }
+}
+
+/// The connection settings every raftkv-to-raftkv (and CLI-to-raftkv) connection uses.
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}

@@ -1,0 +1,395 @@
+//! A running raftkv node: the Raft handle and the operations the API is built from.
+//!
+//! Writes and strong reads need the leader's authority; this module finds it. A follower forwards a write
+//! to the leader (one hop: the leader never forwards again) and asks the leader for a read index before a
+//! strong read. While there is no leader, or the one it knew is unreachable, a request waits for the
+//! next leader until its deadline, so clients ride through a failover instead of seeing errors.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::error::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
+use openraft::{BasicNode, ReadPolicy, ServerState};
+use tokio::time::Instant;
+
+use crate::api::error::{ApiError, LeaderHint, certainly_not_proposed};
+use crate::codec;
+use crate::config::{Limits, ServerArgs};
+use crate::network::client::{NetworkFactory, raft_client};
+use crate::network::{PeerChannels, Purpose};
+use crate::pb::internal::{Payload, ReadIndexRequest};
+use crate::pb::v1::ResponseHeader;
+use crate::store::{self, StateMachineStore};
+use crate::types::{Command, CommandResponse, NodeId, Raft};
+
+/// A write that has been committed by a quorum, made durable and applied.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Applied {
+    pub revision: u64,
+    pub response: CommandResponse,
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub sm: StateMachineStore,
+    pub channels: PeerChannels,
+    pub limits: Limits,
+    pub request_timeout: Duration,
+}
+
+/// What this node currently knows about leadership, read once from the metrics.
+struct View {
+    leader: Option<NodeId>,
+    leader_addr: Option<String>,
+}
+
+impl Node {
+    /// Opens storage, starts Raft and, on a fresh data directory, bootstraps the cluster from `--peers`.
+    pub async fn start(args: &ServerArgs) -> anyhow::Result<Arc<Node>> {
+        let config = Arc::new(args.raft_config()?);
+        std::fs::create_dir_all(&args.data_dir)?;
+        let (log, sm) = store::open(&args.data_dir, args.id)?;
+        let channels = PeerChannels::default();
+        let network = NetworkFactory {
+            id: args.id,
+            channels: channels.clone(),
+        };
+        let raft = Raft::new(args.id, config, network, log, sm.clone()).await?;
+        let node = Arc::new(Node {
+            id: args.id,
+            raft,
+            sm,
+            channels,
+            limits: args.limits(),
+            request_timeout: args.request_timeout(),
+        });
+        node.bootstrap(&args.peers).await?;
+        Ok(node)
+    }
+
+    /// Every fresh node initializes with the same voters, so the first log entry is identical everywhere
+    /// and it does not matter which nodes start first. A node with any Raft state never initializes again.
+    async fn bootstrap(&self, peers: &BTreeMap<NodeId, String>) -> anyhow::Result<()> {
+        if self.raft.is_initialized().await? {
+            tracing::info!("existing Raft state found; not bootstrapping");
+            return Ok(());
+        }
+        if !peers.contains_key(&self.id) {
+            anyhow::bail!(
+                "node {} is not in --peers; a fresh node must be one of the initial voters",
+                self.id
+            );
+        }
+        let members: BTreeMap<NodeId, BasicNode> = peers
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect();
+        match self.raft.initialize(members).await {
+            Ok(()) => tracing::info!(voters = ?peers, "bootstrapped a new cluster"),
+            Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
+                tracing::info!(reason = %e, "already initialized")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    fn view(&self) -> View {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let leader = m.current_leader;
+        let leader_addr = leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone())
+        });
+        View {
+            leader,
+            leader_addr,
+        }
+    }
+
+    pub fn hint(&self) -> LeaderHint {
+        let v = self.view();
+        LeaderHint {
+            id: v.leader,
+            addr: v.leader_addr,
+        }
+    }
+
+    /// The header for a response. Read it *before* reading data, so `revision` never claims more than
+    /// the data shows.
+    pub fn header(&self, revision: Option<u64>) -> ResponseHeader {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        ResponseHeader {
+            node_id: self.id,
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            revision: revision.unwrap_or_else(|| m.last_applied.as_ref().map_or(0, |l| l.index)),
+        }
+    }
+
+    pub fn deadline(&self, requested: Option<Duration>) -> Instant {
+        Instant::now() + requested.map_or(self.request_timeout, |d| d.min(self.request_timeout * 6))
+    }
+
+    /// Waits a little for leadership to move away from `not` (None: for any leader), then lets the caller
+    /// retry. The wait is capped because a leader whose lease lapsed (e.g. after a pause) refuses work
+    /// while still reporting itself leader, and recovers without any change a watcher could see.
+    async fn await_leader(
+        &self,
+        not: Option<NodeId>,
+        deadline: Instant,
+        why: &str,
+    ) -> Result<(), ApiError> {
+        let now = Instant::now();
+        if now < deadline {
+            let cap = deadline
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(200));
+            let _ = self
+                .raft
+                .wait(Some(cap))
+                .metrics(
+                    |m| m.current_leader.is_some() && (not.is_none() || m.current_leader != not),
+                    "a new leader",
+                )
+                .await;
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::unavailable(
+                format!("{why}; no usable leader before the deadline"),
+                self.hint(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Commits a write through the leader, forwarding from a follower when `forward` is set.
+    pub async fn write(
+        &self,
+        cmd: Command,
+        deadline: Instant,
+        forward: bool,
+    ) -> Result<Applied, ApiError> {
+        loop {
+            let view = self.view();
+            match view.leader {
+                Some(leader) if leader == self.id => {
+                    let result =
+                        tokio::time::timeout_at(deadline, self.raft.client_write(cmd.clone()))
+                            .await;
+                    match result {
+                        Err(_) => {
+                            return Err(ApiError::DeadlineExceeded(
+                                "the write was proposed but not confirmed before the deadline; it may still be applied"
+                                    .into(),
+                            ));
+                        }
+                        Ok(Ok(resp)) => {
+                            return Ok(Applied {
+                                revision: resp.log_id.index,
+                                response: resp.data,
+                            });
+                        }
+                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                            // Rejected before it was appended: safe to route elsewhere.
+                            if !forward {
+                                return Err(ApiError::unavailable("not the leader", self.hint()));
+                            }
+                            self.await_leader(Some(self.id), deadline, "lost leadership")
+                                .await?;
+                        }
+                        Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)))) => {
+                            return Err(ApiError::Unknown(format!(
+                                "leadership changed while the write was in flight; it may or may not be applied ({f})"
+                            )));
+                        }
+                        Ok(Err(RaftError::APIError(e))) => {
+                            return Err(ApiError::Internal(e.to_string()));
+                        }
+                        Ok(Err(RaftError::Fatal(e))) => {
+                            return Err(ApiError::unavailable(
+                                format!("raft stopped: {e}"),
+                                LeaderHint::default(),
+                            ));
+                        }
+                    }
+                }
+                Some(leader) => {
+                    if !forward {
+                        return Err(ApiError::unavailable("not the leader", self.hint()));
+                    }
+                    let Some(addr) = view.leader_addr else {
+                        return Err(ApiError::unavailable("leader address unknown", self.hint()));
+                    };
+                    match self.forward_write(&addr, &cmd, deadline).await {
+                        Ok(applied) => return Ok(applied),
+                        Err(status) if certainly_not_proposed(&status) => {
+                            tracing::debug!(leader, %status, "forward failed before proposing; waiting for a leader");
+                            let why = format!("leader {leader} unreachable: {}", status.message());
+                            self.await_leader(Some(leader), deadline, &why).await?;
+                        }
+                        Err(status) => return Err(forwarded_failure(status)),
+                    }
+                }
+                None => self.await_leader(None, deadline, "no leader").await?,
+            }
+        }
+    }
+
+    async fn forward_write(
+        &self,
+        addr: &str,
+        cmd: &Command,
+        deadline: Instant,
+    ) -> Result<Applied, tonic::Status> {
+        let data = codec::encode(cmd).map_err(|e| tonic::Status::internal(e.to_string()))?;
+        let channel = self
+            .channels
+            .get(addr, Purpose::Client)
+            .map_err(|e| tonic::Status::unavailable(format!("bad leader address {addr}: {e}")))?;
+        let mut request = tonic::Request::new(Payload { data });
+        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        let response = raft_client(channel).propose(request).await?;
+        codec::decode(&response.into_inner().data)
+            .map_err(|e| tonic::Status::unknown(e.to_string()))
+    }
+
+    /// The leader's half of a linearizable read: confirm leadership with a quorum and return the index a
+    /// reader must have applied. Never forwards.
+    pub async fn read_index(&self, deadline: Instant) -> Result<u64, ApiError> {
+        let result = tokio::time::timeout_at(
+            deadline,
+            self.raft.get_read_linearizer(ReadPolicy::ReadIndex),
+        )
+        .await;
+        match result {
+            Err(_) => Err(ApiError::DeadlineExceeded(
+                "leadership not confirmed before the deadline".into(),
+            )),
+            Ok(Ok(linearizer)) => Ok(linearizer.read_log_id().index()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_)))) => {
+                Err(ApiError::unavailable("not the leader", self.hint()))
+            }
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))) => Err(
+                ApiError::unavailable(format!("no quorum: {e}"), self.hint()),
+            ),
+            Ok(Err(RaftError::Fatal(e))) => Err(ApiError::unavailable(
+                format!("raft stopped: {e}"),
+                LeaderHint::default(),
+            )),
+        }
+    }
+
+    /// Makes the next local read linearizable: on return, this node has applied everything committed
+    /// before the call began. Works on any node; a deposed or paused leader cannot pass it.
+    pub async fn linearize(&self, deadline: Instant) -> Result<(), ApiError> {
+        loop {
+            let view = self.view();
+            let attempt = match view.leader {
+                Some(leader) if leader == self.id => self.read_index(deadline).await,
+                Some(_) => match view.leader_addr {
+                    Some(addr) => self.remote_read_index(&addr, deadline).await,
+                    None => Err(ApiError::unavailable("leader address unknown", self.hint())),
+                },
+                None => {
+                    self.await_leader(None, deadline, "no leader").await?;
+                    continue;
+                }
+            };
+            match attempt {
+                Ok(index) => return self.wait_applied(index, deadline).await,
+                // Reads have no side effects, so any failure to reach the leader can be retried.
+                Err(ApiError::Unavailable { reason, .. }) => {
+                    self.await_leader(view.leader, deadline, &reason).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn remote_read_index(&self, addr: &str, deadline: Instant) -> Result<u64, ApiError> {
+        let channel = self.channels.get(addr, Purpose::Client).map_err(|e| {
+            ApiError::unavailable(format!("bad leader address {addr}: {e}"), self.hint())
+        })?;
+        let mut request = tonic::Request::new(ReadIndexRequest {});
+        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        match raft_client(channel).read_index(request).await {
+            Ok(r) => Ok(r.into_inner().index),
+            Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+                Err(ApiError::DeadlineExceeded(format!(
+                    "leader did not confirm a read index in time: {}",
+                    s.message()
+                )))
+            }
+            Err(s) => Err(ApiError::unavailable(
+                format!("read index from leader failed: {}", s.message()),
+                self.hint(),
+            )),
+        }
+    }
+
+    /// Waits until the local state machine has applied `index` (read-your-writes and strong reads).
+    pub async fn wait_applied(&self, index: u64, deadline: Instant) -> Result<(), ApiError> {
+        if self.applied_index() >= index {
+            return Ok(());
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        self.raft
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(index), "read")
+            .await
+            .map(|_| ())
+            .map_err(|_| {
+                ApiError::DeadlineExceeded(format!(
+                    "node {} had applied {} of the {index} required before the deadline",
+                    self.id,
+                    self.applied_index()
+                ))
+            })
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .as_ref()
+            .map_or(0, |l| l.index)
+    }
+
+    pub fn role(&self) -> &'static str {
+        match self.raft.metrics().borrow_watched().state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// A forwarded write failed after it may have reached the leader: keep raftkv's own verdict where the
+/// leader gave one, otherwise the outcome is unknown.
+fn forwarded_failure(status: tonic::Status) -> ApiError {
+    match status.code() {
+        tonic::Code::InvalidArgument => ApiError::InvalidArgument(status.message().to_string()),
+        tonic::Code::ResourceExhausted => ApiError::TooLarge(status.message().to_string()),
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            ApiError::DeadlineExceeded(format!(
+                "forwarded write not confirmed before the deadline; it may still be applied: {}",
+                status.message()
+            ))
+        }
+        _ => ApiError::Unknown(format!(
+            "forwarded write failed after it may have reached the leader; it may be applied: {}",
+            status.message()
+        )),
+    }
+}

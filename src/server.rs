@@ -1,0 +1,74 @@
+//! Running a node as a process: bind, start Raft, serve, and stop cleanly on SIGTERM/SIGINT.
+//!
+//! If Raft stops on its own (a storage error is fatal by design), the process exits non-zero so a
+//! supervisor notices, rather than serving stale reads from a node that can no longer make progress.
+
+use std::process::ExitCode;
+
+use openraft::async_runtime::watch::WatchReceiver;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::config::ServerArgs;
+use crate::node::Node;
+
+pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let node = Node::start(&args).await?;
+    tracing::info!(
+        id = args.id,
+        listen = %args.listen,
+        advertise = %args.advertise_addr(),
+        data_dir = %args.data_dir.display(),
+        "raftkv node serving"
+    );
+
+    let (stop_tx, stop_rx) = oneshot::channel::<&'static str>();
+    let fatal = {
+        let raft = node.raft.clone();
+        async move {
+            let mut metrics = raft.metrics();
+            loop {
+                if let Err(e) = &metrics.borrow_watched().running_state {
+                    return format!("{e}");
+                }
+                if metrics.changed().await.is_err() {
+                    return "raft metrics closed".to_string();
+                }
+            }
+        }
+    };
+    let signals = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => Ok::<_, std::io::Error>("SIGTERM"),
+            r = tokio::signal::ctrl_c() => r.map(|_| "SIGINT"),
+        }
+    };
+    let serve = crate::api::serve(node.clone(), listener, async move {
+        let _ = stop_rx.await;
+    });
+    tokio::pin!(serve);
+
+    let code = tokio::select! {
+        r = &mut serve => {
+            r?;
+            ExitCode::SUCCESS
+        }
+        reason = fatal => {
+            tracing::error!(%reason, "raft stopped; exiting");
+            ExitCode::from(1)
+        }
+        sig = signals => {
+            tracing::info!(signal = sig.unwrap_or("signal"), "shutting down");
+            ExitCode::SUCCESS
+        }
+    };
+    let _ = stop_tx.send("stop");
+    if let Err(e) = node.raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown");
+    }
+    Ok(code)
+}

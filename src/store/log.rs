@@ -1,0 +1,199 @@
+//! The Raft log and vote, with group commit.
+//!
+//! openraft 0.10 submits appends without waiting for them, so many appends can be in flight. Each append
+//! writes its entries into sled at once (so they are readable) and queues its completion callback for a
+//! single flusher task. The flusher takes every queued callback, runs one `flush_async`, and completes
+//! them all: one fsync covers every append that was written before it started. That is the difference
+//! between ~2k and ~10k+ writes/s on this storage.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+
+use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogReader};
+use tokio::sync::mpsc;
+
+use super::io_err;
+use crate::codec;
+use crate::types::{Entry, LogId, TypeConfig, Vote};
+
+const VOTE_KEY: &[u8] = b"vote";
+const LAST_PURGED_KEY: &[u8] = b"last_purged";
+
+/// A cheap handle: sled trees are reference counted, and the flusher queue is shared.
+#[derive(Clone)]
+pub struct LogStore {
+    db: sled::Db,
+    logs: sled::Tree,
+    meta: sled::Tree,
+    flusher: mpsc::UnboundedSender<IOFlushed<TypeConfig>>,
+}
+
+impl LogStore {
+    pub(super) fn new(db: sled::Db, logs: sled::Tree, meta: sled::Tree) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_flusher(db.clone(), rx));
+        Self {
+            db,
+            logs,
+            meta,
+            flusher: tx,
+        }
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.db.flush_async().await.map(|_| ()).map_err(io_err)
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
+        match self.meta.get(key).map_err(io_err)? {
+            Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Completes queued append callbacks in batches, one flush per batch.
+async fn run_flusher(db: sled::Db, mut rx: mpsc::UnboundedReceiver<IOFlushed<TypeConfig>>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 4096).await > 0 {
+        // Every callback in `batch` was queued after its entries were written, so this flush covers all.
+        let result = db.flush_async().await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "log flush failed; the node will stop");
+        }
+        for callback in batch.drain(..) {
+            callback.io_completed(result.as_ref().map(|_| ()).map_err(io_err));
+        }
+    }
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+/// Turns any range of log indexes into the half-open `[start, end)` form sled iterates.
+fn to_half_open(range: &impl RangeBounds<u64>) -> (u64, Option<u64>) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.checked_add(1),
+        Bound::Excluded(&e) => Some(e),
+        Bound::Unbounded => None,
+    };
+    (start, end)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> io::Result<Vec<Entry>> {
+        let (start, end) = to_half_open(&range);
+        let iter = match end {
+            Some(end) if end <= start => return Ok(Vec::new()),
+            Some(end) => self.logs.range(index_key(start)..index_key(end)),
+            None => self.logs.range(index_key(start)..),
+        };
+        iter.map(|item| {
+            let (_, bytes) = item.map_err(io_err)?;
+            Ok(codec::decode::<Entry>(&bytes)?)
+        })
+        .collect()
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        self.read_meta(VOTE_KEY)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        let last_purged: Option<LogId> = self.read_meta(LAST_PURGED_KEY)?;
+        let last = match self.logs.last().map_err(io_err)? {
+            Some((_, bytes)) => Some(codec::decode::<Entry>(&bytes)?.log_id),
+            None => None,
+        };
+        Ok(LogState {
+            last_log_id: last.or_else(|| last_purged.clone()),
+            last_purged_log_id: last_purged,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
+        self.meta
+            .insert(VOTE_KEY, codec::encode(vote)?)
+            .map_err(io_err)?;
+        self.flush().await
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&index_key(entry.log_id.index), codec::encode(&entry)?);
+        }
+        self.logs.apply_batch(batch).map_err(io_err)?;
+        // The entries are readable now; they are durable once the flusher completes the callback.
+        if let Err(mpsc::error::SendError(callback)) = self.flusher.send(callback) {
+            // Only possible while the runtime shuts down; flush inline rather than lose the completion.
+            let result = self.flush().await;
+            callback.io_completed(result);
+        }
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
+        let from = last_log_id.map_or(0, |id| id.index + 1);
+        let mut batch = sled::Batch::default();
+        for item in self.logs.range(index_key(from)..) {
+            let (key, _) = item.map_err(io_err)?;
+            batch.remove(key);
+        }
+        // One batch is atomic, so a crash cannot leave a hole in the log.
+        self.logs.apply_batch(batch).map_err(io_err)?;
+        self.flush().await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
+        // `last_purged` first: entries at or below it are ignored, so deleting them after is crash-safe.
+        self.meta
+            .insert(LAST_PURGED_KEY, codec::encode(&log_id)?)
+            .map_err(io_err)?;
+        self.flush().await?;
+        let mut batch = sled::Batch::default();
+        for item in self.logs.range(..=index_key(log_id.index)) {
+            let (key, _) = item.map_err(io_err)?;
+            batch.remove(key);
+        }
+        self.logs.apply_batch(batch).map_err(io_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_open_ranges() {
+        assert_eq!(to_half_open(&(3..7)), (3, Some(7)));
+        assert_eq!(to_half_open(&(3..=7)), (3, Some(8)));
+        assert_eq!(to_half_open(&(3..)), (3, None));
+        assert_eq!(to_half_open(&(..)), (0, None));
+        assert_eq!(to_half_open(&(0..=u64::MAX)), (0, None));
+    }
+}

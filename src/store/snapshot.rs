@@ -1,0 +1,121 @@
+//! Snapshots: a consistent copy of the applied state, used to purge the log and to catch up nodes that
+//! are too far behind (or whose data was wiped).
+//!
+//! The image is the raw `sm_data` pairs. The current snapshot is stored in `sm_meta` and flushed before
+//! `build_snapshot` returns, because openraft purges the log behind a snapshot as soon as it has one.
+
+use std::io::{self, Cursor};
+
+use openraft::RaftSnapshotBuilder;
+use serde::{Deserialize, Serialize};
+
+use super::io_err;
+use super::state_machine::{LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StateMachineStore};
+use crate::codec;
+use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+
+const SNAPSHOT_KEY: &[u8] = b"snapshot";
+
+/// The state-machine contents at one applied log id.
+#[derive(Serialize, Deserialize)]
+struct Image {
+    pairs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+pub struct SnapshotBuilder {
+    pub(super) sm: StateMachineStore,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = crate::types::SnapshotData;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let inner = &self.sm.inner;
+        let (meta, image) = {
+            let _guard = inner.write_lock.lock().await;
+            let last_log_id: Option<LogId> = self.sm.read_meta(LAST_APPLIED_KEY)?;
+            let last_membership: StoredMembership =
+                self.sm.read_meta(LAST_MEMBERSHIP_KEY)?.unwrap_or_default();
+            let mut pairs = Vec::new();
+            for item in inner.data.iter() {
+                let (k, v) = item.map_err(io_err)?;
+                pairs.push((k.to_vec(), v.to_vec()));
+            }
+            (
+                SnapshotMeta {
+                    last_log_id,
+                    last_membership,
+                },
+                Image { pairs },
+            )
+        };
+        let data = codec::encode(&image)?;
+        let stored = StoredSnapshot { meta, data };
+        inner
+            .meta
+            .insert(SNAPSHOT_KEY, codec::encode(&stored)?)
+            .map_err(io_err)?;
+        inner.db.flush_async().await.map_err(io_err)?;
+        tracing::info!(
+            last_log_id = ?stored.meta.last_log_id,
+            keys = image.pairs.len(),
+            bytes = stored.data.len(),
+            "built snapshot"
+        );
+        Ok(Snapshot {
+            meta: stored.meta,
+            snapshot: Cursor::new(stored.data),
+        })
+    }
+}
+
+/// Replaces the whole state with the snapshot's (never merges: a merge would resurrect deleted keys).
+pub(super) async fn install(
+    sm: &StateMachineStore,
+    meta: &SnapshotMeta,
+    data: Vec<u8>,
+) -> io::Result<()> {
+    let image: Image = codec::decode(&data)?;
+    let inner = &sm.inner;
+    let _guard = inner.write_lock.lock().await;
+
+    let mut data_batch = sled::Batch::default();
+    for item in inner.data.iter() {
+        let (k, _) = item.map_err(io_err)?;
+        data_batch.remove(k);
+    }
+    let keys = image.pairs.len();
+    for (k, v) in image.pairs {
+        data_batch.insert(k, v);
+    }
+    let mut meta_batch = sled::Batch::default();
+    match &meta.last_log_id {
+        Some(id) => meta_batch.insert(LAST_APPLIED_KEY, codec::encode(id)?),
+        None => meta_batch.remove(LAST_APPLIED_KEY),
+    }
+    meta_batch.insert(LAST_MEMBERSHIP_KEY, codec::encode(&meta.last_membership)?);
+    let stored = StoredSnapshot {
+        meta: meta.clone(),
+        data,
+    };
+    meta_batch.insert(SNAPSHOT_KEY, codec::encode(&stored)?);
+    sm.commit(data_batch, meta_batch).await?;
+    tracing::info!(last_log_id = ?meta.last_log_id, keys, "installed snapshot");
+    Ok(())
+}
+
+pub(super) fn current(sm: &StateMachineStore) -> io::Result<Option<Snapshot>> {
+    let Some(stored) = sm.read_meta::<StoredSnapshot>(SNAPSHOT_KEY)? else {
+        return Ok(None);
+    };
+    Ok(Some(Snapshot {
+        meta: stored.meta,
+        snapshot: Cursor::new(stored.data),
+    }))
+}
