@@ -8,6 +8,7 @@ pub mod api;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod jepsen;
 pub mod network;
 pub mod node;
 pub mod pb;

@@ -38,6 +38,9 @@ pub struct Node {
     pub channels: PeerChannels,
     pub limits: Limits,
     pub request_timeout: Duration,
+    /// The initial voters' addresses: a node that has not yet received the membership (a fresh or
+    /// wiped one) still knows where its peers are.
+    pub peers: BTreeMap<NodeId, String>,
 }
 
 /// What this node currently knows about leadership, read once from the metrics.
@@ -65,13 +68,18 @@ impl Node {
             channels,
             limits: args.limits(),
             request_timeout: args.request_timeout(),
+            peers: args.peers.clone(),
         });
         node.bootstrap(&args.peers).await?;
+        tokio::spawn(catch_up_watchdog(Arc::downgrade(&node)));
         Ok(node)
     }
 
-    /// Every fresh node initializes with the same voters, so the first log entry is identical everywhere
-    /// and it does not matter which nodes start first. A node with any Raft state never initializes again.
+    /// Exactly one node, the lowest id in `--peers`, initializes a fresh cluster; the others start empty
+    /// and receive the first entry by replication. One initializer means one identical first entry
+    /// everywhere: if every node initialized, each would write that entry under its own id, and a node
+    /// that later lost its disk would hold a conflicting first entry that replication cannot repair.
+    /// A node with any Raft state never initializes again, and a wiped non-initializer simply rejoins.
     async fn bootstrap(&self, peers: &BTreeMap<NodeId, String>) -> anyhow::Result<()> {
         if self.raft.is_initialized().await? {
             tracing::info!("existing Raft state found; not bootstrapping");
@@ -82,6 +90,14 @@ impl Node {
                 "node {} is not in --peers; a fresh node must be one of the initial voters",
                 self.id
             );
+        }
+        let initializer = peers.keys().next().copied();
+        if initializer != Some(self.id) {
+            tracing::info!(
+                initializer = ?initializer,
+                "fresh data directory; waiting for the cluster to replicate to this node"
+            );
+            return Ok(());
         }
         let members: BTreeMap<NodeId, BasicNode> = peers
             .iter()
@@ -106,6 +122,7 @@ impl Node {
                 .membership()
                 .get_node(&l)
                 .map(|n| n.addr.clone())
+                .or_else(|| self.peers.get(&l).cloned())
         });
         View {
             leader,
@@ -134,8 +151,17 @@ impl Node {
         }
     }
 
+    /// The time by which this node answers. With a client deadline, it answers a little before it, so
+    /// the client hears raftkv's own status (what happened, who leads) rather than its local timeout.
     pub fn deadline(&self, requested: Option<Duration>) -> Instant {
-        Instant::now() + requested.map_or(self.request_timeout, |d| d.min(self.request_timeout * 6))
+        let budget = match requested {
+            Some(d) => {
+                let d = d.min(self.request_timeout * 6);
+                d.saturating_sub((d / 10).min(Duration::from_millis(100)))
+            }
+            None => self.request_timeout,
+        };
+        Instant::now() + budget
     }
 
     /// Waits a little for leadership to move away from `not` (None: for any leader), then lets the caller
@@ -371,6 +397,53 @@ impl Node {
             ServerState::Candidate => "candidate",
             ServerState::Learner => "learner",
             ServerState::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Notices a follower whose log stays behind the commit index it hears from the leader and asks the
+/// leader for a blank entry. Without it, a node whose disk was wiped would stay empty on an idle
+/// cluster: the leader still believes the node's log matches, and heartbeats carry no log check.
+async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
+    let mut behind_since: Option<Instant> = None;
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        ticker.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let (state, last_log, committed) = {
+            let metrics = node.raft.metrics();
+            let m = metrics.borrow_watched();
+            let committed = m
+                .cluster_committed
+                .as_ref()
+                .or(m.local_committed.as_ref())
+                .map_or(0, |l| l.index);
+            (m.state, m.last_log_index.unwrap_or(0), committed)
+        };
+        if state == ServerState::Leader || last_log >= committed {
+            behind_since = None;
+            continue;
+        }
+        let since = *behind_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        behind_since = None;
+        let Some(addr) = node.view().leader_addr else {
+            continue;
+        };
+        let Ok(channel) = node.channels.get(&addr, Purpose::Client) else {
+            continue;
+        };
+        let mut request = tonic::Request::new(ReadIndexRequest {});
+        request.set_timeout(Duration::from_secs(2));
+        match raft_client(channel).write_blank(request).await {
+            Ok(_) => tracing::info!(
+                last_log,
+                committed,
+                "log behind the leader's commit; asked the leader to resume replication"
+            ),
+            Err(e) => tracing::debug!(error = %e, "catch-up nudge failed"),
         }
     }
 }

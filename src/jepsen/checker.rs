@@ -142,7 +142,7 @@ pub struct CheckReport {
 ///
 /// `budget` is a deadline for the whole call, not per key: a test wants to know how long checking can
 /// take in total. Keys are checked in key order, so once the deadline passes every key still to be
-/// searched is reported `Unknown` (a key whose search needs no steps, e.g. only reads of `Fail` ops, is
+/// searched is reported `Unknown` (a key that needs no search at all, e.g. one with only `Fail` ops, is
 /// still decided).
 pub fn check(history: &[Operation], budget: Duration) -> CheckReport {
     let start = Instant::now();
@@ -344,9 +344,11 @@ impl EntryList {
     /// The price is that a violation hidden entirely inside one clock tick goes unreported; the
     /// alternative would be false alarms, which are worse for a test suite people must trust.
     ///
-    /// Returns at +infinity come last, `Ok` ones before `Info` ones. `Ok` returns must come first so that
-    /// the search meets a pending `Ok` return (and backtracks) before it could ever meet an `Info` one:
-    /// reaching an `Info` return would wrongly demand that the `Info` op be linearized.
+    /// Returns at +infinity (every `Info` op, and `Ok` ops with no completion) come after every call, so
+    /// they never order anything: the walk reaches one only when no remaining op can go next at all,
+    /// and then backtracking is right whichever op it belongs to. `Info` ops never need to reach their
+    /// return because the search stops as soon as every `Ok` op is linearized. `Ok` returns are still
+    /// put first so that the walk stops at an op that is actually required.
     fn new(events: &[Event<'_>]) -> EntryList {
         // (time, rank, event, is_call): rank orders calls < Ok returns < Info returns at equal times.
         let mut order: Vec<(u64, u8, usize, bool)> = Vec::with_capacity(events.len() * 2);

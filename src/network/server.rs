@@ -112,6 +112,59 @@ impl RaftRpc for RaftService {
         Ok(Response::new(ReadIndexResponse { index }))
     }
 
+    /// A follower reports that its log is behind the commit index and not advancing. openraft
+    /// 0.10.0-alpha.37's leader does not recover a replication stream whose follower lost its log, but a
+    /// new leader starts fresh streams, so the leader hands over to an in-sync voter. Rare (a replaced
+    /// disk) and cheap (one election); with no in-sync voter it appends a blank entry instead.
+    async fn write_blank(
+        &self,
+        _request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        use openraft::async_runtime::watch::WatchReceiver;
+        let raft = &self.node.raft;
+        if !raft.is_leader() {
+            return Err(crate::api::error::ApiError::unavailable(
+                "not the leader",
+                self.node.hint(),
+            )
+            .into_status(self.node.id));
+        }
+        let (last_log, in_sync) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow_watched();
+            let last_log = m.last_log_index;
+            let in_sync = m.replication.as_ref().and_then(|r| {
+                r.iter()
+                    .filter(|(id, matched)| {
+                        **id != self.node.id && matched.as_ref().map(|l| l.index) == last_log
+                    })
+                    .map(|(id, _)| *id)
+                    .next()
+            });
+            (last_log, in_sync)
+        };
+        if let Some(target) = in_sync {
+            tracing::info!(
+                target,
+                "a follower lost its log; handing leadership over to restart replication"
+            );
+            raft.trigger()
+                .transfer_leader(target)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            return Ok(Response::new(ReadIndexResponse {
+                index: last_log.unwrap_or(0),
+            }));
+        }
+        let resp = raft
+            .write_blank()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(ReadIndexResponse {
+            index: resp.log_id.index,
+        }))
+    }
+
     async fn propose(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
         let deadline = self
             .node

@@ -20,6 +20,8 @@
 pub mod log;
 pub mod snapshot;
 pub mod state_machine;
+#[cfg(test)]
+mod tests;
 
 use std::path::Path;
 

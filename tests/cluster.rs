@@ -1,0 +1,609 @@
+//! Cluster behaviour on real processes: replication, consistency levels, failover, recovery and
+//! input validation, each asserted against the running release binary.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Cluster, eventually, get, put, req};
+use raftkv::pb::v1 as pb;
+use tokio::time::Instant;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_write_is_readable_strongly_everywhere() {
+    let c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let follower = c.ids().into_iter().find(|&i| i != leader).unwrap();
+
+    let resp = c
+        .kv(follower)
+        .put(req(put("color", "blue"), 5 * SECOND))
+        .await
+        .expect("a follower forwards writes")
+        .into_inner();
+    let header = resp.header.unwrap();
+    assert!(header.revision > 0);
+    assert_eq!(header.node_id, follower);
+    assert_eq!(header.leader_id, leader);
+
+    for id in c.ids() {
+        let got = c
+            .kv(id)
+            .get(req(get("color", pb::Consistency::Strong), 5 * SECOND))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            got.kv.expect("written key").value,
+            b"blue",
+            "strong read on node {id}"
+        );
+        assert!(
+            got.header.unwrap().revision >= header.revision,
+            "a strong read reflects the write"
+        );
+    }
+
+    // min_revision: an eventual read that asks for the write's revision cannot miss it.
+    for id in c.ids() {
+        let mut g = get("color", pb::Consistency::Eventual);
+        g.min_revision = header.revision;
+        let got = c.kv(id).get(req(g, 5 * SECOND)).await.unwrap().into_inner();
+        assert_eq!(got.kv.unwrap().value, b"blue");
+    }
+    // A revision nobody has reached fails by its deadline instead of hanging.
+    let mut g = get("color", pb::Consistency::Eventual);
+    g.min_revision = header.revision + 1_000_000;
+    let started = Instant::now();
+    let err = c.kv(follower).get(req(g, SECOND)).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Unavailable
+        ),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < 5 * SECOND,
+        "must not hang past the deadline"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_node_serves_eventual_reads_but_not_strong_ones() {
+    let c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let isolated = c.ids().into_iter().find(|&i| i != leader).unwrap();
+    let w = c
+        .kv(leader)
+        .put(req(put("k", "v1"), 5 * SECOND))
+        .await
+        .unwrap()
+        .into_inner();
+    let rev = w.header.unwrap().revision;
+    c.wait_applied(isolated, rev, 10 * SECOND).await;
+
+    // Freeze every other node: the isolated one can reach no quorum.
+    let others: Vec<u64> = c.ids().into_iter().filter(|&i| i != isolated).collect();
+    for &o in &others {
+        c.pause(o);
+    }
+    let got = c
+        .kv(isolated)
+        .get(req(get("k", pb::Consistency::Eventual), 2 * SECOND))
+        .await
+        .expect("eventual reads need no quorum")
+        .into_inner();
+    assert_eq!(got.kv.unwrap().value, b"v1");
+
+    let started = Instant::now();
+    let err = c
+        .kv(isolated)
+        .get(req(get("k", pb::Consistency::Strong), 2 * SECOND))
+        .await
+        .expect_err("a strong read without a quorum must fail");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+        ),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < 6 * SECOND,
+        "bounded by the deadline, took {:?}",
+        started.elapsed()
+    );
+    let err = c
+        .kv(isolated)
+        .put(req(put("k", "v2"), 2 * SECOND))
+        .await
+        .expect_err("a write without a quorum must fail");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        ),
+        "{err:?}"
+    );
+
+    for &o in &others {
+        c.resume(o);
+    }
+    let got = eventually(20 * SECOND, "strong read after healing", || {
+        let mut kv = c.kv(isolated);
+        async move {
+            kv.get(req(get("k", pb::Consistency::Strong), 2 * SECOND))
+                .await
+        }
+    })
+    .await
+    .into_inner();
+    // The write during isolation may or may not have been applied (its outcome was unknown), but the
+    // value is one of the two that were written.
+    let v = got.kv.unwrap().value;
+    assert!(v == b"v1" || v == b"v2", "{v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_elects_another_and_writes_continue() {
+    let mut c = Cluster::start(3, &[]);
+    let old = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    c.kv(old)
+        .put(req(put("before", "1"), 5 * SECOND))
+        .await
+        .unwrap();
+    c.kill(old);
+
+    let survivors: Vec<u64> = c.ids().into_iter().filter(|&i| i != old).collect();
+    // The survivor rides through the election inside one call (no client-side retry).
+    let r = c
+        .kv(survivors[0])
+        .put(req(put("after", "2"), 10 * SECOND))
+        .await
+        .expect("a surviving node accepts writes after failover")
+        .into_inner();
+    let new = r.header.unwrap().leader_id;
+    assert!(
+        new != old && survivors.contains(&new),
+        "new leader {new}, old {old}"
+    );
+    for &s in &survivors {
+        let got = c
+            .kv(s)
+            .get(req(get("before", pb::Consistency::Strong), 5 * SECOND))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            got.kv.unwrap().value,
+            b"1",
+            "acknowledged before the crash, readable after"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_catches_up() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let lagger = c.ids().into_iter().find(|&i| i != leader).unwrap();
+    c.kill(lagger);
+    let client = c.client();
+    let mut last = 0;
+    for i in 0..50 {
+        let r = client
+            .put(
+                format!("key{i:03}").into_bytes(),
+                format!("v{i}").into_bytes(),
+                false,
+            )
+            .await
+            .unwrap();
+        last = r.header.unwrap().revision;
+    }
+    c.restart(lagger);
+    c.wait_applied(lagger, last, 20 * SECOND).await;
+    let scan = c
+        .kv(lagger)
+        .scan(req(
+            pb::ScanRequest {
+                start: b"key".to_vec(),
+                end: b"kez".to_vec(),
+                limit: 0,
+                consistency: pb::Consistency::Eventual as i32,
+                min_revision: last,
+            },
+            5 * SECOND,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(scan.kvs.len(), 50);
+    assert_eq!(scan.kvs[7].value, b"v7");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wiped_node_catches_up_by_snapshot() {
+    // Snapshot often and keep few logs behind it, so a wiped node cannot be fed from the log.
+    let mut c = Cluster::start(3, &["--snapshot-every", "20", "--keep-logs", "5"]);
+    let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let victim = c.ids().into_iter().find(|&i| i != leader).unwrap();
+    let client = c.client();
+    let mut last = 0;
+    for i in 0..120 {
+        let r = client
+            .put(format!("s{i:03}").into_bytes(), vec![b'x'; 100], false)
+            .await
+            .unwrap();
+        last = r.header.unwrap().revision;
+    }
+    client.delete(b"s000".to_vec(), false).await.unwrap();
+    c.kill(victim);
+    c.wipe(victim);
+    c.restart(victim);
+    let status = c.wait_applied(victim, last + 1, 30 * SECOND).await;
+    assert!(
+        status.snapshot_index > 0,
+        "the wiped node was restored from a snapshot: {status:?}"
+    );
+    let scan = c
+        .kv(victim)
+        .scan(req(
+            pb::ScanRequest {
+                start: b"s".to_vec(),
+                end: b"t".to_vec(),
+                limit: 1000,
+                consistency: pb::Consistency::Eventual as i32,
+                min_revision: 0,
+            },
+            5 * SECOND,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(scan.kvs.len(), 119, "every key but the deleted one");
+    assert_eq!(scan.kvs[0].key, b"s001");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_whole_cluster_loses_no_acknowledged_write() {
+    let mut c = Cluster::start(3, &[]);
+    c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let acked = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let endpoints = c.endpoints();
+        let acked = acked.clone();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let client = raftkv::client::Client::new(&endpoints, 2 * SECOND).unwrap();
+            for i in 0..100_000u64 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let key = format!("w{w}-{i}");
+                match client
+                    .put(key.clone().into_bytes(), key.clone().into_bytes(), false)
+                    .await
+                {
+                    Ok(_) => {
+                        acked.lock().unwrap().insert(key, ());
+                    }
+                    Err(_) => break, // the cluster is gone
+                }
+            }
+        }));
+    }
+    // Let writes flow, then kill everything at once, mid-stream.
+    let deadline = Instant::now() + 10 * SECOND;
+    while acked.lock().unwrap().len() < 300 {
+        assert!(
+            Instant::now() < deadline,
+            "writes are not being acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in c.ids() {
+        c.kill(id);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked: Vec<String> = acked.lock().unwrap().keys().cloned().collect();
+    for id in c.ids() {
+        c.restart(id);
+    }
+    c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let client = c.client();
+    let mut missing = Vec::new();
+    for key in &acked {
+        let got = client
+            .get(key.clone().into_bytes(), pb::Consistency::Strong, 0)
+            .await
+            .unwrap();
+        if got.kv.map(|kv| kv.value) != Some(key.clone().into_bytes()) {
+            missing.push(key.clone());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged writes lost: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+fn create_if_absent(key: &str, value: &str) -> pb::TxnRequest {
+    pb::TxnRequest {
+        compare: vec![pb::Compare {
+            key: key.into(),
+            result: pb::CompareResult::Equal as i32,
+            target: Some(pb::compare::Target::Version(0)),
+        }],
+        success: vec![pb::Op {
+            op: Some(pb::op::Op::Put(put(key, value))),
+        }],
+        failure: vec![pb::Op {
+            op: Some(pb::op::Op::Get(get(key, pb::Consistency::Strong))),
+        }],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_compare_and_swap_admits_exactly_one_winner() {
+    let c = Cluster::start(3, &[]);
+    c.wait_leader(&c.ids(), 20 * SECOND).await;
+
+    // 12 concurrent create-if-absent attempts, spread over every node.
+    let mut tasks = Vec::new();
+    for i in 0..12u64 {
+        let mut kv = c.kv(1 + i % 3);
+        tasks.push(tokio::spawn(async move {
+            let r = kv
+                .txn(req(
+                    create_if_absent("lock", &format!("owner{i}")),
+                    10 * SECOND,
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            (i, r)
+        }));
+    }
+    let mut winners = Vec::new();
+    let mut seen_by_losers = Vec::new();
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        if r.succeeded {
+            winners.push(format!("owner{i}"));
+        } else {
+            let Some(pb::op_result::Result::Get(g)) = r.results[0].result.clone() else {
+                panic!("failure branch returns the get: {r:?}")
+            };
+            seen_by_losers.push(String::from_utf8(g.kv.unwrap().value).unwrap());
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "exactly one create-if-absent wins: {winners:?}"
+    );
+    assert!(
+        seen_by_losers.iter().all(|v| *v == winners[0]),
+        "losers see the winner"
+    );
+
+    // Increment a counter with read + CAS on mod_revision; every success is exactly one increment.
+    c.kv(1)
+        .put(req(put("counter", "0"), 5 * SECOND))
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..6u64 {
+        let mut kv = c.kv(1 + i % 3);
+        tasks.push(tokio::spawn(async move {
+            let mut wins = 0u64;
+            for _ in 0..200 {
+                if wins == 5 {
+                    break;
+                }
+                let cur = kv
+                    .get(req(get("counter", pb::Consistency::Strong), 5 * SECOND))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .kv
+                    .unwrap();
+                let n: u64 = String::from_utf8(cur.value).unwrap().parse().unwrap();
+                let txn = pb::TxnRequest {
+                    compare: vec![pb::Compare {
+                        key: b"counter".to_vec(),
+                        result: pb::CompareResult::Equal as i32,
+                        target: Some(pb::compare::Target::ModRevision(cur.mod_revision)),
+                    }],
+                    success: vec![pb::Op {
+                        op: Some(pb::op::Op::Put(put("counter", &(n + 1).to_string()))),
+                    }],
+                    failure: vec![],
+                };
+                if kv
+                    .txn(req(txn, 5 * SECOND))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .succeeded
+                {
+                    wins += 1;
+                }
+            }
+            wins
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 30, "every client eventually wins 5 times");
+    let final_value = c
+        .kv(2)
+        .get(req(get("counter", pb::Consistency::Strong), 5 * SECOND))
+        .await
+        .unwrap()
+        .into_inner()
+        .kv
+        .unwrap();
+    assert_eq!(final_value.value, b"30", "no lost or doubled increment");
+    assert_eq!(final_value.version, 31);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_clear_statuses_and_never_crash_a_node() {
+    let mut c = Cluster::start(3, &[]);
+    c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let mut kv = c.kv(2);
+    let code = |r: Result<tonic::Response<_>, tonic::Status>| -> (tonic::Code, String) {
+        match r {
+            Ok(_) => (tonic::Code::Ok, String::new()),
+            Err(s) => (s.code(), s.message().to_string()),
+        }
+    };
+    let t = 5 * SECOND;
+
+    let (c1, m1) = code(
+        kv.put(req(put("", "v"), t))
+            .await
+            .map(|_| tonic::Response::new(())),
+    );
+    assert_eq!(c1, tonic::Code::InvalidArgument, "{m1}");
+    assert!(m1.contains("empty"), "{m1}");
+
+    let long_key = "k".repeat(4097);
+    let (c2, m2) = code(
+        kv.put(req(put(&long_key, "v"), t))
+            .await
+            .map(|_| tonic::Response::new(())),
+    );
+    assert_eq!(c2, tonic::Code::InvalidArgument);
+    assert!(m2.contains("4096"), "names the limit: {m2}");
+    let ok_key = "k".repeat(4096);
+    kv.put(req(put(&ok_key, "v"), t))
+        .await
+        .expect("a 4096-byte key is fine");
+
+    let big = pb::PutRequest {
+        key: b"big".to_vec(),
+        value: vec![0; 1024 * 1024 + 1],
+        prev_kv: false,
+    };
+    let (c3, m3) = code(kv.put(req(big, t)).await.map(|_| tonic::Response::new(())));
+    assert_eq!(c3, tonic::Code::InvalidArgument, "{m3}");
+
+    let huge = pb::PutRequest {
+        key: b"huge".to_vec(),
+        value: vec![0; 5 * 1024 * 1024],
+        prev_kv: false,
+    };
+    let (c4, m4) = code(kv.put(req(huge, t)).await.map(|_| tonic::Response::new(())));
+    assert_eq!(c4, tonic::Code::ResourceExhausted, "{m4}");
+
+    let bad_scan = pb::ScanRequest {
+        start: b"b".to_vec(),
+        end: b"a".to_vec(),
+        limit: 0,
+        consistency: 0,
+        min_revision: 0,
+    };
+    let (c5, _) = code(
+        kv.scan(req(bad_scan, t))
+            .await
+            .map(|_| tonic::Response::new(())),
+    );
+    assert_eq!(c5, tonic::Code::InvalidArgument);
+
+    let too_many = pb::TxnRequest {
+        compare: vec![],
+        success: (0..129)
+            .map(|i| pb::Op {
+                op: Some(pb::op::Op::Put(put(&format!("t{i}"), "v"))),
+            })
+            .collect(),
+        failure: vec![],
+    };
+    let (c6, m6) = code(
+        kv.txn(req(too_many, t))
+            .await
+            .map(|_| tonic::Response::new(())),
+    );
+    assert_eq!(c6, tonic::Code::InvalidArgument);
+    assert!(m6.contains("128"), "{m6}");
+
+    let empty_op = pb::TxnRequest {
+        compare: vec![],
+        success: vec![pb::Op { op: None }],
+        failure: vec![],
+    };
+    let (c7, _) = code(
+        kv.txn(req(empty_op, t))
+            .await
+            .map(|_| tonic::Response::new(())),
+    );
+    assert_eq!(c7, tonic::Code::InvalidArgument);
+
+    let mut bad_consistency = get("x", pb::Consistency::Strong);
+    bad_consistency.consistency = 42;
+    let (c8, _) = code(
+        kv.get(req(bad_consistency, t))
+            .await
+            .map(|_| tonic::Response::new(())),
+    );
+    assert_eq!(c8, tonic::Code::InvalidArgument);
+
+    // Nothing above reached the log or hurt a node.
+    for id in c.ids() {
+        assert!(c.alive(id), "node {id} is still running");
+    }
+    let got = kv
+        .get(req(get("big", pb::Consistency::Strong), t))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.kv.is_none(), "rejected writes were not applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_carries_a_leader_hint() {
+    let c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let follower = c.ids().into_iter().find(|&i| i != leader).unwrap();
+    // Pause every other node: the follower still remembers the leader, cannot reach it, and must say
+    // whom it last knew within the deadline.
+    for id in c.ids().into_iter().filter(|&i| i != follower) {
+        c.pause(id);
+    }
+    let err = c
+        .kv(follower)
+        .put(req(put("x", "y"), 2 * SECOND))
+        .await
+        .expect_err("no quorum");
+    for id in c.ids().into_iter().filter(|&i| i != follower) {
+        c.resume(id);
+    }
+    // A forward that timed out may have been applied (UNKNOWN/DEADLINE_EXCEEDED); one that never left
+    // must be UNAVAILABLE. Either way the message says what happened.
+    match err.code() {
+        tonic::Code::Unavailable => {
+            assert!(err.message().contains("leader"), "{err:?}");
+        }
+        tonic::Code::DeadlineExceeded | tonic::Code::Unknown => {}
+        other => panic!("unexpected {other:?}: {err:?}"),
+    }
+    assert!(err.metadata().get("raftkv-node-id").is_some(), "{err:?}");
+}

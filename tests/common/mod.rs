@@ -1,0 +1,294 @@
+//! A cluster of real `raftkv` processes for integration tests: the release binary, loopback sockets on
+//! free ports, and sled directories under a temp dir. Dropping the cluster SIGKILLs every node. When a
+//! test fails, the nodes' logs are printed so the failure can be read without rerunning it.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use raftkv::pb::v1 as pb;
+use raftkv::pb::v1::cluster_client::ClusterClient;
+use raftkv::pb::v1::kv_client::KvClient;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    peers: String,
+    extra: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes (ids 1..=n) with the given extra server flags.
+    pub fn start(n: u64, extra: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let nodes: Vec<Node> = (1..=n)
+            .map(|id| {
+                let port = portpicker::pick_unused_port().expect("free port");
+                Node {
+                    id,
+                    addr: format!("127.0.0.1:{port}"),
+                    data_dir: dir.path().join(format!("n{id}")),
+                    log: dir.path().join(format!("n{id}.log")),
+                    child: None,
+                }
+            })
+            .collect();
+        let peers = nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            dir,
+            nodes,
+            peers,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for id in 1..=n {
+            cluster.spawn(id);
+        }
+        cluster
+    }
+
+    fn node(&self, id: u64) -> &Node {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let peers = self.peers.clone();
+        let extra = self.extra.clone();
+        let node = self.node_mut(id);
+        assert!(node.child.is_none(), "node {id} is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+            .args([
+                "server",
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &node.addr,
+                "--peers",
+                &peers,
+            ])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(&extra)
+            .env("RAFTKV_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn raftkv");
+        node.child = Some(child);
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        self.node(id).addr.clone()
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.node_mut(id).child.take() {
+            let _ = signal(child.id(), "CONT");
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self, id: u64) {
+        self.kill(id);
+        self.spawn(id);
+    }
+
+    /// Deletes a stopped node's data directory, as if its disk were replaced.
+    pub fn wipe(&mut self, id: u64) {
+        assert!(
+            self.node(id).child.is_none(),
+            "wipe a node only while it is down"
+        );
+        std::fs::remove_dir_all(&self.node(id).data_dir).expect("wipe data dir");
+    }
+
+    pub fn pause(&self, id: u64) {
+        let pid = self.node(id).child.as_ref().expect("running").id();
+        assert!(signal(pid, "STOP"), "SIGSTOP node {id}");
+    }
+
+    pub fn resume(&self, id: u64) {
+        let pid = self.node(id).child.as_ref().expect("running").id();
+        assert!(signal(pid, "CONT"), "SIGCONT node {id}");
+    }
+
+    /// True if the node's process is still running (it has not crashed).
+    pub fn alive(&mut self, id: u64) -> bool {
+        match self.node_mut(id).child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn kv(&self, id: u64) -> KvClient<Channel> {
+        KvClient::new(channel(&self.addr(id)))
+    }
+
+    pub fn cluster_client(&self, id: u64) -> ClusterClient<Channel> {
+        ClusterClient::new(channel(&self.addr(id)))
+    }
+
+    pub fn client(&self) -> raftkv::client::Client {
+        raftkv::client::Client::new(&self.endpoints(), Duration::from_secs(10)).expect("client")
+    }
+
+    pub async fn status(&self, id: u64) -> Option<pb::StatusResponse> {
+        self.cluster_client(id)
+            .status(req(pb::StatusRequest {}, Duration::from_millis(500)))
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// Waits until every node in `among` reports the same leader, itself one of `among`.
+    pub async fn wait_leader(&self, among: &[u64], timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut leaders = Vec::new();
+            for &id in among {
+                leaders.push(self.status(id).await.map(|s| s.leader_id));
+            }
+            if let Some(Some(l)) = leaders.first()
+                && among.contains(l)
+                && leaders.iter().all(|x| *x == Some(*l))
+            {
+                return *l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader among {among:?} within {timeout:?}: {leaders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until node `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64, timeout: Duration) -> pb::StatusResponse {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status(id).await;
+            if let Some(s) = &s
+                && s.applied_index >= index
+            {
+                return s.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not apply {index} within {timeout:?}: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn dump_logs(&self) {
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            eprintln!("----- node {} log (last {} lines) -----", n.id, tail.len());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for id in self.ids() {
+            self.kill(id);
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) -> bool {
+    Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+pub fn channel(addr: &str) -> Channel {
+    raftkv::network::endpoint(addr)
+        .expect("endpoint")
+        .connect_lazy()
+}
+
+pub fn req<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+pub fn put(key: &str, value: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        key: key.into(),
+        value: value.into(),
+        prev_kv: false,
+    }
+}
+
+pub fn get(key: &str, consistency: pb::Consistency) -> pb::GetRequest {
+    pb::GetRequest {
+        key: key.into(),
+        consistency: consistency as i32,
+        min_revision: 0,
+    }
+}
+
+/// Retries `f` until it succeeds or `timeout` passes (for the moments right after a start or failover).
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{what}: still failing after {timeout:?}: {e:?}"),
+        }
+    }
+}
