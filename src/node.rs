@@ -401,11 +401,14 @@ impl Node {
     }
 }
 
-/// Notices a follower whose log stays behind the commit index it hears from the leader and asks the
-/// leader for a blank entry. Without it, a node whose disk was wiped would stay empty on an idle
-/// cluster: the leader still believes the node's log matches, and heartbeats carry no log check.
+/// Notices a follower whose log stays behind the commit index it hears from the leader, without moving,
+/// for over a second, and asks the leader to restart replication to it. This is what a node whose disk
+/// was wiped looks like: with openraft 0.10.0-alpha.37 the leader's replication stream to it never
+/// recovers from the conflict (heartbeats, which carry no log check, keep succeeding), until the leader
+/// changes. See the `WriteBlank` handler for what the leader does.
 async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
     let mut behind_since: Option<Instant> = None;
+    let mut prev_last_log = 0;
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     loop {
         ticker.tick().await;
@@ -420,7 +423,10 @@ async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
                 .map_or(0, |l| l.index);
             (m.state, m.last_log_index.unwrap_or(0), committed)
         };
-        if state == ServerState::Leader || last_log >= committed {
+        // Only a log that is behind *and not moving* is stuck; a follower catching up under load is not.
+        let advancing = last_log != prev_last_log;
+        prev_last_log = last_log;
+        if state == ServerState::Leader || last_log >= committed || advancing {
             behind_since = None;
             continue;
         }
