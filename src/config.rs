@@ -26,6 +26,11 @@ pub struct ServerArgs {
     /// once; after that the membership lives in the log.
     #[arg(long, env = "RAFTKV_PEERS", value_parser = parse_peers)]
     pub peers: BTreeMap<NodeId, String>,
+    /// Reach peer ID at ADDR instead of the address recorded in the membership (`2=HOST:PORT,...`).
+    /// For fault-injection harnesses that put a cuttable proxy on every link (`raftkv jepsen`
+    /// without root); a production cluster never needs it.
+    #[arg(long, value_parser = parse_peers, hide = true)]
+    pub dial: Option<BTreeMap<NodeId, String>>,
     /// Leader heartbeat interval.
     #[arg(long, default_value_t = 50)]
     pub heartbeat_ms: u64,

@@ -96,6 +96,9 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Fault test: start a fresh cluster, inject partitions, crashes and pauses under load, check the
+    /// history (exit 0 pass, 1 anomaly, 2 unknown).
+    Jepsen(raftkv::jepsen::JepsenArgs),
 }
 
 fn init_tracing() {
@@ -117,6 +120,7 @@ async fn main() -> std::process::ExitCode {
     init_tracing();
     let result = match cli.command {
         Command::Server(args) => raftkv::server::run(args).await,
+        Command::Jepsen(args) => raftkv::jepsen::run(args).await,
         other => run_client(other).await,
     };
     match result {
@@ -153,7 +157,7 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match command {
-        Command::Server(_) => unreachable!("handled by main"),
+        Command::Server(_) | Command::Jepsen(_) => unreachable!("handled by main"),
         Command::Put {
             key,
             value,

@@ -41,12 +41,16 @@ pub struct Node {
     /// The initial voters' addresses: a node that has not yet received the membership (a fresh or
     /// wiped one) still knows where its peers are.
     pub peers: BTreeMap<NodeId, String>,
+    /// `--dial` overrides: where to reach a peer when it is not at its membership address.
+    pub routes: Arc<BTreeMap<NodeId, String>>,
 }
 
 /// What this node currently knows about leadership, read once from the metrics.
 struct View {
     leader: Option<NodeId>,
     leader_addr: Option<String>,
+    /// Where this node itself reaches the leader: `leader_addr` unless `--dial` reroutes it.
+    leader_dial: Option<String>,
 }
 
 impl Node {
@@ -56,9 +60,11 @@ impl Node {
         std::fs::create_dir_all(&args.data_dir)?;
         let (log, sm) = store::open(&args.data_dir, args.id)?;
         let channels = PeerChannels::default();
+        let routes = Arc::new(args.dial.clone().unwrap_or_default());
         let network = NetworkFactory {
             id: args.id,
             channels: channels.clone(),
+            routes: routes.clone(),
         };
         let raft = Raft::new(args.id, config, network, log, sm.clone()).await?;
         let node = Arc::new(Node {
@@ -69,6 +75,7 @@ impl Node {
             limits: args.limits(),
             request_timeout: args.request_timeout(),
             peers: args.peers.clone(),
+            routes,
         });
         node.bootstrap(&args.peers).await?;
         tokio::spawn(catch_up_watchdog(Arc::downgrade(&node)));
@@ -124,9 +131,13 @@ impl Node {
                 .map(|n| n.addr.clone())
                 .or_else(|| self.peers.get(&l).cloned())
         });
+        let leader_dial = leader
+            .and_then(|l| self.routes.get(&l).cloned())
+            .or_else(|| leader_addr.clone());
         View {
             leader,
             leader_addr,
+            leader_dial,
         }
     }
 
@@ -251,7 +262,7 @@ impl Node {
                     if !forward {
                         return Err(ApiError::unavailable("not the leader", self.hint()));
                     }
-                    let Some(addr) = view.leader_addr else {
+                    let Some(addr) = view.leader_dial else {
                         return Err(ApiError::unavailable("leader address unknown", self.hint()));
                     };
                     match self.forward_write(&addr, &cmd, deadline).await {
@@ -320,7 +331,7 @@ impl Node {
             let view = self.view();
             let attempt = match view.leader {
                 Some(leader) if leader == self.id => self.read_index(deadline).await,
-                Some(_) => match view.leader_addr {
+                Some(_) => match view.leader_dial {
                     Some(addr) => self.remote_read_index(&addr, deadline).await,
                     None => Err(ApiError::unavailable("leader address unknown", self.hint())),
                 },
@@ -435,7 +446,7 @@ async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
             continue;
         }
         behind_since = None;
-        let Some(addr) = node.view().leader_addr else {
+        let Some(addr) = node.view().leader_dial else {
             continue;
         };
         let Ok(channel) = node.channels.get(&addr, Purpose::Client) else {

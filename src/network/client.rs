@@ -31,6 +31,8 @@ const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 pub struct NetworkFactory {
     pub id: NodeId,
     pub channels: PeerChannels,
+    /// `--dial` overrides of membership addresses.
+    pub routes: std::sync::Arc<std::collections::BTreeMap<NodeId, String>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -47,7 +49,8 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
 impl NetworkFactory {
     fn client(&self, target: NodeId, node: &BasicNode, purpose: Purpose) -> PeerClient {
-        let client = match self.channels.get(&node.addr, purpose) {
+        let addr = self.routes.get(&target).unwrap_or(&node.addr);
+        let client = match self.channels.get(addr, purpose) {
             Ok(ch) => Ok(raft_client(ch)),
             Err(e) => Err(format!(
                 "bad address {:?} for node {target}: {e}",

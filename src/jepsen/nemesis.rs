@@ -1,0 +1,270 @@
+//! The nemesis: faults injected from outside the nodes, one at a time, each healed before the next.
+//!
+//! The schedule alternates healthy and faulty periods (Jepsen's flip-flop). Fault kinds are taken in
+//! shuffled rounds, so every requested kind fires within the first round and short runs still cover
+//! them all. Leader-targeted faults ask the nodes who leads at that moment.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use super::history::History;
+use super::net::{Grudge, Net};
+use super::nodes::Nodes;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Fault {
+    /// The leader alone on one side: it must stop serving strong reads and writes.
+    PartitionLeader,
+    /// A random minority against the majority.
+    PartitionHalves,
+    /// Two halves that cannot talk, with one node that talks to both.
+    PartitionBridge,
+    /// One-way loss: the leader stops hearing the others, or the others stop hearing the leader.
+    PartitionOneWay,
+    /// SIGKILL one node (the leader or a random one, alternately), restart it on the same data.
+    Kill,
+    /// SIGSTOP one node (alternately the leader), then SIGCONT: a leader that wakes up must not serve
+    /// what it believed before it slept.
+    Pause,
+    /// SIGKILL every node at once and restart them all: nothing acknowledged may be lost.
+    CrashAll,
+}
+
+pub const ALL: [Fault; 7] = [
+    Fault::PartitionLeader,
+    Fault::PartitionHalves,
+    Fault::PartitionBridge,
+    Fault::PartitionOneWay,
+    Fault::Kill,
+    Fault::Pause,
+    Fault::CrashAll,
+];
+
+impl Fault {
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::PartitionLeader => "partition-leader",
+            Fault::PartitionHalves => "partition-halves",
+            Fault::PartitionBridge => "partition-bridge",
+            Fault::PartitionOneWay => "partition-one-way",
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::CrashAll => "crash-all",
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ALL.iter()
+            .copied()
+            .find(|f| f.name() == s || f.name().trim_start_matches("partition-") == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = ALL.iter().map(|f| f.name()).collect();
+                format!("unknown fault {s:?}; one of: all, {}", names.join(", "))
+            })
+    }
+}
+
+pub struct Schedule {
+    /// Healthy time between faults (uniform in this range).
+    pub healthy: (Duration, Duration),
+    /// How long a fault stays installed.
+    pub hold: (Duration, Duration),
+}
+
+/// Runs faults until `until`, then heals everything. Returns how many times each kind was installed.
+pub async fn run(
+    faults: Vec<Fault>,
+    schedule: Schedule,
+    seed: u64,
+    net: &Net,
+    nodes: &tokio::sync::Mutex<Nodes>,
+    history: Arc<History>,
+    until: tokio::time::Instant,
+) -> anyhow::Result<BTreeMap<Fault, u64>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut fired: BTreeMap<Fault, u64> = faults.iter().map(|f| (*f, 0)).collect();
+    let mut round: Vec<Fault> = Vec::new();
+    let mut flip = false;
+    loop {
+        let healthy = between(&mut rng, schedule.healthy);
+        if tokio::time::Instant::now() + healthy >= until {
+            break;
+        }
+        tokio::time::sleep(healthy).await;
+        nodes.lock().await.reap_unexpected(net)?;
+        if round.is_empty() {
+            round = faults.clone();
+            round.shuffle(&mut rng);
+        }
+        let Some(fault) = round.pop() else {
+            break;
+        };
+        flip = !flip;
+        let hold = between(&mut rng, schedule.hold);
+        let leader = nodes.lock().await.leader().await;
+        inject(fault, flip, hold, leader, &mut rng, net, nodes, &history).await?;
+        *fired.entry(fault).or_default() += 1;
+    }
+    Ok(fired)
+}
+
+fn between(rng: &mut StdRng, (lo, hi): (Duration, Duration)) -> Duration {
+    if hi <= lo {
+        return lo;
+    }
+    Duration::from_millis(rng.random_range(lo.as_millis() as u64..=hi.as_millis() as u64))
+}
+
+/// Both directions of every link between the two groups.
+fn split(a: &[u64], b: &[u64]) -> Grudge {
+    let mut g = Grudge::new();
+    for &x in a {
+        for &y in b {
+            g.insert((x, y));
+            g.insert((y, x));
+        }
+    }
+    g
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn inject(
+    fault: Fault,
+    flip: bool,
+    hold: Duration,
+    leader: Option<u64>,
+    rng: &mut StdRng,
+    net: &Net,
+    nodes: &tokio::sync::Mutex<Nodes>,
+    history: &History,
+) -> anyhow::Result<()> {
+    let n = nodes.lock().await.n;
+    let mut ids: Vec<u64> = (1..=n).collect();
+    ids.shuffle(rng);
+    // Leader-targeted faults fall back to a random node when no leader is known right now.
+    let target_leader = leader.unwrap_or(ids[0]);
+    let leader_note = if leader.is_some() {
+        format!("leader {target_leader}")
+    } else {
+        format!("no leader known; node {target_leader}")
+    };
+    let others = |x: u64| -> Vec<u64> { (1..=n).filter(|&i| i != x).collect() };
+    match fault {
+        Fault::PartitionLeader
+        | Fault::PartitionHalves
+        | Fault::PartitionBridge
+        | Fault::PartitionOneWay => {
+            let (grudge, detail) = match fault {
+                Fault::PartitionLeader => (
+                    split(&[target_leader], &others(target_leader)),
+                    format!("isolate {leader_note}"),
+                ),
+                Fault::PartitionHalves => {
+                    let minority = &ids[..((n - 1) / 2) as usize];
+                    let majority = &ids[((n - 1) / 2) as usize..];
+                    (
+                        split(minority, majority),
+                        format!("minority {minority:?} | majority {majority:?}"),
+                    )
+                }
+                Fault::PartitionBridge => {
+                    // The bridge node talks to everyone; the rest split into two halves that cannot
+                    // talk to each other. Alternately the bridge is the leader.
+                    let bridge = if flip { target_leader } else { ids[0] };
+                    let rest = others(bridge);
+                    let (left, right) = rest.split_at(rest.len() / 2);
+                    (
+                        split(left, right),
+                        format!("{left:?} | bridge {bridge} | {right:?}"),
+                    )
+                }
+                _ => {
+                    let mut g = Grudge::new();
+                    for o in others(target_leader) {
+                        if flip {
+                            g.insert((o, target_leader));
+                        } else {
+                            g.insert((target_leader, o));
+                        }
+                    }
+                    let what = if flip {
+                        "cannot hear the others"
+                    } else {
+                        "is not heard by the others"
+                    };
+                    (g, format!("{leader_note} {what}"))
+                }
+            };
+            let ix = history.fault_started(fault.name(), detail.clone());
+            tracing::info!(%fault, %detail, ?hold, "nemesis: partition");
+            net.cut(&grudge).await?;
+            tokio::time::sleep(hold).await;
+            net.heal().await?;
+            history.fault_ended(ix);
+        }
+        Fault::Kill => {
+            let target = if flip { target_leader } else { ids[0] };
+            let detail = if flip {
+                format!("SIGKILL {leader_note}")
+            } else {
+                format!("SIGKILL node {target}")
+            };
+            let ix = history.fault_started(fault.name(), detail.clone());
+            tracing::info!(%fault, %detail, ?hold, "nemesis: kill");
+            nodes.lock().await.kill(target)?;
+            tokio::time::sleep(hold).await;
+            nodes.lock().await.start(net, target)?;
+            history.fault_ended(ix);
+        }
+        Fault::Pause => {
+            let target = if flip { target_leader } else { ids[0] };
+            let detail = if flip {
+                format!("SIGSTOP {leader_note}")
+            } else {
+                format!("SIGSTOP node {target}")
+            };
+            let ix = history.fault_started(fault.name(), detail.clone());
+            tracing::info!(%fault, %detail, ?hold, "nemesis: pause");
+            nodes.lock().await.pause(target)?;
+            tokio::time::sleep(hold).await;
+            nodes.lock().await.resume(target)?;
+            history.fault_ended(ix);
+        }
+        Fault::CrashAll => {
+            let ix = history.fault_started(fault.name(), "SIGKILL every node".into());
+            tracing::info!(%fault, "nemesis: crash all");
+            {
+                let mut nodes = nodes.lock().await;
+                for id in 1..=n {
+                    nodes.kill(id)?;
+                }
+            }
+            // Short: the point is the restart, and every second down is a second without traffic.
+            tokio::time::sleep(hold.min(Duration::from_secs(1))).await;
+            {
+                let mut nodes = nodes.lock().await;
+                for id in 1..=n {
+                    nodes.start(net, id)?;
+                }
+            }
+            history.fault_ended(ix);
+        }
+    }
+    Ok(())
+}

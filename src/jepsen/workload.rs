@@ -1,0 +1,618 @@
+//! The clients of a fault test and what they record.
+//!
+//! Three workloads run side by side, with clients pinned to every node so followers see writes (and
+//! forward them) too:
+//!
+//! * **register**: strong reads, writes and compare-and-swaps (a `Txn`) on one key at a time, checked for
+//!   linearizability per key. Keys rotate every `ops_per_key` operations, because checking cost explodes
+//!   with history length and pending ops (see `checker.rs`).
+//! * **set**: every add is a put of a fresh key; at the end every acknowledged add must be there and
+//!   nothing that was never attempted may be.
+//! * **eventual reads**: reads of the register keys from any node, which may be stale but must only ever
+//!   return values someone wrote, and with `min_revision` never anything older than that revision.
+//!
+//! Every written value is unique in the run, so a value read names exactly one write.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tonic::transport::Channel;
+
+use super::checker::{self, RegOp};
+use super::history::{History, OpRecord, Outcome};
+use crate::api::error::certainly_not_proposed;
+use crate::pb::v1 as pb;
+use crate::pb::v1::kv_client::KvClient;
+
+pub struct Settings {
+    pub request_timeout: Duration,
+    pub ops_per_key: u64,
+    /// Sleep up to this long between a client's operations, so a healthy cluster does not flood the
+    /// history with millions of operations.
+    pub stagger: Duration,
+    /// The deliberate bug for the harness self-test: register reads are sent as EVENTUAL but checked as
+    /// if they were strong. A run with partitions must then be found non-linearizable.
+    pub eventual_as_strong: bool,
+}
+
+/// Everything the clients share.
+pub struct Shared {
+    pub history: Arc<History>,
+    pub settings: Settings,
+    clients: Vec<KvClient<Channel>>,
+    stop: AtomicBool,
+    next_value: AtomicU64,
+    next_process: AtomicU64,
+    register: Mutex<(u64, u64)>,
+    /// Every value ever sent for a key (before it was sent), for the phantom check.
+    attempted: Mutex<HashMap<String, HashSet<u64>>>,
+    /// The highest revision at which a write to the key was acknowledged.
+    acked_revision: Mutex<HashMap<String, u64>>,
+    pub register_ops: Mutex<Vec<checker::Operation>>,
+    pub set_attempted: Mutex<BTreeSet<u64>>,
+    pub set_acked: Mutex<BTreeSet<u64>>,
+    pub anomalies: Mutex<Vec<String>>,
+    pub eventual_reads: AtomicU64,
+    pub min_revision_reads: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn new(
+        history: Arc<History>,
+        clients: Vec<KvClient<Channel>>,
+        settings: Settings,
+    ) -> Shared {
+        Shared {
+            history,
+            settings,
+            clients,
+            stop: AtomicBool::new(false),
+            next_value: AtomicU64::new(1),
+            next_process: AtomicU64::new(0),
+            register: Mutex::new((0, 0)),
+            attempted: Mutex::default(),
+            acked_revision: Mutex::default(),
+            register_ops: Mutex::default(),
+            set_attempted: Mutex::default(),
+            set_acked: Mutex::default(),
+            anomalies: Mutex::default(),
+            eventual_reads: AtomicU64::new(0),
+            min_revision_reads: AtomicU64::new(0),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn process(&self) -> u64 {
+        self.next_process.fetch_add(1, Ordering::SeqCst)
+    }
+
+    fn value(&self) -> u64 {
+        self.next_value.fetch_add(1, Ordering::SeqCst)
+    }
+
+    fn anomaly(&self, what: String) {
+        tracing::error!("{what}");
+        lock(&self.anomalies).push(what);
+    }
+
+    /// The key the register clients work on now, moving to a fresh one every `ops_per_key` ops.
+    fn register_key(&self) -> String {
+        let mut r = lock(&self.register);
+        if r.1 >= self.settings.ops_per_key {
+            *r = (r.0 + 1, 0);
+        }
+        r.1 += 1;
+        format!("r/{}", r.0)
+    }
+
+    /// The keys an eventual reader picks from: the current one and the two before it.
+    fn recent_register_key(&self, rng: &mut StdRng) -> String {
+        let current = lock(&self.register).0;
+        format!(
+            "r/{}",
+            rng.random_range(current.saturating_sub(2)..=current)
+        )
+    }
+
+    pub fn register_keys_used(&self) -> u64 {
+        lock(&self.register).0 + 1
+    }
+
+    fn attempt(&self, key: &str, v: u64) {
+        lock(&self.attempted)
+            .entry(key.to_string())
+            .or_default()
+            .insert(v);
+    }
+
+    fn acked(&self, key: &str, revision: u64) {
+        let mut acked = lock(&self.acked_revision);
+        let r = acked.entry(key.to_string()).or_default();
+        *r = (*r).max(revision);
+    }
+
+    fn client(&self, node: u64) -> KvClient<Channel> {
+        self.clients[(node - 1) as usize].clone()
+    }
+
+    fn nodes(&self) -> u64 {
+        self.clients.len() as u64
+    }
+
+    /// Sends one request with the run's deadline (as grpc-timeout, so the server gives up in time, and
+    /// locally, in case the node is paused and never answers).
+    async fn call<T, F, Fut>(&self, make: F) -> Result<T, tonic::Status>
+    where
+        F: FnOnce(Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let t = self.settings.request_timeout;
+        match tokio::time::timeout(t + Duration::from_millis(500), make(t)).await {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(tonic::Status::deadline_exceeded("client-side timeout")),
+        }
+    }
+}
+
+/// A call's result with the times it was sent and answered.
+struct Timed<T> {
+    invoke: u64,
+    complete: u64,
+    result: Result<T, tonic::Status>,
+}
+
+impl Shared {
+    async fn put(&self, node: u64, key: &str, value: u64) -> Timed<pb::PutResponse> {
+        let req = pb::PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: value.to_string().into_bytes(),
+            prev_kv: false,
+        };
+        let mut client = self.client(node);
+        self.timed(|t| client.put(request(req, t))).await
+    }
+
+    async fn get(
+        &self,
+        node: u64,
+        key: &str,
+        consistency: pb::Consistency,
+        min_revision: u64,
+    ) -> Timed<pb::GetResponse> {
+        let req = pb::GetRequest {
+            key: key.as_bytes().to_vec(),
+            consistency: consistency as i32,
+            min_revision,
+        };
+        let mut client = self.client(node);
+        self.timed(|t| client.get(request(req, t))).await
+    }
+
+    async fn timed<T, F, Fut>(&self, make: F) -> Timed<T>
+    where
+        F: FnOnce(Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let invoke = self.history.now();
+        let result = self.call(make).await;
+        Timed {
+            invoke,
+            complete: self.history.now(),
+            result,
+        }
+    }
+}
+
+fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+/// A mutation's outcome from its error: only a refusal that certainly happened before proposing is a
+/// `fail`; anything else (timeouts, lost connections, UNKNOWN) may have been applied.
+fn mutation_outcome(status: &tonic::Status) -> Outcome {
+    if certainly_not_proposed(status)
+        || matches!(
+            status.code(),
+            tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+        )
+    {
+        Outcome::Fail
+    } else {
+        Outcome::Info
+    }
+}
+
+fn parse_value(kv: &Option<pb::KeyValue>) -> Result<Option<u64>, String> {
+    match kv {
+        None => Ok(None),
+        Some(kv) => std::str::from_utf8(&kv.value)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map(Some)
+            .ok_or_else(|| format!("{:?}", String::from_utf8_lossy(&kv.value))),
+    }
+}
+
+fn error_text(s: &tonic::Status) -> Option<String> {
+    Some(format!("{:?}: {}", s.code(), s.message()))
+}
+
+/// One register client pinned to `node`, until the run stops.
+pub async fn register_client(shared: Arc<Shared>, node: u64, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut process = shared.process();
+    // The last value this client saw for the key it is on: what its next CAS expects.
+    let mut known: Option<(String, Option<u64>)> = None;
+    while !shared.stopped() {
+        let key = shared.register_key();
+        let expected = match &known {
+            Some((k, v)) if *k == key => *v,
+            _ => None,
+        };
+        let roll = rng.random_range(0..100);
+        let (outcome, learned) = if roll < 50 {
+            register_read(&shared, process, node, &key).await
+        } else if roll < 75 {
+            register_write(&shared, process, node, &key).await
+        } else {
+            register_cas(&shared, process, node, &key, expected).await
+        };
+        match outcome {
+            Outcome::Info => {
+                process = shared.process();
+                known = None;
+            }
+            Outcome::Ok => {
+                if let Some(v) = learned {
+                    known = Some((key, v));
+                }
+            }
+            Outcome::Fail => {}
+        }
+        pause(&shared, &mut rng).await;
+    }
+}
+
+async fn pause(shared: &Shared, rng: &mut StdRng) {
+    let max = shared.settings.stagger.as_micros() as u64;
+    if max > 0 {
+        tokio::time::sleep(Duration::from_micros(rng.random_range(0..max))).await;
+    }
+}
+
+/// Returns the outcome and, when it was ok, the register value the client now knows.
+async fn register_read(
+    shared: &Shared,
+    process: u64,
+    node: u64,
+    key: &str,
+) -> (Outcome, Option<Option<u64>>) {
+    let consistency = if shared.settings.eventual_as_strong {
+        pb::Consistency::Eventual
+    } else {
+        pb::Consistency::Strong
+    };
+    let Timed {
+        invoke,
+        complete,
+        result,
+    } = shared.get(node, key, consistency, 0).await;
+    let mut rec = OpRecord {
+        process,
+        f: "read",
+        key: key.to_string(),
+        value: serde_json::Value::Null,
+        invoke_ns: invoke,
+        complete_ns: Some(complete),
+        outcome: Outcome::Fail,
+        node,
+        revision: None,
+        error: None,
+    };
+    let learned = match result {
+        Ok(r) => match parse_value(&r.kv) {
+            Ok(v) => {
+                rec.outcome = Outcome::Ok;
+                rec.value = serde_json::json!(v);
+                rec.revision = r.header.map(|h| h.revision);
+                lock(&shared.register_ops).push(checker::Operation {
+                    process,
+                    key: key.to_string(),
+                    op: RegOp::Read(v),
+                    invoke,
+                    complete: Some(complete),
+                    outcome: checker::Outcome::Ok,
+                });
+                Some(v)
+            }
+            Err(text) => {
+                shared.anomaly(format!(
+                    "read of {key} on node {node} returned {text}, which no client wrote"
+                ));
+                None
+            }
+        },
+        // A read has no effect, so a failed one is simply dropped from the check.
+        Err(s) => {
+            rec.error = error_text(&s);
+            None
+        }
+    };
+    let outcome = rec.outcome;
+    shared.history.push(rec);
+    (outcome, learned)
+}
+
+async fn register_write(
+    shared: &Shared,
+    process: u64,
+    node: u64,
+    key: &str,
+) -> (Outcome, Option<Option<u64>>) {
+    let v = shared.value();
+    shared.attempt(key, v);
+    let Timed {
+        invoke,
+        complete,
+        result,
+    } = shared.put(node, key, v).await;
+    let (outcome, revision, error) = match &result {
+        Ok(r) => {
+            let revision = r.header.as_ref().map_or(0, |h| h.revision);
+            shared.acked(key, revision);
+            (Outcome::Ok, Some(revision), None)
+        }
+        Err(s) => (mutation_outcome(s), None, error_text(s)),
+    };
+    record_mutation(
+        shared,
+        OpRecord {
+            process,
+            f: "write",
+            key: key.to_string(),
+            value: serde_json::json!(v),
+            invoke_ns: invoke,
+            complete_ns: Some(complete),
+            outcome,
+            node,
+            revision,
+            error,
+        },
+        RegOp::Write(v),
+    );
+    (outcome, Some(Some(v)))
+}
+
+async fn register_cas(
+    shared: &Shared,
+    process: u64,
+    node: u64,
+    key: &str,
+    expected: Option<u64>,
+) -> (Outcome, Option<Option<u64>>) {
+    let new = shared.value();
+    shared.attempt(key, new);
+    let target = match expected {
+        Some(e) => pb::compare::Target::Value(e.to_string().into_bytes()),
+        // Version 0 is "absent": a create-if-absent.
+        None => pb::compare::Target::Version(0),
+    };
+    let txn = pb::TxnRequest {
+        compare: vec![pb::Compare {
+            key: key.as_bytes().to_vec(),
+            result: pb::CompareResult::Equal as i32,
+            target: Some(target),
+        }],
+        success: vec![pb::Op {
+            op: Some(pb::op::Op::Put(pb::PutRequest {
+                key: key.as_bytes().to_vec(),
+                value: new.to_string().into_bytes(),
+                prev_kv: false,
+            })),
+        }],
+        failure: vec![],
+    };
+    let mut client = shared.client(node);
+    let Timed {
+        invoke,
+        complete,
+        result,
+    } = shared.timed(|t| client.txn(request(txn, t))).await;
+    let (outcome, swapped, revision, error) = match &result {
+        Ok(r) => {
+            let revision = r.header.as_ref().map_or(0, |h| h.revision);
+            if r.succeeded {
+                shared.acked(key, revision);
+            }
+            (Outcome::Ok, r.succeeded, Some(revision), None)
+        }
+        Err(s) => (mutation_outcome(s), false, None, error_text(s)),
+    };
+    record_mutation(
+        shared,
+        OpRecord {
+            process,
+            f: "cas",
+            key: key.to_string(),
+            value: serde_json::json!({"expected": expected, "new": new, "swapped": swapped}),
+            invoke_ns: invoke,
+            complete_ns: Some(complete),
+            outcome,
+            node,
+            revision,
+            error,
+        },
+        RegOp::Cas {
+            expected,
+            new,
+            swapped,
+        },
+    );
+    let learned = (outcome == Outcome::Ok && swapped).then_some(Some(new));
+    (outcome, learned)
+}
+
+fn record_mutation(shared: &Shared, rec: OpRecord, op: RegOp) {
+    let outcome = match rec.outcome {
+        Outcome::Ok => checker::Outcome::Ok,
+        Outcome::Fail => checker::Outcome::Fail,
+        Outcome::Info => checker::Outcome::Info,
+    };
+    lock(&shared.register_ops).push(checker::Operation {
+        process: rec.process,
+        key: rec.key.clone(),
+        op,
+        invoke: rec.invoke_ns,
+        complete: rec.complete_ns,
+        outcome,
+    });
+    shared.history.push(rec);
+}
+
+/// One set client: adds fresh elements through random nodes until the run stops.
+pub async fn set_client(shared: Arc<Shared>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut process = shared.process();
+    while !shared.stopped() {
+        let node = rng.random_range(1..=shared.nodes());
+        let e = shared.value();
+        lock(&shared.set_attempted).insert(e);
+        let key = set_key(e);
+        let Timed {
+            invoke,
+            complete,
+            result,
+        } = shared.put(node, &key, e).await;
+        let (outcome, revision, error) = match &result {
+            Ok(r) => {
+                lock(&shared.set_acked).insert(e);
+                (Outcome::Ok, r.header.as_ref().map(|h| h.revision), None)
+            }
+            Err(s) => (mutation_outcome(s), None, error_text(s)),
+        };
+        shared.history.push(OpRecord {
+            process,
+            f: "add",
+            key,
+            value: serde_json::json!(e),
+            invoke_ns: invoke,
+            complete_ns: Some(complete),
+            outcome,
+            node,
+            revision,
+            error,
+        });
+        if outcome == Outcome::Info {
+            process = shared.process();
+        }
+        pause(&shared, &mut rng).await;
+    }
+}
+
+pub const SET_PREFIX: &str = "s/";
+
+pub fn set_key(e: u64) -> String {
+    format!("{SET_PREFIX}{e:012}")
+}
+
+/// One eventual reader: reads recent register keys from random nodes, half of them with the revision of
+/// the latest acknowledged write as `min_revision`.
+pub async fn eventual_client(shared: Arc<Shared>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let process = shared.process();
+    while !shared.stopped() {
+        let node = rng.random_range(1..=shared.nodes());
+        let key = shared.recent_register_key(&mut rng);
+        let min_revision = if rng.random_bool(0.5) {
+            lock(&shared.acked_revision).get(&key).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        let Timed {
+            invoke,
+            complete,
+            result,
+        } = shared
+            .get(node, &key, pb::Consistency::Eventual, min_revision)
+            .await;
+        let mut rec = OpRecord {
+            process,
+            f: "eventual-read",
+            key: key.clone(),
+            value: serde_json::json!({"min_revision": min_revision}),
+            invoke_ns: invoke,
+            complete_ns: Some(complete),
+            outcome: Outcome::Fail,
+            node,
+            revision: None,
+            error: None,
+        };
+        match result {
+            Ok(r) => {
+                shared.eventual_reads.fetch_add(1, Ordering::Relaxed);
+                rec.outcome = Outcome::Ok;
+                rec.revision = r.header.map(|h| h.revision);
+                let value = parse_value(&r.kv);
+                rec.value =
+                    serde_json::json!({"min_revision": min_revision, "read": value.as_ref().ok()});
+                check_eventual(&shared, &key, node, value, r.kv.as_ref(), min_revision);
+            }
+            Err(s) => rec.error = error_text(&s),
+        }
+        shared.history.push(rec);
+        pause(&shared, &mut rng).await;
+    }
+}
+
+fn check_eventual(
+    shared: &Shared,
+    key: &str,
+    node: u64,
+    value: Result<Option<u64>, String>,
+    kv: Option<&pb::KeyValue>,
+    min_revision: u64,
+) {
+    match value {
+        Err(text) => shared.anomaly(format!(
+            "eventual read of {key} on node {node} returned {text}, which no client wrote"
+        )),
+        Ok(Some(v)) => {
+            let written = lock(&shared.attempted)
+                .get(key)
+                .is_some_and(|vals| vals.contains(&v));
+            if !written {
+                shared.anomaly(format!(
+                    "phantom: eventual read of {key} on node {node} returned {v}, never written to it"
+                ));
+            }
+        }
+        Ok(None) => {}
+    }
+    if min_revision > 0 {
+        shared.min_revision_reads.fetch_add(1, Ordering::Relaxed);
+        let seen = kv.map_or(0, |kv| kv.mod_revision);
+        if seen < min_revision {
+            shared.anomaly(format!(
+                "eventual read of {key} on node {node} with min_revision {min_revision} returned data \
+                 from revision {seen}"
+            ));
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The fault tests (`raftkv jepsen`) as part of the test suite: a short run of every fault kind that
+//! must pass, the no-root proxy mode, and a deliberately broken client that the checker must catch.
+//!
+//! Each test runs the release binary's own `jepsen` subcommand, which starts its own cluster of release
+//! binaries, so what CI checks is exactly what `scripts/jepsen.sh` runs for longer.
+
+use std::path::Path;
+use std::process::Command;
+
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    summary: serde_json::Value,
+}
+
+fn jepsen(out: &Path, args: &[&str]) -> Outcome {
+    let output = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        .arg("jepsen")
+        .arg(format!("--out={}", out.display()))
+        .args(args)
+        .env("RAFTKV_LOG", "warn")
+        .output()
+        .expect("run raftkv jepsen");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}\n--- stderr (tail) ---");
+    for line in stderr
+        .lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+    {
+        println!("{line}");
+    }
+    let summary = std::fs::read(out.join("summary.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Outcome {
+        code: output.status.code(),
+        stdout,
+        summary,
+    }
+}
+
+fn check_status<'a>(summary: &'a serde_json::Value, name: &str) -> &'a str {
+    summary["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["name"] == name))
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("missing")
+}
+
+/// About 100 s of faults, every kind several times, in the best network mode this machine allows
+/// (netns as root, else the proxy). Everything must hold.
+#[test]
+fn every_fault_kind_keeps_the_store_correct() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = jepsen(
+        dir.path(),
+        &[
+            "--time=100",
+            "--nemesis=all",
+            "--healthy=1-2",
+            "--hold=2-3.5",
+        ],
+    );
+    assert_eq!(
+        run.code,
+        Some(0),
+        "the fault test did not pass:\n{}",
+        run.stdout
+    );
+    assert_eq!(run.summary["verdict"], "PASS");
+    let faults = run.summary["faults"]
+        .as_object()
+        .expect("faults in summary");
+    assert_eq!(faults.len(), 7, "every fault kind is reported: {faults:?}");
+    for (name, n) in faults {
+        assert!(
+            n.as_u64().unwrap_or(0) >= 2,
+            "fault {name} fired only {n} time(s)"
+        );
+    }
+    assert!(dir.path().join("history.jsonl").exists());
+}
+
+/// The no-root fallback: partitions made by the harness' own TCP proxies.
+#[test]
+fn proxy_mode_partitions_keep_the_store_correct() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = jepsen(
+        dir.path(),
+        &[
+            "--net=proxy",
+            "--time=25",
+            "--nemesis=partition-leader,partition-one-way,partition-bridge",
+            "--healthy=1-2",
+            "--hold=2-3",
+        ],
+    );
+    assert!(run.stdout.contains("network mode: proxy"), "{}", run.stdout);
+    assert_eq!(
+        run.code,
+        Some(0),
+        "the fault test did not pass:\n{}",
+        run.stdout
+    );
+}
+
+/// Eventual reads checked as if they were strong are stale on a partitioned (or merely lagging) node.
+/// If the harness passed this, it could not see a stale read at all.
+#[test]
+fn eventual_reads_passed_off_as_strong_are_caught() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = jepsen(
+        dir.path(),
+        &[
+            "--time=15",
+            "--nemesis=partition-leader",
+            "--healthy=1-2",
+            "--hold=3-4",
+            "--unsafe-eventual-as-strong",
+        ],
+    );
+    assert_eq!(
+        run.code,
+        Some(1),
+        "the checker missed stale reads:\n{}",
+        run.stdout
+    );
+    assert_eq!(check_status(&run.summary, "linearizable"), "FAIL");
+    assert!(run.stdout.contains("NOT linearizable"), "{}", run.stdout);
+    // Only the deliberately broken reads are wrong: the rest of the store still checks out.
+    for name in ["set", "convergence", "node-health", "final-ops"] {
+        assert_eq!(
+            check_status(&run.summary, name),
+            "PASS",
+            "{name}: {}",
+            run.stdout
+        );
+    }
+}
