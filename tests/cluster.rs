@@ -187,6 +187,40 @@ async fn killing_the_leader_elects_another_and_writes_continue() {
     }
 }
 
+/// A leader killed and restarted at once must not resume its old term as leader: it knows only what it
+/// had applied, not what it had committed, so its read index could lag writes that strong reads
+/// elsewhere already returned (openraft's `enable_leader_restore`, which raftkv turns off). Found by
+/// `raftkv jepsen` as a stale strong read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_does_not_resume_its_old_term() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    c.kv(leader)
+        .put(req(put("k", "v"), 5 * SECOND))
+        .await
+        .unwrap();
+    let term = c.status(leader).await.expect("leader status").term;
+    c.kill(leader);
+    c.restart(leader);
+    // Watch the restarted node from its first answer until a leader is elected again.
+    let deadline = tokio::time::Instant::now() + 10 * SECOND;
+    let mut answered = false;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(s) = c.status(leader).await {
+            answered = true;
+            assert!(
+                !(s.role == "leader" && s.term == term),
+                "node {leader} came back as leader of its old term {term}"
+            );
+            if s.leader_id != 0 && s.term > term {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no new term after the leader restarted (answered: {answered})");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_node_catches_up() {
     let mut c = Cluster::start(3, &[]);

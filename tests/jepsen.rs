@@ -77,7 +77,7 @@ fn every_fault_kind_keeps_the_store_correct() {
     let faults = run.summary["faults"]
         .as_object()
         .expect("faults in summary");
-    assert_eq!(faults.len(), 7, "every fault kind is reported: {faults:?}");
+    assert_eq!(faults.len(), 8, "every fault kind is reported: {faults:?}");
     for (name, n) in faults {
         assert!(
             n.as_u64().unwrap_or(0) >= 2,

@@ -28,16 +28,24 @@ pub enum Fault {
     PartitionBridge,
     /// One-way loss: the leader stops hearing the others, or the others stop hearing the leader.
     PartitionOneWay,
-    /// SIGKILL one node (the leader or a random one, alternately), restart it on the same data.
+    /// SIGKILL one node (the leader or a random one, alternately), restart it on the same data, at once
+    /// or after the hold.
     Kill,
     /// SIGSTOP one node (alternately the leader), then SIGCONT: a leader that wakes up must not serve
     /// what it believed before it slept.
     Pause,
     /// SIGKILL every node at once and restart them all: nothing acknowledged may be lost.
     CrashAll,
+    /// Restart one node (alternately the leader) under libfaketime with its clock shifted by minutes
+    /// and running at 0.5x to 2x speed (`Instant` too), then restart it with the true clock. Raft's
+    /// timers and anything lease-like run on that clock.
+    Clock,
 }
 
-pub const ALL: [Fault; 7] = [
+/// Where Debian's libfaketime keeps the multi-threaded preload library.
+pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+pub const ALL: [Fault; 8] = [
     Fault::PartitionLeader,
     Fault::PartitionHalves,
     Fault::PartitionBridge,
@@ -45,6 +53,7 @@ pub const ALL: [Fault; 7] = [
     Fault::Kill,
     Fault::Pause,
     Fault::CrashAll,
+    Fault::Clock,
 ];
 
 impl Fault {
@@ -57,6 +66,7 @@ impl Fault {
             Fault::Kill => "kill",
             Fault::Pause => "pause",
             Fault::CrashAll => "crash-all",
+            Fault::Clock => "clock",
         }
     }
 }
@@ -225,11 +235,20 @@ async fn inject(
             } else {
                 format!("SIGKILL node {target}")
             };
+            // Half the time the node comes straight back, before anyone has replaced it: a leader
+            // must not pick up its old term as if nothing had happened.
+            let down = if rng.random_bool(0.5) {
+                Duration::ZERO
+            } else {
+                hold
+            };
+            let detail = format!("{detail}, restart after {:.1} s", down.as_secs_f64());
             let ix = history.fault_started(fault.name(), detail.clone());
-            tracing::info!(%fault, %detail, ?hold, "nemesis: kill");
+            tracing::info!(%fault, %detail, "nemesis: kill");
             nodes.lock().await.kill(target)?;
-            tokio::time::sleep(hold).await;
+            tokio::time::sleep(down).await;
             nodes.lock().await.start(net, target)?;
+            tokio::time::sleep(hold - down).await;
             history.fault_ended(ix);
         }
         Fault::Pause => {
@@ -244,6 +263,41 @@ async fn inject(
             nodes.lock().await.pause(target)?;
             tokio::time::sleep(hold).await;
             nodes.lock().await.resume(target)?;
+            history.fault_ended(ix);
+        }
+        Fault::Clock => {
+            let target = if flip { target_leader } else { ids[0] };
+            // Alternately slow and fast, and shifted back or forward by up to five minutes.
+            let rate: f64 = if rng.random_bool(0.5) {
+                rng.random_range(0.5..0.8)
+            } else {
+                rng.random_range(1.25..2.0)
+            };
+            let offset: i64 = rng.random_range(-300..=300);
+            let faketime = format!("{offset:+}s x{rate:.2}");
+            let who = if flip {
+                leader_note.clone()
+            } else {
+                format!("node {target}")
+            };
+            let detail = format!("restart {who} with FAKETIME={faketime:?}");
+            let ix = history.fault_started(fault.name(), detail.clone());
+            tracing::info!(%fault, %detail, ?hold, "nemesis: clock");
+            {
+                let mut nodes = nodes.lock().await;
+                nodes.kill(target)?;
+                nodes.start_with_env(
+                    net,
+                    target,
+                    &[("LD_PRELOAD", LIBFAKETIME.into()), ("FAKETIME", faketime)],
+                )?;
+            }
+            tokio::time::sleep(hold).await;
+            {
+                let mut nodes = nodes.lock().await;
+                nodes.kill(target)?;
+                nodes.start(net, target)?;
+            }
             history.fault_ended(ix);
         }
         Fault::CrashAll => {

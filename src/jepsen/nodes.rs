@@ -84,6 +84,17 @@ impl Nodes {
     /// Starts node `id` on its data directory (fresh or not). Its output is appended to its log file, so
     /// a restarted node's log continues where the last one stopped.
     pub fn start(&mut self, net: &Net, id: u64) -> anyhow::Result<()> {
+        self.start_with_env(net, id, &[])
+    }
+
+    /// Starts node `id` with extra environment variables (the clock fault's `LD_PRELOAD` of
+    /// libfaketime; `ip netns exec` passes them on).
+    pub fn start_with_env(
+        &mut self,
+        net: &Net,
+        id: u64,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -99,6 +110,7 @@ impl Nodes {
             std::env::var("RAFTKV_JEPSEN_NODE_LOG")
                 .unwrap_or_else(|_| "info,openraft=error".into()),
         )
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
