@@ -45,6 +45,14 @@ fn jepsen(out: &Path, args: &[&str]) -> Outcome {
     }
 }
 
+/// Results stay in `target/tmp/jepsen-<name>` (history, summary, node logs) so a failure in CI or on a
+/// laptop can be studied after the fact; the harness deletes the data directories of a passing run.
+fn results_dir(name: &str) -> std::path::PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("jepsen-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 fn check_status<'a>(summary: &'a serde_json::Value, name: &str) -> &'a str {
     summary["checks"]
         .as_array()
@@ -57,9 +65,9 @@ fn check_status<'a>(summary: &'a serde_json::Value, name: &str) -> &'a str {
 /// (netns as root, else the proxy). Everything must hold.
 #[test]
 fn every_fault_kind_keeps_the_store_correct() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = results_dir("every_fault_kind");
     let run = jepsen(
-        dir.path(),
+        &dir,
         &[
             "--time=100",
             "--nemesis=all",
@@ -84,15 +92,15 @@ fn every_fault_kind_keeps_the_store_correct() {
             "fault {name} fired only {n} time(s)"
         );
     }
-    assert!(dir.path().join("history.jsonl").exists());
+    assert!(dir.join("history.jsonl").exists());
 }
 
 /// The no-root fallback: partitions made by the harness' own TCP proxies.
 #[test]
 fn proxy_mode_partitions_keep_the_store_correct() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = results_dir("proxy_mode");
     let run = jepsen(
-        dir.path(),
+        &dir,
         &[
             "--net=proxy",
             "--time=25",
@@ -114,9 +122,9 @@ fn proxy_mode_partitions_keep_the_store_correct() {
 /// If the harness passed this, it could not see a stale read at all.
 #[test]
 fn eventual_reads_passed_off_as_strong_are_caught() {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = results_dir("eventual_as_strong");
     let run = jepsen(
-        dir.path(),
+        &dir,
         &[
             "--time=15",
             "--nemesis=partition-leader",

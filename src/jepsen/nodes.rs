@@ -179,9 +179,14 @@ impl Nodes {
             };
             if let Some(status) = exited {
                 p.child = None;
+                // The last lines say why (a startup error, a panic message).
+                let text = std::fs::read_to_string(self.dir.join(format!("n{id}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(3).collect();
+                let why = tail.into_iter().rev().collect::<Vec<_>>().join(" | ");
                 p.unexpected_exits
-                    .push(format!("node {id} exited: {status}"));
-                tracing::error!(node = id, %status, "node exited unexpectedly; restarting it");
+                    .push(format!("node {id} exited ({status}): {why}"));
+                tracing::error!(node = id, %status, %why, "node exited unexpectedly; restarting it");
                 self.start(net, id)?;
             }
         }

@@ -19,14 +19,14 @@ use crate::codec;
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
 const VOTE_KEY: &[u8] = b"vote";
-const LAST_PURGED_KEY: &[u8] = b"last_purged";
+pub(super) const LAST_PURGED_KEY: &[u8] = b"last_purged";
 
 /// A cheap handle: sled trees are reference counted, and the flusher queue is shared.
 #[derive(Clone)]
 pub struct LogStore {
-    db: sled::Db,
+    pub(super) db: sled::Db,
     logs: sled::Tree,
-    meta: sled::Tree,
+    pub(super) meta: sled::Tree,
     flusher: mpsc::UnboundedSender<IOFlushed<TypeConfig>>,
 }
 
@@ -94,6 +94,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> io::Result<Vec<Entry>> {
         let (start, end) = to_half_open(&range);
+        // Never hand out entries a crash left behind at or below the purge marker (see get_log_state).
+        let start = match self.read_meta::<LogId>(LAST_PURGED_KEY)? {
+            Some(p) => start.max(p.index.saturating_add(1)),
+            None => start,
+        };
         let iter = match end {
             Some(end) if end <= start => return Ok(Vec::new()),
             Some(end) => self.logs.range(index_key(start)..index_key(end)),
@@ -120,8 +125,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some((_, bytes)) => Some(codec::decode::<Entry>(&bytes)?.log_id),
             None => None,
         };
+        // A crash between `purge` making its marker durable and its deletes reaching disk leaves
+        // entries at or below the marker (typically after a snapshot install purged past a lagging
+        // log). They are dead: the log ends at the marker unless something newer follows it.
+        let last = match (last, last_purged) {
+            (Some(l), Some(p)) if l.index <= p.index => Some(p),
+            (l, p) => l.or(p),
+        };
         Ok(LogState {
-            last_log_id: last.or(last_purged),
+            last_log_id: last,
             last_purged_log_id: last_purged,
         })
     }
