@@ -112,17 +112,22 @@ impl RaftkvConn {
     }
 }
 
+/// The endpoint of the leader with the highest term. A node restarted after being killed as leader can
+/// report itself leader of its old term until it hears from the current one, so "any node that says
+/// leader" is not enough.
 pub(super) async fn leader(endpoints: &[String], timeout: Duration) -> Option<String> {
+    let mut best: Option<(u64, String)> = None;
     for endpoint in endpoints {
         let Ok(ep) = crate::network::endpoint(endpoint) else {
             continue;
         };
         let mut client = ClusterClient::new(ep.connect_lazy());
-        if let Ok(r) = client.status(request(pb::StatusRequest {}, timeout)).await
-            && r.get_ref().role == "leader"
-        {
-            return Some(endpoint.clone());
+        if let Ok(r) = client.status(request(pb::StatusRequest {}, timeout)).await {
+            let s = r.into_inner();
+            if s.role == "leader" && best.as_ref().is_none_or(|(term, _)| s.term > *term) {
+                best = Some((s.term, endpoint.clone()));
+            }
         }
     }
-    None
+    best.map(|(_, endpoint)| endpoint)
 }
