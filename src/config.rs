@@ -32,12 +32,15 @@ pub struct ServerArgs {
     #[arg(long, value_parser = parse_peers, hide = true)]
     pub dial: Option<BTreeMap<NodeId, String>>,
     /// Leader heartbeat interval.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 30)]
     pub heartbeat_ms: u64,
-    /// Election timeout range: a follower that hears nothing for this long campaigns.
-    #[arg(long, default_value_t = 150)]
+    /// Election timeout range. openraft 0.10 lets a follower campaign only after the leader's lease
+    /// (= election-max-ms) *plus* a random timeout in this range have passed without a heartbeat, so
+    /// failover takes max + [min, max] (300-400 ms with the defaults) and a leader is deposed only
+    /// after ten silent heartbeat intervals, which a busy 2-core machine does not produce by accident.
+    #[arg(long, default_value_t = 100)]
     pub election_min_ms: u64,
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 200)]
     pub election_max_ms: u64,
     /// Take a snapshot (and purge the log behind it) after this many applied entries.
     #[arg(long, default_value_t = 10_000)]

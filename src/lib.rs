@@ -5,6 +5,7 @@
 //! per layer.
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod codec;
 pub mod config;

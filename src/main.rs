@@ -91,6 +91,8 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Load a raftkv (or etcd) cluster and report throughput and latency.
+    Bench(Box<raftkv::bench::BenchArgs>),
     /// Show every node's role, term, leader and indexes.
     Status {
         #[command(flatten)]
@@ -121,6 +123,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Server(args) => raftkv::server::run(args).await,
         Command::Jepsen(args) => raftkv::jepsen::run(args).await,
+        Command::Bench(args) => raftkv::bench::run(*args).await.map_err(Into::into),
         other => run_client(other).await,
     };
     match result {
@@ -157,7 +160,9 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match command {
-        Command::Server(_) | Command::Jepsen(_) => unreachable!("handled by main"),
+        Command::Server(_) | Command::Jepsen(_) | Command::Bench(_) => {
+            unreachable!("handled by main")
+        }
         Command::Put {
             key,
             value,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
 use openraft::{BasicNode, ReadPolicy, ServerState};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::api::error::{ApiError, LeaderHint, certainly_not_proposed};
@@ -43,6 +44,8 @@ pub struct Node {
     pub peers: BTreeMap<NodeId, String>,
     /// `--dial` overrides: where to reach a peer when it is not at its membership address.
     pub routes: Arc<BTreeMap<NodeId, String>>,
+    /// Strong reads on a follower waiting for a read index from the leader.
+    read_rounds: Arc<ReadIndexRounds>,
 }
 
 /// What this node currently knows about leadership, read once from the metrics.
@@ -76,6 +79,7 @@ impl Node {
             request_timeout: args.request_timeout(),
             peers: args.peers.clone(),
             routes,
+            read_rounds: Arc::default(),
         });
         node.bootstrap(&args.peers).await?;
         tokio::spawn(catch_up_watchdog(Arc::downgrade(&node)));
@@ -351,22 +355,33 @@ impl Node {
         }
     }
 
+    /// Asks the leader for a read index, sharing the round trip with every other strong read on this
+    /// node that is waiting for one when it is sent (see [`ReadIndexRounds`]).
     async fn remote_read_index(&self, addr: &str, deadline: Instant) -> Result<u64, ApiError> {
-        let channel = self.channels.get(addr, Purpose::Client).map_err(|e| {
-            ApiError::unavailable(format!("bad leader address {addr}: {e}"), self.hint())
-        })?;
-        let mut request = tonic::Request::new(ReadIndexRequest {});
-        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        match raft_client(channel).read_index(request).await {
-            Ok(r) => Ok(r.into_inner().index),
-            Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
-                Err(ApiError::DeadlineExceeded(format!(
-                    "leader did not confirm a read index in time: {}",
-                    s.message()
-                )))
-            }
-            Err(s) => Err(ApiError::unavailable(
-                format!("read index from leader failed: {}", s.message()),
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut state = self.read_rounds.lock();
+            state.waiting.push((deadline, tx));
+            state.addr = addr.to_string();
+            !std::mem::replace(&mut state.running, true)
+        };
+        if start {
+            tokio::spawn(self.read_rounds.clone().run(self.channels.clone()));
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(index))) => Ok(index),
+            Ok(Ok(Err(RoundError::Deadline(m)))) => Err(ApiError::DeadlineExceeded(format!(
+                "leader did not confirm a read index in time: {m}"
+            ))),
+            Err(_) => Err(ApiError::DeadlineExceeded(
+                "leader did not confirm a read index in time".into(),
+            )),
+            Ok(Ok(Err(RoundError::Failed(m)))) => Err(ApiError::unavailable(
+                format!("read index from leader failed: {m}"),
+                self.hint(),
+            )),
+            Ok(Err(_)) => Err(ApiError::unavailable(
+                "read-index round abandoned",
                 self.hint(),
             )),
         }
@@ -462,6 +477,83 @@ async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
             ),
             Err(e) => tracing::debug!(error = %e, "catch-up nudge failed"),
         }
+    }
+}
+
+/// Coalesces a follower's concurrent strong reads onto one read-index round trip to the leader.
+///
+/// Why this is still linearizable: a read must use a read index the leader confirmed *after* the read
+/// began. A round takes only the reads queued before its request is sent; a read that arrives while a
+/// round is in flight waits for the next one. So every read gets an index from a request sent after it
+/// arrived, exactly as if it had sent its own, and N concurrent reads cost one RPC per round instead of
+/// N (the leader's openraft already answers many queued read-index requests with one heartbeat round).
+#[derive(Default)]
+pub struct ReadIndexRounds {
+    state: std::sync::Mutex<RoundState>,
+}
+
+#[derive(Default)]
+struct RoundState {
+    /// Reads waiting for the next round, each with its own deadline.
+    waiting: Vec<(Instant, oneshot::Sender<Result<u64, RoundError>>)>,
+    /// The leader the most recent read saw. Any leader's confirmed index serves every read queued before
+    /// the request: a deposed leader cannot confirm one.
+    addr: String,
+    /// A round task is running (it exits when no read is waiting).
+    running: bool,
+}
+
+#[derive(Clone, Debug)]
+enum RoundError {
+    Deadline(String),
+    Failed(String),
+}
+
+impl ReadIndexRounds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RoundState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn run(self: Arc<Self>, channels: PeerChannels) {
+        loop {
+            let (waiters, addr) = {
+                let mut state = self.lock();
+                if state.waiting.is_empty() {
+                    state.running = false;
+                    return;
+                }
+                (std::mem::take(&mut state.waiting), state.addr.clone())
+            };
+            // The latest deadline, so no read is cut short; each read also stops at its own.
+            let deadline = waiters
+                .iter()
+                .map(|(d, _)| *d)
+                .max()
+                .unwrap_or_else(Instant::now);
+            let result = one_read_index(&channels, &addr, deadline).await;
+            for (_, tx) in waiters {
+                let _ = tx.send(result.clone());
+            }
+        }
+    }
+}
+
+async fn one_read_index(
+    channels: &PeerChannels,
+    addr: &str,
+    deadline: Instant,
+) -> Result<u64, RoundError> {
+    let channel = channels
+        .get(addr, Purpose::Client)
+        .map_err(|e| RoundError::Failed(format!("bad leader address {addr}: {e}")))?;
+    let mut request = tonic::Request::new(ReadIndexRequest {});
+    request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    match raft_client(channel).read_index(request).await {
+        Ok(r) => Ok(r.into_inner().index),
+        Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
+            Err(RoundError::Deadline(s.message().to_string()))
+        }
+        Err(s) => Err(RoundError::Failed(s.message().to_string())),
     }
 }
 

@@ -373,6 +373,31 @@ async fn sigkill_of_the_whole_cluster_loses_no_acknowledged_write() {
         acked.len(),
         &missing[..missing.len().min(10)]
     );
+    // `apply` does not flush, so each node recovered its state machine at some older `last_applied`
+    // (or one ahead of its own log) and re-applied from there. Every node, read locally, must end up
+    // with every acknowledged write, at the same revision as the others.
+    let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let commit = c.status(leader).await.expect("leader status").commit_index;
+    let mut revisions: BTreeMap<String, u64> = BTreeMap::new();
+    for id in c.ids() {
+        c.wait_applied(id, commit, 20 * SECOND).await;
+        let mut kv = c.kv(id);
+        for key in &acked {
+            let got = kv
+                .get(req(get(key, pb::Consistency::Eventual), 5 * SECOND))
+                .await
+                .unwrap()
+                .into_inner()
+                .kv
+                .unwrap_or_else(|| panic!("node {id} lost acknowledged {key} after re-applying"));
+            assert_eq!(got.value, key.as_bytes(), "node {id}, key {key}");
+            let rev = *revisions.entry(key.clone()).or_insert(got.mod_revision);
+            assert_eq!(
+                rev, got.mod_revision,
+                "node {id} re-applied {key} at another revision"
+            );
+        }
+    }
 }
 
 fn create_if_absent(key: &str, value: &str) -> pb::TxnRequest {

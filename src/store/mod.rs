@@ -9,13 +9,14 @@
 //!
 //! Crash reasoning, relied on by every part:
 //! 1. Log entries and the vote are flushed before openraft hears they are done.
-//! 2. Applying a batch changes `sm_data` and `last_applied` in one transaction, flushed before the
-//!    clients are answered, so an entry is never applied twice or half.
+//! 2. Applying a batch changes `sm_data` and `last_applied` in one transaction, so an entry is never
+//!    applied twice or half. It is not flushed: committed entries are durable in a quorum's logs and
+//!    openraft re-applies those after the recovered `last_applied` (see `state_machine`).
 //! 3. A snapshot is flushed before the log behind it is purged, and `last_purged` is flushed before
 //!    the purged entries are deleted.
 //!
-//! So after a crash: `purged <= snapshot <= last_applied`, and every entry after `last_applied` that was
-//! acknowledged as durable is still in the log for openraft to re-apply.
+//! So after a crash: `purged <= snapshot <= last_applied`, and every committed entry after `last_applied`
+//! is still in a quorum's logs for openraft to re-apply.
 
 pub mod log;
 pub mod snapshot;

@@ -1,9 +1,35 @@
 //! The replicated key-value state, applied from the log.
 //!
 //! `apply` computes a whole batch of entries against an in-memory overlay of the keys it touches, then
-//! writes the overlay and `last_applied` in one two-tree sled transaction and flushes before answering
-//! any client. Computing outside the transaction matters: sled may re-run a transaction closure, so the
-//! closure only writes prepared batches and has no side effects.
+//! writes the overlay and `last_applied` in one two-tree sled transaction and answers the clients.
+//! Computing outside the transaction matters: sled may re-run a transaction closure, so the closure only
+//! writes prepared batches and has no side effects.
+//!
+//! # Why `apply` does not flush
+//!
+//! Durability of a write comes from the log, not from the state machine: openraft hands an entry to
+//! `apply` only once it is committed, i.e. flushed into the logs of a quorum, so a client that hears back
+//! has its write on disk on a majority whether or not `sm_data` is. Flushing here would add a second
+//! fsync to every batch, serialized after the log's; it was the largest single cost of a write.
+//!
+//! What a crash can then leave on disk, and why each case is correct:
+//! - `sm_data` and `last_applied` change in one transaction, which sled recovers entirely or not at all.
+//!   So the recovered state machine is exactly the result of applying the log up to the recovered
+//!   `last_applied`: never half a batch, never data ahead of or behind its `last_applied`.
+//! - The recovered `last_applied` may be older than what was applied (the flush that would have covered
+//!   it never happened). openraft re-applies every committed entry after `last_applied` on restart
+//!   (`get_initial_state` / `apply_to_state_machine`), from the local log or, for entries this node lost,
+//!   from the leader; `apply` is deterministic, so re-applying gives the same state and revisions.
+//! - The recovered `last_applied` may be *ahead* of this node's own recovered log: openraft applies
+//!   entries that are committed but only submitted to the local log, and a later flush (any flush, as the
+//!   `Db` is shared) may persist the state machine along with the rest. Those entries are committed, so a
+//!   quorum holds them durably; on restart openraft sees `last_log_id < last_applied` and treats the log
+//!   as purged up to `last_applied` (`get_initial_state`), and the leader re-sends what follows.
+//! - Snapshots and purges keep their flushes: a snapshot is durable before the log behind it is purged
+//!   (and its flush also persists every state-machine write before it), and an installed snapshot is
+//!   durable before openraft purges the log it replaces.
+//!
+//! `tests/cluster.rs` SIGKILLs every node mid-write and checks that no acknowledged write is lost.
 
 use std::collections::HashMap;
 use std::io;
@@ -120,17 +146,27 @@ impl StateMachineStore {
         }
     }
 
-    /// Writes prepared batches to both trees atomically, then makes them durable.
-    pub(super) async fn commit(&self, data: sled::Batch, meta: sled::Batch) -> io::Result<()> {
+    /// Writes prepared batches to both trees atomically; durable at the next flush of the `Db`.
+    pub(super) fn write(&self, data: &sled::Batch, meta: &sled::Batch) -> io::Result<()> {
         let inner = &self.inner;
         let result: Result<(), TransactionError<String>> =
             (&inner.data, &inner.meta).transaction(|(d, m)| {
-                d.apply_batch(&data)?;
-                m.apply_batch(&meta)?;
+                d.apply_batch(data)?;
+                m.apply_batch(meta)?;
                 Ok(())
             });
-        result.map_err(io_err)?;
-        inner.db.flush_async().await.map(|_| ()).map_err(io_err)
+        result.map_err(io_err)
+    }
+
+    /// Writes prepared batches to both trees atomically, then makes them durable.
+    pub(super) async fn commit(&self, data: sled::Batch, meta: sled::Batch) -> io::Result<()> {
+        self.write(&data, &meta)?;
+        self.inner
+            .db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(io_err)
     }
 }
 
@@ -309,10 +345,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         if let Some(m) = &membership {
             meta.insert(LAST_MEMBERSHIP_KEY, codec::encode(m)?);
         }
-        self.commit(data, meta).await?;
+        // No flush: see the module comment for why the log's durability is enough.
+        self.write(&data, &meta)?;
         drop(guard);
 
-        // Durable and applied: now, and only now, the clients hear back.
+        // Committed (durable on a quorum's logs) and applied: now the clients hear back.
         for (responder, response) in pending {
             if let Some(r) = responder {
                 r.send(response);
