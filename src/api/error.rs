@@ -91,8 +91,50 @@ pub fn certainly_not_proposed(status: &tonic::Status) -> bool {
     if status.metadata().contains_key(NODE_ID_HEADER) {
         return true;
     }
-    // tonic's connect failures ("tcp connect error", "error trying to connect", refused) never sent a
-    // byte of the request.
+    // tonic's connect failures never sent a byte of the request. Match them exactly: a connection that
+    // breaks mid-call ("error reading a body from connection", "connection reset") also says
+    // "connect", and that request may well have been proposed.
     let text = format!("{status:?}").to_ascii_lowercase();
-    text.contains("connect") || text.contains("refused")
+    CONNECT_FAILURES.iter().any(|p| text.contains(p))
+}
+
+const CONNECT_FAILURES: [&str; 4] = [
+    "tcp connect error",
+    "error trying to connect",
+    "connection refused",
+    "client error (connect)",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_before_sending_are_certainly_not_proposed() {
+        let own = ApiError::unavailable("not the leader", LeaderHint::default()).into_status(2);
+        assert!(certainly_not_proposed(&own));
+        for before in [
+            "tcp connect error",
+            "error trying to connect: tcp connect error: Connection refused (os error 111)",
+        ] {
+            assert!(
+                certainly_not_proposed(&tonic::Status::unavailable(before)),
+                "{before}"
+            );
+        }
+        for during in [
+            "error reading a body from connection",
+            "connection reset",
+            "transport error: connection closed before message completed",
+            "h2 protocol error: broken pipe",
+        ] {
+            assert!(
+                !certainly_not_proposed(&tonic::Status::unavailable(during)),
+                "{during}"
+            );
+        }
+        assert!(!certainly_not_proposed(&tonic::Status::unknown(
+            "tcp connect error"
+        )));
+    }
 }

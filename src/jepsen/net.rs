@@ -326,6 +326,8 @@ async fn serve_link(
 ) {
     loop {
         let Ok((inbound, _)) = listener.accept().await else {
+            // Out of file descriptors or similar: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let cuts = cuts.clone();

@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 
 use super::checker::{self, RegOp};
 use super::history::{History, OpRecord, Outcome};
-use crate::api::error::certainly_not_proposed;
+use crate::api::error::{NODE_ID_HEADER, certainly_not_proposed};
 use crate::pb::v1 as pb;
 use crate::pb::v1::kv_client::KvClient;
 
@@ -227,12 +227,13 @@ fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
 /// A mutation's outcome from its error: only a refusal that certainly happened before proposing is a
 /// `fail`; anything else (timeouts, lost connections, UNKNOWN) may have been applied.
 fn mutation_outcome(status: &tonic::Status) -> Outcome {
-    if certainly_not_proposed(status)
-        || matches!(
-            status.code(),
-            tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
-        )
-    {
+    // A validation refusal counts only when a raftkv node gave it: HTTP/2 itself also answers
+    // RESOURCE_EXHAUSTED (e.g. a GOAWAY after too many reset streams), about requests it may have run.
+    let refused = matches!(
+        status.code(),
+        tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+    ) && status.metadata().contains_key(NODE_ID_HEADER);
+    if certainly_not_proposed(status) || refused {
         Outcome::Fail
     } else {
         Outcome::Info
