@@ -9,6 +9,7 @@ pub mod bench;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod forward;
 pub mod jepsen;
 pub mod network;
 pub mod node;

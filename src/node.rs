@@ -16,11 +16,11 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::api::error::{ApiError, LeaderHint, certainly_not_proposed};
-use crate::codec;
 use crate::config::{Limits, ServerArgs};
+use crate::forward::Forwarder;
 use crate::network::client::{NetworkFactory, raft_client};
 use crate::network::{PeerChannels, Purpose};
-use crate::pb::internal::{Payload, ReadIndexRequest};
+use crate::pb::internal::ReadIndexRequest;
 use crate::pb::v1::ResponseHeader;
 use crate::store::{self, StateMachineStore};
 use crate::types::{Command, CommandResponse, NodeId, Raft};
@@ -46,6 +46,8 @@ pub struct Node {
     pub routes: Arc<BTreeMap<NodeId, String>>,
     /// Strong reads on a follower waiting for a read index from the leader.
     read_rounds: Arc<ReadIndexRounds>,
+    /// Writes on a follower on their way to the leader, sent in batches.
+    forwarder: Forwarder,
 }
 
 /// What this node currently knows about leadership, read once from the metrics.
@@ -74,12 +76,13 @@ impl Node {
             id: args.id,
             raft,
             sm,
-            channels,
+            channels: channels.clone(),
             limits: args.limits(),
             request_timeout: args.request_timeout(),
             peers: args.peers.clone(),
             routes,
             read_rounds: Arc::default(),
+            forwarder: Forwarder::start(args.id, channels.clone()),
         });
         node.bootstrap(&args.peers).await?;
         tokio::spawn(catch_up_watchdog(Arc::downgrade(&node)));
@@ -269,7 +272,7 @@ impl Node {
                     let Some(addr) = view.leader_dial else {
                         return Err(ApiError::unavailable("leader address unknown", self.hint()));
                     };
-                    match self.forward_write(&addr, &cmd, deadline).await {
+                    match self.forwarder.write(leader, &addr, &cmd, deadline).await {
                         Ok(applied) => return Ok(applied),
                         Err(status) if certainly_not_proposed(&status) => {
                             tracing::debug!(leader, %status, "forward failed before proposing; waiting for a leader");
@@ -282,24 +285,6 @@ impl Node {
                 None => self.await_leader(None, deadline, "no leader").await?,
             }
         }
-    }
-
-    async fn forward_write(
-        &self,
-        addr: &str,
-        cmd: &Command,
-        deadline: Instant,
-    ) -> Result<Applied, tonic::Status> {
-        let data = codec::encode(cmd).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        let channel = self
-            .channels
-            .get(addr, Purpose::Client)
-            .map_err(|e| tonic::Status::unavailable(format!("bad leader address {addr}: {e}")))?;
-        let mut request = tonic::Request::new(Payload { data });
-        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        let response = raft_client(channel).propose(request).await?;
-        codec::decode(&response.into_inner().data)
-            .map_err(|e| tonic::Status::unknown(e.to_string()))
     }
 
     /// The leader's half of a linearizable read: confirm leadership with a quorum and return the index a

@@ -3,6 +3,7 @@
 
 use std::io::Cursor;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde::Serialize;
@@ -12,7 +13,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::codec;
 use crate::node::Node;
 use crate::pb::internal::raft_server::Raft as RaftRpc;
-use crate::pb::internal::{Payload, ReadIndexRequest, ReadIndexResponse, SnapshotChunk};
+use crate::pb::internal::{
+    Payload, ProposeBatchRequest, ProposeBatchResponse, ReadIndexRequest, ReadIndexResponse,
+    SnapshotChunk,
+};
 use crate::types::{Command, Snapshot, SnapshotMeta, Vote};
 
 pub struct RaftService {
@@ -176,5 +180,30 @@ impl RaftRpc for RaftService {
             .await
             .map_err(|e| e.into_status(self.node.id))?;
         reply(&applied)
+    }
+
+    async fn propose_batch(
+        &self,
+        request: Request<ProposeBatchRequest>,
+    ) -> Result<Response<ProposeBatchResponse>, Status> {
+        let node = &self.node;
+        // Proposed concurrently, as if each had arrived on its own call; each keeps its own deadline.
+        let outcomes = futures::future::join_all(request.into_inner().writes.into_iter().map(
+            |w| async move {
+                let deadline = node.deadline(Some(Duration::from_millis(w.timeout_ms)));
+                let result = match codec::decode::<Command>(&w.command) {
+                    Err(e) => Err(Status::invalid_argument(format!(
+                        "undecodable forwarded write: {e}"
+                    ))),
+                    Ok(cmd) => node
+                        .write(cmd, deadline, false)
+                        .await
+                        .map_err(|e| e.into_status(node.id)),
+                };
+                crate::forward::to_outcome(result)
+            },
+        ))
+        .await;
+        Ok(Response::new(ProposeBatchResponse { outcomes }))
     }
 }

@@ -43,6 +43,8 @@ pub enum StoreError {
         "data directory belongs to node {found}, not node {expected}; node ids are never reused"
     )]
     WrongNode { expected: NodeId, found: NodeId },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Opens (or creates) a node's storage and checks that the directory is this node's.
@@ -71,7 +73,7 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore)
             db.flush()?;
         }
     }
-    let log = LogStore::new(db.clone(), db.open_tree("raft_log")?, raft_meta);
+    let log = LogStore::new(db.clone(), db.open_tree("raft_log")?, raft_meta)?;
     let sm = StateMachineStore::new(
         db.clone(),
         db.open_tree("sm_data")?,
