@@ -70,5 +70,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     if let Err(e) = node.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");
     }
+    // Lets the next start keep the applied state instead of rebuilding it from the last snapshot.
+    if let Err(e) = node.sm.close().await {
+        tracing::warn!(error = %e, "could not mark the state machine clean; the next start rebuilds it");
+    }
     Ok(code)
 }

@@ -50,6 +50,38 @@ impl LogStore {
         })
     }
 
+    /// Cuts the log at its first missing index. Appends are plain inserts and only a flush makes them
+    /// durable, so if sled recovered a later unflushed entry without an earlier one, the log would have a
+    /// gap that openraft cannot read past. No entry after such a gap was ever reported flushed (a flush
+    /// covers every earlier write), so dropping them loses nothing acknowledged. Runs at open.
+    pub(super) fn repair(&self) -> io::Result<()> {
+        let purged: Option<LogId> = self.read_meta(LAST_PURGED_KEY)?;
+        let mut expected = purged.map(|p| p.index.saturating_add(1));
+        let mut orphans = Vec::new();
+        for item in self.logs.range(index_key(expected.unwrap_or(0))..) {
+            let (key, _) = item.map_err(io_err)?;
+            let index = decode_index(&key)?;
+            if !orphans.is_empty() || expected.is_some_and(|e| e != index) {
+                orphans.push(key);
+            } else {
+                expected = Some(index.saturating_add(1));
+            }
+        }
+        if let Some(first) = orphans.first() {
+            tracing::warn!(
+                missing = ?expected,
+                first_dropped = decode_index(first)?,
+                dropped = orphans.len(),
+                "log had a gap after a crash; dropping the unflushed entries after it"
+            );
+            for key in orphans {
+                self.logs.remove(key).map_err(io_err)?;
+            }
+            self.db.flush().map_err(io_err)?;
+        }
+        Ok(())
+    }
+
     async fn flush(&self) -> io::Result<()> {
         self.db.flush_async().await.map(|_| ()).map_err(io_err)
     }
@@ -82,6 +114,13 @@ fn run_flusher(db: &sled::Db, rx: &mpsc::Receiver<IOFlushed<TypeConfig>>) {
 
 fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
+}
+
+fn decode_index(key: &[u8]) -> io::Result<u64> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "log key is not 8 bytes"))?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 /// Turns any range of log indexes into the half-open `[start, end)` form sled iterates.
@@ -165,11 +204,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // Plain inserts, not a `Batch`: a sled batch seals the I/O buffer twice (see `state_machine`).
+        // Atomicity is not needed: nothing here counts until the flush, and `repair` removes whatever
+        // a crash left after a hole.
         for entry in entries {
-            batch.insert(&index_key(entry.log_id.index), codec::encode(&entry)?);
+            self.logs
+                .insert(index_key(entry.log_id.index), codec::encode(&entry)?)
+                .map_err(io_err)?;
         }
-        self.logs.apply_batch(batch).map_err(io_err)?;
         // The entries are readable now; they are durable once the flusher completes the callback.
         if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
             // Only possible if the flusher thread died; flush inline rather than lose the completion.

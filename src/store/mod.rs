@@ -8,14 +8,17 @@
 //! - `sm_meta`: last applied log id, last membership and the current snapshot.
 //!
 //! Crash reasoning, relied on by every part:
-//! 1. Log entries and the vote are flushed before openraft hears they are done.
-//! 2. Applying a batch changes `sm_data` and `last_applied` in one transaction, so an entry is never
-//!    applied twice or half. It is not flushed: committed entries are durable in a quorum's logs and
-//!    openraft re-applies those after the recovered `last_applied` (see `state_machine`).
+//! 1. Log entries and the vote are flushed before openraft hears they are done. Entries are plain
+//!    inserts; a crash can only lose unflushed ones, and `log::LogStore::repair` cuts the log at any
+//!    gap that leaves.
+//! 2. Applying writes `sm_data` and `last_applied` without a transaction or a flush, so after a crash
+//!    the state machine is not trusted: unless the last run ended with a clean shutdown, it is rebuilt
+//!    from the last durable snapshot at open, and openraft re-applies the committed log after it (see
+//!    `state_machine`).
 //! 3. A snapshot is flushed before the log behind it is purged, and `last_purged` is flushed before
 //!    the purged entries are deleted.
 //!
-//! So after a crash: `purged <= snapshot <= last_applied`, and every committed entry after `last_applied`
+//! So after a crash: `purged <= snapshot <= last_applied`, and every committed entry after the snapshot
 //! is still in a quorum's logs for openraft to re-apply.
 
 pub mod log;
@@ -74,11 +77,13 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore)
         }
     }
     let log = LogStore::new(db.clone(), db.open_tree("raft_log")?, raft_meta)?;
+    log.repair()?;
     let sm = StateMachineStore::new(
         db.clone(),
         db.open_tree("sm_data")?,
         db.open_tree("sm_meta")?,
     )?;
+    sm.recover()?;
     Ok((log, sm))
 }
 

@@ -83,7 +83,10 @@ pub(super) async fn install(
 ) -> io::Result<()> {
     let image: Image = codec::decode(&data)?;
     let inner = &sm.inner;
-    let _guard = inner.write_lock.lock().await;
+    let closed = inner.write_lock.lock().await;
+    if *closed {
+        return Err(io::Error::other("the state machine is closed"));
+    }
 
     let mut data_batch = sled::Batch::default();
     for item in inner.data.iter() {
@@ -108,6 +111,37 @@ pub(super) async fn install(
     sm.commit(data_batch, meta_batch).await?;
     tracing::info!(last_log_id = ?meta.last_log_id, keys, "installed snapshot");
     Ok(())
+}
+
+/// Replaces the state with the stored snapshot's, or empties it when there is none, and returns the
+/// log id it now stands at. Only for recovery at open, when nothing else touches the store.
+pub(super) fn restore_current(sm: &StateMachineStore) -> io::Result<Option<LogId>> {
+    let inner = &sm.inner;
+    inner.data.clear().map_err(io_err)?;
+    let Some(stored) = sm.read_meta::<StoredSnapshot>(SNAPSHOT_KEY)? else {
+        inner.meta.remove(LAST_APPLIED_KEY).map_err(io_err)?;
+        inner.meta.remove(LAST_MEMBERSHIP_KEY).map_err(io_err)?;
+        return Ok(None);
+    };
+    let image: Image = codec::decode(&stored.data)?;
+    let mut batch = sled::Batch::default();
+    for (k, v) in image.pairs {
+        batch.insert(k, v);
+    }
+    inner.data.apply_batch(batch).map_err(io_err)?;
+    inner
+        .meta
+        .insert(
+            LAST_MEMBERSHIP_KEY,
+            codec::encode(&stored.meta.last_membership)?,
+        )
+        .map_err(io_err)?;
+    match &stored.meta.last_log_id {
+        Some(id) => inner.meta.insert(LAST_APPLIED_KEY, codec::encode(id)?),
+        None => inner.meta.remove(LAST_APPLIED_KEY),
+    }
+    .map_err(io_err)?;
+    Ok(stored.meta.last_log_id)
 }
 
 pub(super) fn current(sm: &StateMachineStore) -> io::Result<Option<Snapshot>> {

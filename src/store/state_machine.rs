@@ -1,35 +1,35 @@
 //! The replicated key-value state, applied from the log.
 //!
 //! `apply` computes a whole batch of entries against an in-memory overlay of the keys it touches, then
-//! writes the overlay and `last_applied` in one two-tree sled transaction and answers the clients.
-//! Computing outside the transaction matters: sled may re-run a transaction closure, so the closure only
-//! writes prepared batches and has no side effects.
+//! writes the changed keys and `last_applied` with plain sled inserts and answers the clients.
 //!
-//! # Why `apply` does not flush
+//! # Why `apply` neither flushes nor uses a sled transaction
 //!
 //! Durability of a write comes from the log, not from the state machine: openraft hands an entry to
 //! `apply` only once it is committed, i.e. flushed into the logs of a quorum, so a client that hears back
 //! has its write on disk on a majority whether or not `sm_data` is. Flushing here would add a second
-//! fsync to every batch, serialized after the log's; it was the largest single cost of a write.
+//! fsync to every batch.
 //!
-//! What a crash can then leave on disk, and why each case is correct:
-//! - `sm_data` and `last_applied` change in one transaction, which sled recovers entirely or not at all.
-//!   So the recovered state machine is exactly the result of applying the log up to the recovered
-//!   `last_applied`: never half a batch, never data ahead of or behind its `last_applied`.
-//! - The recovered `last_applied` may be older than what was applied (the flush that would have covered
-//!   it never happened). openraft re-applies every committed entry after `last_applied` on restart
-//!   (`get_initial_state` / `apply_to_state_machine`), from the local log or, for entries this node lost,
-//!   from the leader; `apply` is deterministic, so re-applying gives the same state and revisions.
-//! - The recovered `last_applied` may be *ahead* of this node's own recovered log: openraft applies
-//!   entries that are committed but only submitted to the local log, and a later flush (any flush, as the
-//!   `Db` is shared) may persist the state machine along with the rest. Those entries are committed, so a
-//!   quorum holds them durably; on restart openraft sees `last_log_id < last_applied` and treats the log
-//!   as purged up to `last_applied` (`get_initial_state`), and the leader re-sends what follows.
-//! - Snapshots and purges keep their flushes: a snapshot is durable before the log behind it is purged
-//!   (and its flush also persists every state-machine write before it), and an installed snapshot is
-//!   durable before openraft purges the log it replaces.
+//! Atomicity is not bought from sled either. In sled 0.34 every transaction and every `apply_batch`
+//! pins the log with a batch manifest, which seals the current I/O buffer before and after it: two extra
+//! buffer writes, each with its own `sync_file_range` and its own job on sled's I/O pool, per call. On
+//! the write path that cost more than everything else sled does (plain inserts for the log and the state
+//! machine: +40 % put throughput, -25 % single-client latency; see docs/benchmarks.md).
 //!
-//! `tests/cluster.rs` SIGKILLs every node mid-write and checks that no acknowledged write is lost.
+//! So a crash can leave `sm_data` half way through a batch, or ahead of `last_applied`. The state machine
+//! is therefore trusted on restart only after a clean shutdown ([`StateMachineStore::close`] flushes and
+//! leaves a marker naming the `last_applied` it covers). After anything else, [`StateMachineStore::recover`]
+//! rebuilds it from the last durable snapshot (or from empty when there is none), and openraft re-applies
+//! the committed log after it, as it does for any `last_applied` that lags. That is always possible:
+//! the log is purged only behind a snapshot that is already durable (see `snapshot`), and every
+//! committed entry after that snapshot is in a quorum's logs. `apply` is deterministic, so re-applying
+//! gives the same state and revisions.
+//!
+//! While the node runs, readers see each key either before or after a batch, never a torn value; a
+//! multi-key scan may see part of a batch, as it always could (sled iterators are not point-in-time).
+//!
+//! `tests/cluster.rs` SIGKILLs every node mid-write and checks that no acknowledged write is lost;
+//! `raftkv jepsen` kills and restarts nodes throughout and checks every history.
 
 use std::collections::HashMap;
 use std::io;
@@ -51,6 +51,8 @@ use crate::types::{
 
 pub(super) const LAST_APPLIED_KEY: &[u8] = b"last_applied";
 pub(super) const LAST_MEMBERSHIP_KEY: &[u8] = b"last_membership";
+/// Present only between a clean shutdown and the next start; holds the `last_applied` it vouches for.
+const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean_shutdown";
 
 /// A key's value and revisions as stored in `sm_data` (the key itself is the sled key).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,8 +86,9 @@ pub(super) struct Inner {
     pub(super) data: sled::Tree,
     pub(super) meta: sled::Tree,
     /// Held while a batch is written and while a snapshot copies the data, so a snapshot is always
-    /// one consistent applied state (sled iterators are not point-in-time).
-    pub(super) write_lock: tokio::sync::Mutex<()>,
+    /// one consistent applied state (sled iterators are not point-in-time). Holds `true` once
+    /// [`StateMachineStore::close`] has marked the state clean: nothing may be applied after that.
+    pub(super) write_lock: tokio::sync::Mutex<bool>,
 }
 
 impl StateMachineStore {
@@ -99,7 +102,7 @@ impl StateMachineStore {
                 db,
                 data,
                 meta,
-                write_lock: tokio::sync::Mutex::new(()),
+                write_lock: tokio::sync::Mutex::new(false),
             }),
         })
     }
@@ -146,27 +149,60 @@ impl StateMachineStore {
         }
     }
 
-    /// Writes prepared batches to both trees atomically; durable at the next flush of the `Db`.
-    pub(super) fn write(&self, data: &sled::Batch, meta: &sled::Batch) -> io::Result<()> {
+    /// Writes prepared batches to both trees atomically, then makes them durable. For snapshot installs,
+    /// which are rare and replace everything; `apply` does not pay for a transaction.
+    pub(super) async fn commit(&self, data: sled::Batch, meta: sled::Batch) -> io::Result<()> {
         let inner = &self.inner;
         let result: Result<(), TransactionError<String>> =
             (&inner.data, &inner.meta).transaction(|(d, m)| {
-                d.apply_batch(data)?;
-                m.apply_batch(meta)?;
+                d.apply_batch(&data)?;
+                m.apply_batch(&meta)?;
                 Ok(())
             });
-        result.map_err(io_err)
+        result.map_err(io_err)?;
+        inner.db.flush_async().await.map(|_| ()).map_err(io_err)
     }
 
-    /// Writes prepared batches to both trees atomically, then makes them durable.
-    pub(super) async fn commit(&self, data: sled::Batch, meta: sled::Batch) -> io::Result<()> {
-        self.write(&data, &meta)?;
+    /// Marks the applied state as complete on disk, for the next start to trust it. Called once Raft
+    /// has stopped; anything openraft still tries to apply afterwards is refused, since it would be
+    /// written after the marker.
+    pub async fn close(&self) -> io::Result<()> {
+        let mut closed = self.inner.write_lock.lock().await;
+        *closed = true;
+        let applied: Option<LogId> = self.read_meta(LAST_APPLIED_KEY)?;
+        // The marker must not reach the disk before the state it vouches for.
+        self.inner.db.flush_async().await.map_err(io_err)?;
         self.inner
-            .db
-            .flush_async()
-            .await
-            .map(|_| ())
-            .map_err(io_err)
+            .meta
+            .insert(CLEAN_SHUTDOWN_KEY, codec::encode(&applied)?)
+            .map_err(io_err)?;
+        self.inner.db.flush_async().await.map_err(io_err)?;
+        Ok(())
+    }
+
+    /// Makes the state machine one that openraft can re-apply the log on top of. Runs at open, before
+    /// openraft reads `applied_state`: after a clean shutdown the state is kept; after anything else it
+    /// is rebuilt from the last durable snapshot (see the module comment). The marker is consumed, so a
+    /// crash later in this run is not mistaken for a clean stop.
+    pub(super) fn recover(&self) -> io::Result<()> {
+        let marker = self.inner.meta.remove(CLEAN_SHUTDOWN_KEY).map_err(io_err)?;
+        let applied: Option<LogId> = self.read_meta(LAST_APPLIED_KEY)?;
+        let clean = marker.is_some_and(|bytes| {
+            codec::decode::<Option<LogId>>(&bytes).is_ok_and(|marked| marked == applied)
+        });
+        if !clean {
+            let had_state = applied.is_some() || !self.inner.data.is_empty();
+            let restored = snapshot::restore_current(self)?;
+            if had_state {
+                tracing::info!(
+                    was_applied = ?applied,
+                    restored_to = ?restored,
+                    "no clean shutdown: state machine rebuilt from the last snapshot; \
+                     openraft re-applies the committed log after it"
+                );
+            }
+        }
+        self.inner.db.flush().map(|_| ()).map_err(io_err)
     }
 }
 
@@ -213,17 +249,6 @@ impl Overlay<'_> {
             self.changed.insert(key.to_vec(), None);
         }
         Ok(prev.map(|p| p.into_kv(key)))
-    }
-
-    fn into_batch(self) -> io::Result<sled::Batch> {
-        let mut batch = sled::Batch::default();
-        for (key, value) in self.changed {
-            match value {
-                Some(v) => batch.insert(key, codec::encode(&v)?),
-                None => batch.remove(key),
-            }
-        }
-        Ok(batch)
     }
 }
 
@@ -339,14 +364,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let Some(last_applied) = last_applied else {
             return Ok(());
         };
-        let data = view.into_batch()?;
-        let mut meta = sled::Batch::default();
-        meta.insert(LAST_APPLIED_KEY, codec::encode(&last_applied)?);
-        if let Some(m) = &membership {
-            meta.insert(LAST_MEMBERSHIP_KEY, codec::encode(m)?);
+        if *guard {
+            return Err(io::Error::other("the state machine is closed"));
         }
-        // No flush: see the module comment for why the log's durability is enough.
-        self.write(&data, &meta)?;
+        // Plain inserts, no flush: see the module comment for why that is safe.
+        for (key, value) in view.changed {
+            match value {
+                Some(v) => self.inner.data.insert(key, codec::encode(&v)?),
+                None => self.inner.data.remove(key),
+            }
+            .map_err(io_err)?;
+        }
+        let meta = &self.inner.meta;
+        if let Some(m) = &membership {
+            meta.insert(LAST_MEMBERSHIP_KEY, codec::encode(m)?)
+                .map_err(io_err)?;
+        }
+        meta.insert(LAST_APPLIED_KEY, codec::encode(&last_applied)?)
+            .map_err(io_err)?;
         drop(guard);
 
         // Committed (durable on a quorum's logs) and applied: now the clients hear back.

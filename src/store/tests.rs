@@ -168,8 +168,18 @@ async fn data_dir_of_another_node_is_refused() {
     ));
 }
 
+fn delete(index: u64, key: &str) -> crate::types::Entry {
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Command::Delete {
+            key: key.into(),
+            prev_kv: false,
+        }),
+    }
+}
+
 #[tokio::test]
-async fn apply_is_durable_and_recovers_last_applied() {
+async fn a_clean_shutdown_keeps_the_applied_state() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (_log, mut sm) = open(dir.path(), 1).unwrap();
@@ -178,17 +188,13 @@ async fn apply_is_durable_and_recovers_last_applied() {
             vec![put(1, "a", "1"), put(2, "b", "2"), put(3, "a", "3")],
         )
         .await;
-        apply(
-            &mut sm,
-            vec![Entry {
-                log_id: log_id(1, 4),
-                payload: EntryPayload::Normal(Command::Delete {
-                    key: b"b".to_vec(),
-                    prev_kv: false,
-                }),
-            }],
-        )
-        .await;
+        apply(&mut sm, vec![delete(4, "b")]).await;
+        sm.close().await.unwrap();
+        // Nothing may be applied after the marker: it would not be covered by it.
+        let late = sm
+            .apply(stream::iter([Ok((put(5, "late", "x"), None))]))
+            .await;
+        assert!(late.is_err(), "apply after close must be refused");
     }
     let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
     let (applied, _) = sm.applied_state().await.unwrap();
@@ -204,6 +210,82 @@ async fn apply_is_durable_and_recovers_last_applied() {
         (&b"3"[..], 1, 3, 2)
     );
     assert_eq!(sm.get(b"b").unwrap(), None);
+    assert_eq!(sm.get(b"late").unwrap(), None);
+}
+
+/// Without a clean shutdown the applied state may be torn, so it restarts from the last snapshot and
+/// openraft re-applies the log after it; re-applying gives the same state and revisions.
+#[tokio::test]
+async fn after_a_crash_the_state_machine_restarts_from_the_last_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = open(dir.path(), 1).unwrap();
+        apply(&mut sm, vec![put(1, "a", "1"), put(2, "b", "2")]).await;
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        apply(
+            &mut sm,
+            vec![put(3, "a", "3"), delete(4, "b"), put(5, "c", "5")],
+        )
+        .await;
+        // Dropped without `close`: a crash.
+    }
+    let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(1, 2)), "back at the snapshot");
+    assert_eq!(sm.get(b"a").unwrap().unwrap().value, b"1");
+    assert_eq!(sm.get(b"b").unwrap().unwrap().value, b"2");
+    assert_eq!(sm.get(b"c").unwrap(), None);
+
+    apply(
+        &mut sm,
+        vec![put(3, "a", "3"), delete(4, "b"), put(5, "c", "5")],
+    )
+    .await;
+    let a = sm.get(b"a").unwrap().unwrap();
+    assert_eq!((a.mod_revision, a.version), (3, 2));
+    assert_eq!(sm.get(b"b").unwrap(), None);
+    assert_eq!(sm.get(b"c").unwrap().unwrap().mod_revision, 5);
+
+    // With no snapshot at all, a crash leaves an empty state machine (the whole log is replayed).
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = open(dir.path(), 1).unwrap();
+        apply(&mut sm, vec![put(1, "a", "1")]).await;
+    }
+    let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
+    assert_eq!(sm.applied_state().await.unwrap().0, None);
+    assert_eq!(sm.get(b"a").unwrap(), None);
+}
+
+/// Appends are plain inserts, so a crash could in principle keep an unflushed entry without the one
+/// before it; the log must end before the gap, never hand openraft a log with a hole.
+#[tokio::test]
+async fn a_gap_left_in_the_log_is_cut_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut log, _sm) = open(dir.path(), 7).unwrap();
+        append(&mut log, (1..=5).map(|i| put(i, "k", "v")).collect()).await;
+        let raw = log.db.open_tree("raft_log").unwrap();
+        raw.remove(3u64.to_be_bytes()).unwrap();
+        log.db.flush_async().await.unwrap();
+    }
+    let (mut log, _sm) = reopen(dir.path(), 7).await.unwrap();
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_log_id,
+        Some(log_id(1, 2))
+    );
+    let indexes: Vec<u64> = log
+        .try_get_log_entries(0..100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id.index)
+        .collect();
+    assert_eq!(indexes, vec![1, 2]);
 }
 
 #[tokio::test]
