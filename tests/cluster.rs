@@ -261,6 +261,77 @@ async fn restarted_node_catches_up() {
     assert_eq!(scan.kvs[7].value, b"v7");
 }
 
+/// A node stopped with SIGTERM trusts its applied state on restart and serves it at once, even with
+/// no quorum to learn anything from. After a SIGKILL it cannot trust it (the state machine is not
+/// flushed on its own), so it restarts from its last snapshot, here none, and gets the data back by
+/// re-applying the log once the cluster is reachable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_keeps_the_applied_state_and_a_crash_replays_it() {
+    let mut c = Cluster::start(3, &[]);
+    let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let node = c.ids().into_iter().find(|&i| i != leader).unwrap();
+    let others: Vec<u64> = c.ids().into_iter().filter(|&i| i != node).collect();
+    let rev = c
+        .kv(leader)
+        .put(req(put("k", "v1"), 5 * SECOND))
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    c.wait_applied(node, rev, 10 * SECOND).await;
+    let eventual_get = |c: &Cluster| {
+        let mut kv = c.kv(node);
+        async move {
+            kv.get(req(get("k", pb::Consistency::Eventual), SECOND))
+                .await
+        }
+    };
+
+    c.stop(node).await;
+    for &o in &others {
+        c.pause(o);
+    }
+    c.start_again(node);
+    let got = eventually(20 * SECOND, "eventual read after a clean restart", || {
+        eventual_get(&c)
+    })
+    .await
+    .into_inner();
+    assert_eq!(
+        got.kv.map(|kv| kv.value),
+        Some(b"v1".to_vec()),
+        "a cleanly stopped node keeps what it had applied"
+    );
+
+    c.kill(node);
+    c.start_again(node);
+    let got = eventually(20 * SECOND, "eventual read after a crash", || {
+        eventual_get(&c)
+    })
+    .await
+    .into_inner();
+    assert_eq!(
+        got.kv, None,
+        "with no snapshot and no quorum, a crashed node's state restarts empty"
+    );
+    for &o in &others {
+        c.resume(o);
+    }
+    let got = eventually(20 * SECOND, "the crashed node re-applies the log", || {
+        let mut kv = c.kv(node);
+        async move {
+            let mut r = get("k", pb::Consistency::Eventual);
+            r.min_revision = rev;
+            kv.get(req(r, 2 * SECOND)).await
+        }
+    })
+    .await
+    .into_inner();
+    assert_eq!(got.kv.map(|kv| kv.value), Some(b"v1".to_vec()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_node_catches_up_by_snapshot() {
     // Snapshot often and keep few logs behind it, so a wiped node cannot be fed from the log.

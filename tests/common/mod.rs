@@ -128,6 +128,33 @@ impl Cluster {
         self.spawn(id);
     }
 
+    /// SIGTERM, as an operator stops a node, and wait (bounded) for a clean exit.
+    pub async fn stop(&mut self, id: u64) {
+        let mut child = self.node_mut(id).child.take().expect("running");
+        assert!(signal(child.id(), "TERM"), "SIGTERM node {id}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match child.try_wait().expect("wait") {
+                Some(status) => {
+                    assert!(status.success(), "node {id} stopped with {status}");
+                    return;
+                }
+                None if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                None => {
+                    let _ = child.kill();
+                    panic!("node {id} did not stop within 15 s of SIGTERM");
+                }
+            }
+        }
+    }
+
+    /// Starts a node that is down (after `stop` or `kill`) on its data.
+    pub fn start_again(&mut self, id: u64) {
+        self.spawn(id);
+    }
+
     /// Deletes a stopped node's data directory, as if its disk were replaced.
     pub fn wipe(&mut self, id: u64) {
         assert!(
