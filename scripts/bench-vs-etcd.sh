@@ -16,7 +16,7 @@ KEYS=${BENCH_KEYS:-10000}
 VALUE_SIZE=${BENCH_VALUE_SIZE:-256}
 KILLS=${BENCH_KILLS:-5}             # failover samples per system
 PORT_BASE=${BENCH_PORT_BASE:-30000} # raftkv: +1..3, etcd client: +11..13, etcd peer: +21..23
-WORKLOADS=${BENCH_WORKLOADS:-"put get-strong get-eventual txn mix put-1client"}
+WORKLOADS=${BENCH_WORKLOADS:-"put get-strong get-eventual txn mix put-1client put-1c-follower"}
 HOST=127.0.0.1
 
 die() { echo "bench-vs-etcd.sh: $*" >&2; exit 1; }
@@ -113,10 +113,10 @@ wait_ready etcd >/dev/null
 wait_ready raftkv >/dev/null
 log "both clusters up; data under $WORK"
 
-run() { # run SYSTEM NAME ARGS...
+run() { # run SYSTEM NAME ARGS...   (endpoints: $RUN_ENDPOINTS if set, else all three nodes)
     local system=$1 name=$2
     shift 2
-    "$BIN" bench "$@" --target "$system" --endpoints "$(endpoints_of "$system")" \
+    "$BIN" bench "$@" --target "$system" --endpoints "${RUN_ENDPOINTS:-$(endpoints_of "$system")}" \
         --duration "$DURATION" --key-space "$KEYS" --value-size "$VALUE_SIZE" --quiet \
         --json "$OUT/$name.$system.json" >&2
 }
@@ -134,7 +134,14 @@ for w in $WORKLOADS; do
         get-eventual) run "$system" "$w" get --consistency eventual --clients "$CLIENTS" --connections "$CONNECTIONS" ;;
         txn) run "$system" "$w" txn --clients "$CLIENTS" --connections "$CONNECTIONS" ;;
         mix) run "$system" "$w" mix --read-percent 90 --consistency strong --clients "$CLIENTS" --connections "$CONNECTIONS" ;;
-        put-1client) run "$system" "$w" put --clients 1 --connections 1 ;;
+        # One client, one connection, pinned to the leader or to a follower of each system, so both
+        # systems are measured on the same path (the first endpoint is raftkv's leader more often).
+        put-1client | put-1c-follower)
+            leader=$("$BIN" bench leader --target "$system" --endpoints "$(endpoints_of "$system")" --timeout-ms 1000)
+            ep=$leader
+            [[ $w == put-1client ]] || ep=$(endpoints_of "$system" | tr ',' '\n' | grep -vx "$leader" | head -1)
+            RUN_ENDPOINTS=$ep run "$system" "$w" put --clients 1 --connections 1
+            ;;
         *) die "unknown workload $w" ;;
         esac
     done

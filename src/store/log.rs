@@ -23,6 +23,7 @@ use crate::codec;
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
 const VOTE_KEY: &[u8] = b"vote";
+const COMMITTED_KEY: &[u8] = b"committed";
 pub(super) const LAST_PURGED_KEY: &[u8] = b"last_purged";
 
 /// A cheap handle: sled trees are reference counted, and the flusher queue is shared.
@@ -186,6 +187,44 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             last_log_id: last,
             last_purged_log_id: last_purged,
         })
+    }
+
+    /// A plain insert, durable with the next flush (a log append's or sled's once-a-second one). It lets
+    /// a restarted node re-apply its own log up to what it knew was committed before it serves
+    /// anything, instead of falling back to its last snapshot until it hears from a leader.
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
+        self.meta
+            .insert(COMMITTED_KEY, codec::encode(&committed)?)
+            .map_err(io_err)?;
+        Ok(())
+    }
+
+    /// The saved commit point, but never past what this log still holds: entries after the last
+    /// flush may be gone, and those before it are the ones that were committed (a commit point is
+    /// saved only for entries already in the log, and only a later leader could have replaced them,
+    /// which would have needed them to be uncommitted).
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
+        let Some(committed) = self.read_meta::<Option<LogId>>(COMMITTED_KEY)?.flatten() else {
+            return Ok(None);
+        };
+        let state = self.get_log_state().await?;
+        let purged_index = state.last_purged_log_id.as_ref().map(|p| p.index);
+        if purged_index.is_some_and(|p| committed.index <= p) {
+            // Behind the snapshot: openraft starts from the applied state anyway.
+            return Ok(Some(committed));
+        }
+        let Some(last) = state.last_log_id else {
+            return Ok(None);
+        };
+        let index = committed.index.min(last.index);
+        match self.logs.get(index_key(index)).map_err(io_err)? {
+            Some(bytes) => {
+                let found = codec::decode::<Entry>(&bytes)?.log_id;
+                // At the saved index the entry must be the very one that was committed.
+                Ok((index < committed.index || found == committed).then_some(found))
+            }
+            None => Ok(None),
+        }
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {

@@ -13,8 +13,8 @@
 //!    gap that leaves.
 //! 2. Applying writes `sm_data` and `last_applied` without a transaction or a flush, so after a crash
 //!    the state machine is not trusted: unless the last run ended with a clean shutdown, it is rebuilt
-//!    from the last durable snapshot at open, and openraft re-applies the committed log after it (see
-//!    `state_machine`).
+//!    from the last durable snapshot at open, and openraft re-applies the committed log after it, at
+//!    once up to the saved commit point (see `state_machine`).
 //! 3. A snapshot is flushed before the log behind it is purged, and `last_purged` is flushed before
 //!    the purged entries are deleted.
 //!

@@ -15,6 +15,8 @@ use crate::codec;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
 const SNAPSHOT_KEY: &[u8] = b"snapshot";
+/// The stored snapshot's `SnapshotMeta` on its own, so it can be compared without decoding the data.
+const SNAPSHOT_META_KEY: &[u8] = b"snapshot_meta";
 
 /// The state-machine contents at one applied log id.
 #[derive(Serialize, Deserialize)]
@@ -57,10 +59,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         let data = codec::encode(&image)?;
         let stored = StoredSnapshot { meta, data };
-        inner
-            .meta
-            .insert(SNAPSHOT_KEY, codec::encode(&stored)?)
-            .map_err(io_err)?;
+        if !store_unless_older(&self.sm, &stored).await? {
+            tracing::info!(
+                built = ?stored.meta.last_log_id,
+                "a newer snapshot was installed meanwhile; not storing this one"
+            );
+        }
         inner.db.flush_async().await.map_err(io_err)?;
         tracing::info!(
             last_log_id = ?stored.meta.last_log_id,
@@ -75,6 +79,24 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
+/// Stores a built snapshot as the current one, unless the stored one is at least as new. openraft may
+/// install a newer snapshot from the leader while a build is being encoded; the stored snapshot is
+/// what a crash restarts from and what the log is purged behind, so an older build must never
+/// replace it. Returns whether it was stored (durable at the next flush).
+async fn store_unless_older(sm: &StateMachineStore, stored: &StoredSnapshot) -> io::Result<bool> {
+    let inner = &sm.inner;
+    let _guard = inner.write_lock.lock().await;
+    let current: Option<SnapshotMeta> = sm.read_meta(SNAPSHOT_META_KEY)?;
+    if current.is_some_and(|c| c.last_log_id >= stored.meta.last_log_id) {
+        return Ok(false);
+    }
+    let mut batch = sled::Batch::default();
+    batch.insert(SNAPSHOT_KEY, codec::encode(stored)?);
+    batch.insert(SNAPSHOT_META_KEY, codec::encode(&stored.meta)?);
+    inner.meta.apply_batch(batch).map_err(io_err)?;
+    Ok(true)
+}
+
 /// Replaces the whole state with the snapshot's (never merges: a merge would resurrect deleted keys).
 pub(super) async fn install(
     sm: &StateMachineStore,
@@ -83,8 +105,8 @@ pub(super) async fn install(
 ) -> io::Result<()> {
     let image: Image = codec::decode(&data)?;
     let inner = &sm.inner;
-    let closed = inner.write_lock.lock().await;
-    if *closed {
+    let state = inner.write_lock.lock().await;
+    if state.closed {
         return Err(io::Error::other("the state machine is closed"));
     }
 
@@ -108,6 +130,7 @@ pub(super) async fn install(
         data,
     };
     meta_batch.insert(SNAPSHOT_KEY, codec::encode(&stored)?);
+    meta_batch.insert(SNAPSHOT_META_KEY, codec::encode(meta)?);
     sm.commit(data_batch, meta_batch).await?;
     tracing::info!(last_log_id = ?meta.last_log_id, keys, "installed snapshot");
     Ok(())
@@ -152,4 +175,43 @@ pub(super) fn current(sm: &StateMachineStore) -> io::Result<Option<Snapshot>> {
         meta: stored.meta,
         snapshot: Cursor::new(stored.data),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta_at(index: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            last_log_id: Some(openraft::testing::log_id::<crate::types::TypeConfig>(
+                1, 1, index,
+            )),
+            last_membership: StoredMembership::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_older_build_never_replaces_a_newer_stored_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, sm) = crate::store::open(dir.path(), 1).unwrap();
+        let newer = StoredSnapshot {
+            meta: meta_at(9),
+            data: vec![1],
+        };
+        let older = StoredSnapshot {
+            meta: meta_at(5),
+            data: vec![2],
+        };
+        assert!(store_unless_older(&sm, &newer).await.unwrap());
+        assert!(!store_unless_older(&sm, &older).await.unwrap());
+        let stored = current(&sm).unwrap().unwrap();
+        assert_eq!(stored.meta, meta_at(9));
+        assert_eq!(stored.snapshot.into_inner(), vec![1]);
+        let newest = StoredSnapshot {
+            meta: meta_at(12),
+            data: vec![3],
+        };
+        assert!(store_unless_older(&sm, &newest).await.unwrap());
+        assert_eq!(current(&sm).unwrap().unwrap().meta, meta_at(12));
+    }
 }

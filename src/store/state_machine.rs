@@ -20,10 +20,11 @@
 //! is therefore trusted on restart only after a clean shutdown ([`StateMachineStore::close`] flushes and
 //! leaves a marker naming the `last_applied` it covers). After anything else, [`StateMachineStore::recover`]
 //! rebuilds it from the last durable snapshot (or from empty when there is none), and openraft re-applies
-//! the committed log after it, as it does for any `last_applied` that lags. That is always possible:
-//! the log is purged only behind a snapshot that is already durable (see `snapshot`), and every
-//! committed entry after that snapshot is in a quorum's logs. `apply` is deterministic, so re-applying
-//! gives the same state and revisions.
+//! the committed log after it: at startup up to the commit point this node had saved
+//! (`LogStore::save_committed`, durable with the next log flush), the rest once a leader tells it the
+//! commit index. That is always possible: the log is purged only behind a snapshot that is already
+//! durable (see `snapshot`), and every committed entry after that snapshot is in a quorum's logs.
+//! `apply` is deterministic, so re-applying gives the same state and revisions.
 //!
 //! While the node runs, readers see each key either before or after a batch, never a torn value; a
 //! multi-key scan may see part of a batch, as it always could (sled iterators are not point-in-time).
@@ -86,9 +87,17 @@ pub(super) struct Inner {
     pub(super) data: sled::Tree,
     pub(super) meta: sled::Tree,
     /// Held while a batch is written and while a snapshot copies the data, so a snapshot is always
-    /// one consistent applied state (sled iterators are not point-in-time). Holds `true` once
-    /// [`StateMachineStore::close`] has marked the state clean: nothing may be applied after that.
-    pub(super) write_lock: tokio::sync::Mutex<bool>,
+    /// one consistent applied state (sled iterators are not point-in-time).
+    pub(super) write_lock: tokio::sync::Mutex<WriteState>,
+}
+
+#[derive(Default)]
+pub(super) struct WriteState {
+    /// Set by [`StateMachineStore::close`]: nothing may be applied after the clean-shutdown marker.
+    pub(super) closed: bool,
+    /// A batch failed half way: the state on disk matches no `last_applied`, so it must never be
+    /// marked clean.
+    pub(super) torn: bool,
 }
 
 impl StateMachineStore {
@@ -102,7 +111,7 @@ impl StateMachineStore {
                 db,
                 data,
                 meta,
-                write_lock: tokio::sync::Mutex::new(false),
+                write_lock: tokio::sync::Mutex::new(WriteState::default()),
             }),
         })
     }
@@ -167,8 +176,13 @@ impl StateMachineStore {
     /// has stopped; anything openraft still tries to apply afterwards is refused, since it would be
     /// written after the marker.
     pub async fn close(&self) -> io::Result<()> {
-        let mut closed = self.inner.write_lock.lock().await;
-        *closed = true;
+        let mut state = self.inner.write_lock.lock().await;
+        state.closed = true;
+        if state.torn {
+            return Err(io::Error::other(
+                "an apply failed half way; the state is left to be rebuilt at the next start",
+            ));
+        }
         let applied: Option<LogId> = self.read_meta(LAST_APPLIED_KEY)?;
         // The marker must not reach the disk before the state it vouches for.
         self.inner.db.flush_async().await.map_err(io_err)?;
@@ -186,10 +200,15 @@ impl StateMachineStore {
     /// crash later in this run is not mistaken for a clean stop.
     pub(super) fn recover(&self) -> io::Result<()> {
         let marker = self.inner.meta.remove(CLEAN_SHUTDOWN_KEY).map_err(io_err)?;
-        let applied: Option<LogId> = self.read_meta(LAST_APPLIED_KEY)?;
-        let clean = marker.is_some_and(|bytes| {
-            codec::decode::<Option<LogId>>(&bytes).is_ok_and(|marked| marked == applied)
-        });
+        // An unreadable `last_applied` is not fatal here: it is about to be replaced anyway.
+        let applied = self.read_meta::<LogId>(LAST_APPLIED_KEY);
+        let clean = match (&marker, &applied) {
+            (Some(bytes), Ok(applied)) => {
+                codec::decode::<Option<LogId>>(bytes).is_ok_and(|marked| &marked == applied)
+            }
+            _ => false,
+        };
+        let applied = applied.ok().flatten();
         if !clean {
             let had_state = applied.is_some() || !self.inner.data.is_empty();
             let restored = snapshot::restore_current(self)?;
@@ -344,7 +363,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut last_applied = None;
         let mut membership = None;
 
-        let guard = self.inner.write_lock.lock().await;
+        let mut guard = self.inner.write_lock.lock().await;
         let mut view = Overlay {
             data: &self.inner.data,
             changed: HashMap::new(),
@@ -364,10 +383,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let Some(last_applied) = last_applied else {
             return Ok(());
         };
-        if *guard {
+        if guard.closed {
             return Err(io::Error::other("the state machine is closed"));
         }
-        // Plain inserts, no flush: see the module comment for why that is safe.
+        // Plain inserts, no flush: see the module comment for why that is safe. Until the last one
+        // lands, the state is torn; an error below leaves it marked so.
+        guard.torn = true;
         for (key, value) in view.changed {
             match value {
                 Some(v) => self.inner.data.insert(key, codec::encode(&v)?),
@@ -382,6 +403,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
         meta.insert(LAST_APPLIED_KEY, codec::encode(&last_applied)?)
             .map_err(io_err)?;
+        guard.torn = false;
         drop(guard);
 
         // Committed (durable on a quorum's logs) and applied: now the clients hear back.

@@ -350,3 +350,21 @@ async fn scan_respects_bounds_and_limit() {
     let (kvs, more) = sm.scan(b"k", b"", 2).unwrap();
     assert_eq!((kvs.len(), more), (2, true));
 }
+
+/// The commit point is saved without a flush, so after a crash it may be ahead of what the log still
+/// holds; it is only ever reported up to an entry the log really has.
+#[tokio::test]
+async fn the_saved_commit_point_never_runs_past_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open(dir.path(), 1).unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), None);
+    append(&mut log, (0..=5).map(|i| put(i, "k", "v")).collect()).await;
+    log.save_committed(Some(log_id(1, 4))).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 4)));
+    // Entries 6.. were lost in a crash: the commit point falls back to the last one the log holds.
+    log.save_committed(Some(log_id(1, 8))).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 5)));
+    // The entry at the saved index is not the committed one: nothing is vouched for.
+    log.save_committed(Some(log_id(2, 5))).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), None);
+}
