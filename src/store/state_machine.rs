@@ -14,7 +14,7 @@
 //! pins the log with a batch manifest, which seals the current I/O buffer before and after it: two extra
 //! buffer writes, each with its own `sync_file_range` and its own job on sled's I/O pool, per call. On
 //! the write path that cost more than everything else sled does (plain inserts for the log and the state
-//! machine: +40 % put throughput, -25 % single-client latency; see docs/benchmarks.md).
+//! machine: +20-27 % put throughput, -28 % single-client latency; see docs/benchmarks.md).
 //!
 //! So a crash can leave `sm_data` half way through a batch, or ahead of `last_applied`. The state machine
 //! is therefore trusted on restart only after a clean shutdown ([`StateMachineStore::close`] flushes and

@@ -81,6 +81,15 @@ async fn append(log: &mut LogStore, entries: Vec<crate::types::Entry>) {
     rx.await.unwrap().unwrap();
 }
 
+async fn log_indexes(log: &mut LogStore) -> Vec<u64> {
+    log.try_get_log_entries(0..100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id.index)
+        .collect()
+}
+
 async fn apply(sm: &mut StateMachineStore, entries: Vec<crate::types::Entry>) {
     sm.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None)))))
         .await
@@ -103,13 +112,7 @@ async fn log_and_vote_survive_reopen() {
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_purged_log_id, Some(log_id(1, 2)));
     assert_eq!(state.last_log_id, Some(log_id(1, 4)));
-    let indexes: Vec<u64> = log
-        .try_get_log_entries(0..100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.log_id.index)
-        .collect();
+    let indexes = log_indexes(&mut log).await;
     assert_eq!(
         indexes,
         vec![3, 4],
@@ -145,13 +148,7 @@ async fn entries_left_below_the_purge_marker_are_ignored() {
     log.purge(log_id(1, 10)).await.unwrap();
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_log_id, Some(log_id(1, 12)));
-    let indexes: Vec<u64> = log
-        .try_get_log_entries(0..100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.log_id.index)
-        .collect();
+    let indexes = log_indexes(&mut log).await;
     assert_eq!(indexes, vec![11, 12]);
 }
 
@@ -278,13 +275,7 @@ async fn a_gap_left_in_the_log_is_cut_at_open() {
         log.get_log_state().await.unwrap().last_log_id,
         Some(log_id(1, 2))
     );
-    let indexes: Vec<u64> = log
-        .try_get_log_entries(0..100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.log_id.index)
-        .collect();
+    let indexes = log_indexes(&mut log).await;
     assert_eq!(indexes, vec![1, 2]);
 }
 
