@@ -454,6 +454,12 @@ async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
         };
         let mut request = tonic::Request::new(ReadIndexRequest {});
         request.set_timeout(Duration::from_secs(2));
+        // Who is asking: the leader's progress for this node is stale (it predates the lost log), so
+        // the leader must not pick this node as the in-sync one to hand leadership to.
+        request.metadata_mut().insert(
+            crate::api::error::NODE_ID_HEADER,
+            tonic::metadata::MetadataValue::from(node.id),
+        );
         match raft_client(channel).write_blank(request).await {
             Ok(_) => tracing::info!(
                 last_log,

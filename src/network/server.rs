@@ -122,9 +122,16 @@ impl RaftRpc for RaftService {
     /// disk) and cheap (one election); with no in-sync voter it appends a blank entry instead.
     async fn write_blank(
         &self,
-        _request: Request<ReadIndexRequest>,
+        request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
         use openraft::async_runtime::watch::WatchReceiver;
+        // The node that lost its log: its progress here still shows the log it had, so it would look in
+        // sync. Found by `wiped_node_catches_up_by_snapshot`, which failed when leadership went to it.
+        let requester: Option<crate::types::NodeId> = request
+            .metadata()
+            .get(crate::api::error::NODE_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         let raft = &self.node.raft;
         if !raft.is_leader() {
             return Err(crate::api::error::ApiError::unavailable(
@@ -140,7 +147,9 @@ impl RaftRpc for RaftService {
             let in_sync = m.replication.as_ref().and_then(|r| {
                 r.iter()
                     .filter(|(id, matched)| {
-                        **id != self.node.id && matched.as_ref().map(|l| l.index) == last_log
+                        **id != self.node.id
+                            && Some(**id) != requester
+                            && matched.as_ref().map(|l| l.index) == last_log
                     })
                     .map(|(id, _)| *id)
                     .next()
