@@ -42,6 +42,11 @@ pub struct ServerArgs {
     pub election_min_ms: u64,
     #[arg(long, default_value_t = 200)]
     pub election_max_ms: u64,
+    /// Read lease: a strong read on the leader skips its own quorum round while the leader's latest
+    /// quorum acknowledgement is younger than this. 0 runs a round for every read, as etcd does. At
+    /// most a quarter of election-max-ms (see `ServerArgs::read_lease` for why that is safe).
+    #[arg(long, default_value_t = 50)]
+    pub read_lease_ms: u64,
     /// Take a snapshot (and purge the log behind it) after this many applied entries.
     #[arg(long, default_value_t = 10_000)]
     pub snapshot_every: u64,
@@ -80,6 +85,29 @@ impl ServerArgs {
             default_scan_limit: 1000,
             max_scan_limit: 10_000,
         }
+    }
+
+    /// The read lease, checked against the election timeout it borrows its safety from.
+    ///
+    /// A follower that acknowledged the leader refuses to vote for anyone else for election-max-ms
+    /// after it *received* that message (openraft 0.10's follower lease); the leader counts the age of
+    /// an acknowledgement from when it *sent* the message. So while an acknowledgement from a quorum
+    /// is younger than the read lease, no other leader can have been elected, and the leader's commit
+    /// index is current, unless some follower's clock ran over election-max / read-lease times faster
+    /// than the leader's. Capping the lease at a quarter of election-max-ms keeps that factor at 4 or
+    /// more; `raftkv jepsen`'s clock fault skews rates by up to 2x. A follower's lease lives in memory,
+    /// so a restarted node also holds its vote for election-max-ms (see `Node::vote_held`).
+    pub fn read_lease(&self) -> anyhow::Result<Duration> {
+        if self.read_lease_ms.saturating_mul(4) > self.election_max_ms {
+            anyhow::bail!(
+                "--read-lease-ms {} is more than a quarter of --election-max-ms {}; a longer lease \
+                 would let a follower whose clock runs fast elect a new leader while this one still \
+                 serves reads from its lease",
+                self.read_lease_ms,
+                self.election_max_ms
+            );
+        }
+        Ok(Duration::from_millis(self.read_lease_ms))
     }
 
     pub fn raft_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
@@ -162,5 +190,35 @@ mod tests {
         for bad in ["", "1", "x=a:1", "0=a:1", "1=a:1,1=b:2", "1=nohost"] {
             assert!(parse_peers(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn a_read_lease_longer_than_a_quarter_of_the_election_timeout_is_refused() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            server: ServerArgs,
+        }
+        let args = |lease: &str| {
+            Cli::parse_from([
+                "raftkv",
+                "--id",
+                "1",
+                "--listen",
+                "127.0.0.1:1",
+                "--data-dir",
+                "d",
+                "--peers",
+                "1=127.0.0.1:1",
+                "--read-lease-ms",
+                lease,
+            ])
+            .server
+        };
+        assert_eq!(args("50").read_lease().unwrap(), Duration::from_millis(50));
+        assert_eq!(args("0").read_lease().unwrap(), Duration::ZERO);
+        let err = args("51").read_lease().unwrap_err().to_string();
+        assert!(err.contains("quarter of --election-max-ms 200"), "{err}");
     }
 }

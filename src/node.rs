@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
-use openraft::{BasicNode, ReadPolicy, ServerState};
+use openraft::{BasicNode, LinearizerOption, ServerState};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -48,6 +48,12 @@ pub struct Node {
     read_rounds: Arc<ReadIndexRounds>,
     /// Writes on a follower on their way to the leader, sent in batches.
     forwarder: Forwarder,
+    /// How this leader confirms it still leads before a strong read: a quorum acknowledgement younger
+    /// than the read lease, or a fresh heartbeat round (see `ServerArgs::read_lease`).
+    read_option: LinearizerOption,
+    /// Until when this node refuses to vote after starting, if reads are leased: the follower lease it
+    /// may have granted the previous leader before a crash was lost with its memory.
+    vote_hold_until: Option<Instant>,
 }
 
 /// What this node currently knows about leadership, read once from the metrics.
@@ -61,6 +67,8 @@ struct View {
 impl Node {
     /// Opens storage, starts Raft and, on a fresh data directory, bootstraps the cluster from `--peers`.
     pub async fn start(args: &ServerArgs) -> anyhow::Result<Arc<Node>> {
+        let started = Instant::now();
+        let read_lease = args.read_lease()?;
         let config = Arc::new(args.raft_config()?);
         std::fs::create_dir_all(&args.data_dir)?;
         let (log, sm) = store::open(&args.data_dir, args.id)?;
@@ -83,6 +91,10 @@ impl Node {
             routes,
             read_rounds: Arc::default(),
             forwarder: Forwarder::start(args.id, channels.clone()),
+            // A round is still started at once when the acknowledgement is too old (or the lease is 0).
+            read_option: LinearizerOption::new(Some(read_lease), true),
+            vote_hold_until: (!read_lease.is_zero())
+                .then(|| started + Duration::from_millis(args.election_max_ms)),
         });
         node.bootstrap(&args.peers).await?;
         tokio::spawn(catch_up_watchdog(Arc::downgrade(&node)));
@@ -292,7 +304,7 @@ impl Node {
     pub async fn read_index(&self, deadline: Instant) -> Result<u64, ApiError> {
         let result = tokio::time::timeout_at(
             deadline,
-            self.raft.get_read_linearizer(ReadPolicy::ReadIndex),
+            self.raft.get_read_linearizer(self.read_option.clone()),
         )
         .await;
         match result {
@@ -311,6 +323,23 @@ impl Node {
                 LeaderHint::default(),
             )),
         }
+    }
+
+    /// Why a vote request must be refused now, if it must: for election-max-ms after start when reads
+    /// are leased. Before a crash this node may have acknowledged the leader, which then serves reads
+    /// on that acknowledgement for up to the read lease, counting on this node not to help elect
+    /// anyone else for election-max-ms. openraft keeps that promise in memory only, so a node that
+    /// restarts quickly keeps it here.
+    pub fn vote_held(&self) -> Option<String> {
+        let until = self.vote_hold_until?;
+        let left = until.saturating_duration_since(Instant::now());
+        (!left.is_zero()).then(|| {
+            format!(
+                "node {} started less than election-max-ms ago; it votes in {} ms",
+                self.id,
+                left.as_millis()
+            )
+        })
     }
 
     /// Makes the next local read linearizable: on return, this node has applied everything committed

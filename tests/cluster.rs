@@ -221,6 +221,79 @@ async fn a_restarted_leader_does_not_resume_its_old_term() {
     panic!("no new term after the leader restarted (answered: {answered})");
 }
 
+/// How a node answers a pre-vote whose body is garbage: a node holding its vote refuses before it
+/// reads the body (UNAVAILABLE, "votes in"), a voting one rejects the body (INVALID_ARGUMENT). `None`
+/// while the node is not listening yet.
+async fn vote_probe(addr: &str) -> Option<tonic::Status> {
+    use raftkv::pb::internal::{Payload, raft_client::RaftClient};
+    let mut client = RaftClient::new(common::channel(addr));
+    let status = client
+        .pre_vote(req(
+            Payload {
+                data: vec![0xff; 3],
+            },
+            2 * SECOND,
+        ))
+        .await
+        .expect_err("a garbage pre-vote is never granted");
+    let held = status.message().contains("votes in");
+    (held || status.code() != tonic::Code::Unavailable).then_some(status)
+}
+
+/// The first answer a node gives to [`vote_probe`], within `timeout`.
+async fn first_vote_answer(addr: &str, timeout: Duration) -> tonic::Status {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(status) = vote_probe(addr).await {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{addr} never answered a pre-vote within {timeout:?}");
+}
+
+/// With leased strong reads the leader counts on each node that acknowledged it not to help elect
+/// anyone else for election-max-ms; openraft keeps that promise in memory, so a node that restarts
+/// must refuse votes for that long. Without a read lease nothing counts on it and it votes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_holds_its_vote_while_a_read_lease_may_count_on_it() {
+    // A long election timeout makes the hold long enough to watch from a test.
+    let slow = ["--election-min-ms", "1500", "--election-max-ms", "3000"];
+    let mut c = Cluster::start(3, &slow);
+    c.wait_leader(&c.ids(), 30 * SECOND).await;
+    let addr = c.addr(2);
+    let settled = first_vote_answer(&addr, 5 * SECOND).await;
+    assert_eq!(settled.code(), tonic::Code::InvalidArgument, "{settled:?}");
+
+    c.restart(2);
+    let first = first_vote_answer(&addr, 10 * SECOND).await;
+    assert!(
+        first.code() == tonic::Code::Unavailable && first.message().contains("votes in"),
+        "a node restarted under a read lease voted at once: {first:?}"
+    );
+    // And the hold ends.
+    let deadline = Instant::now() + 10 * SECOND;
+    loop {
+        let status = first_vote_answer(&addr, 5 * SECOND).await;
+        if status.code() == tonic::Code::InvalidArgument {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vote still held 10 s after restart: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let unleased = Cluster::start(1, &[&slow[..], &["--read-lease-ms", "0"]].concat());
+    let first = first_vote_answer(&unleased.addr(1), 10 * SECOND).await;
+    assert_eq!(
+        first.code(),
+        tonic::Code::InvalidArgument,
+        "without a read lease a node need not hold its vote: {first:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_node_catches_up() {
     let mut c = Cluster::start(3, &[]);

@@ -47,12 +47,18 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
+        if let Some(why) = self.node.vote_held() {
+            return Err(Status::unavailable(why));
+        }
         let rpc = decode(request.get_ref())?;
         let resp = self.node.raft.vote(rpc).await.map_err(stopped)?;
         reply(&resp)
     }
 
     async fn pre_vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
+        if let Some(why) = self.node.vote_held() {
+            return Err(Status::unavailable(why));
+        }
         let rpc = decode(request.get_ref())?;
         let resp = self.node.raft.pre_vote(rpc).await.map_err(stopped)?;
         reply(&resp)
