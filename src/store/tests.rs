@@ -279,6 +279,41 @@ async fn a_gap_left_in_the_log_is_cut_at_open() {
     assert_eq!(indexes, vec![1, 2]);
 }
 
+/// Purge returns once its marker is durable; the entries go in the background, but they do go, and
+/// none of them is visible in between.
+#[tokio::test]
+async fn purged_entries_are_hidden_at_once_and_deleted_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _sm) = open(dir.path(), 7).unwrap();
+    append(&mut log, (1..=500).map(|i| put(i, "k", "v")).collect()).await;
+    log.purge(log_id(1, 400)).await.unwrap();
+    let visible: Vec<u64> = log
+        .try_get_log_entries(0..1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.log_id.index)
+        .collect();
+    assert_eq!(visible, (401..=500).collect::<Vec<_>>());
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 400)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 500)));
+    let raw = log.db.open_tree("raft_log").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while raw.len() != 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} entries still on disk 10 s after purging all but 100",
+            raw.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        raw.first().unwrap().unwrap().0.as_ref(),
+        401u64.to_be_bytes()
+    );
+}
+
 #[tokio::test]
 async fn snapshot_round_trip_replaces_state() {
     let src_dir = tempfile::tempdir().unwrap();
