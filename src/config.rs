@@ -96,7 +96,7 @@ impl ServerArgs {
     /// index is current, unless some follower's clock ran over election-max / read-lease times faster
     /// than the leader's. Capping the lease at a quarter of election-max-ms keeps that factor at 4 or
     /// more; `raftkv jepsen`'s clock fault skews rates by up to 2x. A follower's lease lives in memory,
-    /// so a restarted node also holds its vote for election-max-ms (see `Node::vote_held`).
+    /// so a restarted node neither votes nor campaigns for election-max-ms (see `Node::vote_held`).
     pub fn read_lease(&self) -> anyhow::Result<Duration> {
         if self.read_lease_ms.saturating_mul(4) > self.election_max_ms {
             anyhow::bail!(

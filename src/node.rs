@@ -51,9 +51,9 @@ pub struct Node {
     /// How this leader confirms it still leads before a strong read: a quorum acknowledgement younger
     /// than the read lease, or a fresh heartbeat round (see `ServerArgs::read_lease`).
     read_option: LinearizerOption,
-    /// Until when this node refuses to vote after starting, if reads are leased: the follower lease it
-    /// may have granted the previous leader before a crash was lost with its memory.
-    vote_hold_until: Option<Instant>,
+    /// Until when this node neither votes nor campaigns after starting: the follower lease it may have
+    /// granted the leader before a crash was lost with its memory (see [`Node::vote_held`]).
+    vote_hold_until: Instant,
 }
 
 /// What this node currently knows about leadership, read once from the metrics.
@@ -69,7 +69,12 @@ impl Node {
     pub async fn start(args: &ServerArgs) -> anyhow::Result<Arc<Node>> {
         let started = Instant::now();
         let read_lease = args.read_lease()?;
-        let config = Arc::new(args.raft_config()?);
+        let hold_until = started + Duration::from_millis(args.election_max_ms);
+        let mut config = args.raft_config()?;
+        // No campaign of its own during the hold either: a node's vote for itself never passes through
+        // `vote_held`. Turned on by `end_vote_hold`; leadership transfers are not affected.
+        config.enable_elect = false;
+        let config = Arc::new(config);
         std::fs::create_dir_all(&args.data_dir)?;
         let (log, sm) = store::open(&args.data_dir, args.id)?;
         let channels = PeerChannels::default();
@@ -93,9 +98,9 @@ impl Node {
             forwarder: Forwarder::start(args.id, channels.clone()),
             // A round is still started at once when the acknowledgement is too old (or the lease is 0).
             read_option: LinearizerOption::new(Some(read_lease), true),
-            vote_hold_until: (!read_lease.is_zero())
-                .then(|| started + Duration::from_millis(args.election_max_ms)),
+            vote_hold_until: hold_until,
         });
+        tokio::spawn(end_vote_hold(node.raft.clone(), hold_until));
         node.bootstrap(&args.peers).await?;
         tokio::spawn(catch_up_watchdog(Arc::downgrade(&node)));
         Ok(node)
@@ -325,14 +330,16 @@ impl Node {
         }
     }
 
-    /// Why a vote request must be refused now, if it must: for election-max-ms after start when reads
-    /// are leased. Before a crash this node may have acknowledged the leader, which then serves reads
-    /// on that acknowledgement for up to the read lease, counting on this node not to help elect
-    /// anyone else for election-max-ms. openraft keeps that promise in memory only, so a node that
-    /// restarts quickly keeps it here.
+    /// Why a vote request must be refused now, if it must: for election-max-ms after start. Before a
+    /// crash this node may have acknowledged the leader, which then serves reads on that
+    /// acknowledgement for up to the read lease, counting on this node not to help elect anyone, itself
+    /// included, for election-max-ms. openraft keeps that promise in memory only, so a node that
+    /// restarts quickly keeps it here. Held whatever this node's own `--read-lease-ms`: the leader's
+    /// setting is the one that counts on it.
     pub fn vote_held(&self) -> Option<String> {
-        let until = self.vote_hold_until?;
-        let left = until.saturating_duration_since(Instant::now());
+        let left = self
+            .vote_hold_until
+            .saturating_duration_since(Instant::now());
         (!left.is_zero()).then(|| {
             format!(
                 "node {} started less than election-max-ms ago; it votes in {} ms",
@@ -439,6 +446,12 @@ impl Node {
             ServerState::Shutdown => "shutdown",
         }
     }
+}
+
+/// Lets this node campaign once its vote hold is over (see [`Node::vote_held`]).
+async fn end_vote_hold(raft: Raft, until: Instant) {
+    tokio::time::sleep_until(until).await;
+    raft.runtime_config().elect(true);
 }
 
 /// Notices a follower whose log stays behind the commit index it hears from the leader, without moving,
