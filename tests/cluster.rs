@@ -426,13 +426,14 @@ async fn a_clean_stop_keeps_the_applied_state_and_a_crash_replays_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_node_catches_up_by_snapshot() {
-    // Snapshot often and keep few logs behind it, so a wiped node cannot be fed from the log.
+    // Snapshot often and keep few logs behind it, so a wiped node cannot be fed from the log. openraft
+    // purges in batches of 256 entries (config.rs), so the log must grow past that before any purge.
     let mut c = Cluster::start(3, &["--snapshot-every", "20", "--keep-logs", "5"]);
     let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
     let victim = c.ids().into_iter().find(|&i| i != leader).unwrap();
     let client = c.client();
     let mut last = 0;
-    for i in 0..120 {
+    for i in 0..300 {
         let r = client
             .put(format!("s{i:03}").into_bytes(), vec![b'x'; 100], false)
             .await
@@ -440,6 +441,27 @@ async fn wiped_node_catches_up_by_snapshot() {
         last = r.header.unwrap().revision;
     }
     client.delete(b"s000".to_vec(), false).await.unwrap();
+    // Whichever survivor leads must have purged the start of its log; otherwise the wiped node could
+    // be replayed from index 0 and this test would not reach snapshot install at all (it once passed
+    // that way, only because the wiped node then built a snapshot of its own in time).
+    for id in c.ids().into_iter().filter(|&i| i != victim) {
+        eventually(
+            10 * SECOND,
+            "a survivor purged its log behind a snapshot",
+            || {
+                let c = &c;
+                async move {
+                    match c.status(id).await {
+                        Some(s) if s.first_log_index > 1 => Ok(()),
+                        s => Err(tonic::Status::failed_precondition(format!(
+                            "node {id}: {s:?}"
+                        ))),
+                    }
+                }
+            },
+        )
+        .await;
+    }
     c.kill(victim);
     c.wipe(victim);
     c.restart(victim);
@@ -463,7 +485,7 @@ async fn wiped_node_catches_up_by_snapshot() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(scan.kvs.len(), 119, "every key but the deleted one");
+    assert_eq!(scan.kvs.len(), 299, "every key but the deleted one");
     assert_eq!(scan.kvs[0].key, b"s001");
 }
 

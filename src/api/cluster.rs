@@ -55,6 +55,7 @@ impl Cluster for ClusterService {
             leader_address,
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
+            first_log_index: m.purged.as_ref().map_or(0, |l| l.index + 1),
         }))
     }
 }
