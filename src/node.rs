@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::watch::WatchReceiver;
-use openraft::error::{ClientWriteError, InitializeError, LinearizableReadError, RaftError};
+use openraft::error::{ClientWriteError, Fatal, InitializeError, LinearizableReadError, RaftError};
 use openraft::{BasicNode, LinearizerOption, ServerState};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -23,7 +23,7 @@ use crate::network::{PeerChannels, Purpose};
 use crate::pb::internal::ReadIndexRequest;
 use crate::pb::v1::ResponseHeader;
 use crate::store::{self, StateMachineStore};
-use crate::types::{Command, CommandResponse, NodeId, Raft};
+use crate::types::{Command, CommandResponse, NodeId, Raft, TypeConfig, VoteResponse};
 
 /// A write that has been committed by a quorum, made durable and applied.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -330,23 +330,29 @@ impl Node {
         }
     }
 
-    /// Why a vote request must be refused now, if it must: for election-max-ms after start. Before a
+    /// How long vote requests must still be refused: for election-max-ms after start. Before a
     /// crash this node may have acknowledged the leader, which then serves reads on that
     /// acknowledgement for up to the read lease, counting on this node not to help elect anyone, itself
     /// included, for election-max-ms. openraft keeps that promise in memory only, so a node that
     /// restarts quickly keeps it here. Held whatever this node's own `--read-lease-ms`: the leader's
     /// setting is the one that counts on it.
-    pub fn vote_held(&self) -> Option<String> {
+    pub fn vote_held(&self) -> Option<Duration> {
         let left = self
             .vote_hold_until
             .saturating_duration_since(Instant::now());
-        (!left.is_zero()).then(|| {
-            format!(
-                "node {} started less than election-max-ms ago; it votes in {} ms",
-                self.id,
-                left.as_millis()
-            )
-        })
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// The answer to a vote or pre-vote during the hold: a refusal that carries this node's vote and
+    /// last log id, as openraft's own refusals do. A candidate adopts a higher term and notes a longer
+    /// log from a refusal, but learns nothing from an error (and logs it as an unreachable peer), so
+    /// answering with an error could leave a lower-term candidate campaigning in vain for the hold.
+    pub async fn held_vote_refusal(&self) -> Result<VoteResponse, Fatal<TypeConfig>> {
+        self.raft
+            .with_raft_state(|st| {
+                VoteResponse::new(st.vote_ref(), st.log_ids.last().cloned(), false)
+            })
+            .await
     }
 
     /// Makes the next local read linearizable: on return, this node has applied everything committed

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::{Cluster, eventually, get, put, req};
 use raftkv::pb::v1 as pb;
+use raftkv::types::{Vote, VoteRequest, VoteResponse};
 use tokio::time::Instant;
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -221,31 +222,40 @@ async fn a_restarted_leader_does_not_resume_its_old_term() {
     panic!("no new term after the leader restarted (answered: {answered})");
 }
 
-/// How a node answers a pre-vote whose body is garbage: a node holding its vote refuses before it
-/// reads the body (UNAVAILABLE, "votes in"), a voting one rejects the body (INVALID_ARGUMENT). `None`
-/// while the node is not listening yet.
-async fn vote_probe(addr: &str) -> Option<tonic::Status> {
+/// A pre-vote from a stranger (node 99, term 1, empty log): no node grants it, and a pre-vote changes
+/// nothing on the node that weighs it. Returns the answer and, if the node refused it because of its
+/// vote hold, the milliseconds the hold has left. `None` while the node is not listening yet.
+async fn vote_probe(addr: &str) -> Option<(VoteResponse, Option<u64>)> {
     use raftkv::pb::internal::{Payload, raft_client::RaftClient};
     let mut client = RaftClient::new(common::channel(addr));
-    let status = client
+    let probe = VoteRequest::new(Vote::new(1, 99), None);
+    let response = client
         .pre_vote(req(
             Payload {
-                data: vec![0xff; 3],
+                data: raftkv::codec::encode(&probe).unwrap(),
             },
             2 * SECOND,
         ))
         .await
-        .expect_err("a garbage pre-vote is never granted");
-    let held = status.message().contains("votes in");
-    (held || status.code() != tonic::Code::Unavailable).then_some(status)
+        .ok()?;
+    let held = response
+        .metadata()
+        .get(raftkv::network::server::VOTE_HELD_HEADER)
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let answer: VoteResponse = raftkv::codec::decode(&response.get_ref().data).unwrap();
+    assert!(
+        !answer.vote_granted,
+        "a stranger's pre-vote was granted: {answer:?}"
+    );
+    Some((answer, held))
 }
 
 /// The first answer a node gives to [`vote_probe`], within `timeout`.
-async fn first_vote_answer(addr: &str, timeout: Duration) -> tonic::Status {
+async fn first_vote_answer(addr: &str, timeout: Duration) -> (VoteResponse, Option<u64>) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Some(status) = vote_probe(addr).await {
-            return status;
+        if let Some(answer) = vote_probe(addr).await {
+            return answer;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -263,25 +273,28 @@ async fn a_restarted_node_holds_its_vote_while_a_read_lease_may_count_on_it() {
     let mut c = Cluster::start(3, &slow);
     c.wait_leader(&c.ids(), 30 * SECOND).await;
     let addr = c.addr(2);
-    let settled = first_vote_answer(&addr, 5 * SECOND).await;
-    assert_eq!(settled.code(), tonic::Code::InvalidArgument, "{settled:?}");
+    let (_, held) = first_vote_answer(&addr, 5 * SECOND).await;
+    assert_eq!(held, None, "a settled node weighs votes");
+    let term = c.status(2).await.expect("status").term;
 
     c.restart(2);
-    let first = first_vote_answer(&addr, 10 * SECOND).await;
+    let (refusal, held) = first_vote_answer(&addr, 10 * SECOND).await;
+    assert!(held.is_some(), "a restarted node weighed a vote at once");
+    // The refusal carries the node's own vote, so a candidate behind it learns the term it missed.
     assert!(
-        first.code() == tonic::Code::Unavailable && first.message().contains("votes in"),
-        "a restarted node voted at once: {first:?}"
+        refusal.vote.leader_id.term >= term && refusal.last_log_id.is_some(),
+        "the refusal hides what the node knows (term {term} before the restart): {refusal:?}"
     );
     // And the hold ends.
     let deadline = Instant::now() + 10 * SECOND;
     loop {
-        let status = first_vote_answer(&addr, 5 * SECOND).await;
-        if status.code() == tonic::Code::InvalidArgument {
+        let (answer, held) = first_vote_answer(&addr, 5 * SECOND).await;
+        if held.is_none() {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "vote still held 10 s after restart: {status:?}"
+            "vote still held 10 s after restart: {answer:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -292,8 +305,8 @@ async fn a_restarted_node_holds_its_vote_while_a_read_lease_may_count_on_it() {
     solo.wait_leader(&[1], 30 * SECOND).await;
     let restarted = Instant::now();
     solo.restart(1);
-    let first = first_vote_answer(&solo.addr(1), 10 * SECOND).await;
-    assert!(first.message().contains("votes in"), "{first:?}");
+    let (first, held) = first_vote_answer(&solo.addr(1), 10 * SECOND).await;
+    assert!(held.is_some(), "{first:?}");
     solo.wait_leader(&[1], 30 * SECOND).await;
     assert!(
         restarted.elapsed() >= Duration::from_millis(2900),

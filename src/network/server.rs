@@ -38,6 +38,23 @@ fn stopped(e: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("raft stopped: {e}"))
 }
 
+/// Response metadata on a vote refused because of the hold after a restart (see `Node::vote_held`):
+/// the milliseconds left. The refusal itself looks like any other, so this is how an operator or a
+/// test tells the two apart.
+pub const VOTE_HELD_HEADER: &str = "raftkv-vote-held-ms";
+
+impl RaftService {
+    async fn refuse_held_vote(&self, left: Duration) -> Result<Response<Payload>, Status> {
+        let refusal = self.node.held_vote_refusal().await.map_err(stopped)?;
+        let mut response = reply(&refusal)?;
+        response.metadata_mut().insert(
+            VOTE_HELD_HEADER,
+            tonic::metadata::MetadataValue::from(left.as_millis() as u64),
+        );
+        Ok(response)
+    }
+}
+
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
@@ -47,19 +64,19 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
-        if let Some(why) = self.node.vote_held() {
-            return Err(Status::unavailable(why));
-        }
         let rpc = decode(request.get_ref())?;
+        if let Some(left) = self.node.vote_held() {
+            return self.refuse_held_vote(left).await;
+        }
         let resp = self.node.raft.vote(rpc).await.map_err(stopped)?;
         reply(&resp)
     }
 
     async fn pre_vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
-        if let Some(why) = self.node.vote_held() {
-            return Err(Status::unavailable(why));
-        }
         let rpc = decode(request.get_ref())?;
+        if let Some(left) = self.node.vote_held() {
+            return self.refuse_held_vote(left).await;
+        }
         let resp = self.node.raft.pre_vote(rpc).await.map_err(stopped)?;
         reply(&resp)
     }
