@@ -129,6 +129,14 @@ impl ServerArgs {
             // follower it learns the commit index from the next leader first. Found by
             // `raftkv jepsen` (a leader restarted at once served a stale strong read).
             enable_leader_restore: Some(false),
+            // A node whose disk was wiped or replaced comes back with an empty log under its old id.
+            // The leader's progress still records the log it had; without this, openraft never moves
+            // that progress backwards and, in a release build, re-sends the same append to it in a
+            // tight loop (one round trip after another, ~0.4 ms each) until leadership changes.
+            // With it, the first conflict restarts replication to that node from scratch (by snapshot
+            // once the log is purged) and openraft logs a warning. It never lowers the commit index.
+            // Found by `wiped_node_catches_up_by_snapshot`.
+            allow_log_reversion: Some(true),
             install_snapshot_timeout: 10_000,
             max_payload_entries,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),

@@ -461,10 +461,10 @@ async fn end_vote_hold(raft: Raft, until: Instant) {
 }
 
 /// Notices a follower whose log stays behind the commit index it hears from the leader, without moving,
-/// for over a second, and asks the leader to restart replication to it. This is what a node whose disk
-/// was wiped looks like: with openraft 0.10.0-alpha.37 the leader's replication stream to it never
-/// recovers from the conflict (heartbeats, which carry no log check, keep succeeding), until the leader
-/// changes. See the `WriteBlank` handler for what the leader does.
+/// for over a second, and asks the leader for a blank entry. This is what a node whose disk was wiped
+/// looks like to an idle cluster: openraft's heartbeats carry no log check, so the leader learns of the
+/// lost log only from the next append, whose conflict makes it start replication to the node over
+/// (`allow_log_reversion`, config.rs).
 async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
     let mut behind_since: Option<Instant> = None;
     let mut prev_last_log = 0;
@@ -502,12 +502,6 @@ async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
         };
         let mut request = tonic::Request::new(ReadIndexRequest {});
         request.set_timeout(Duration::from_secs(2));
-        // Who is asking: the leader's progress for this node is stale (it predates the lost log), so
-        // the leader must not pick this node as the in-sync one to hand leadership to.
-        request.metadata_mut().insert(
-            crate::api::error::NODE_ID_HEADER,
-            tonic::metadata::MetadataValue::from(node.id),
-        );
         match raft_client(channel).write_blank(request).await {
             Ok(_) => tracing::info!(
                 last_log,

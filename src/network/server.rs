@@ -145,16 +145,8 @@ impl RaftRpc for RaftService {
     /// disk) and cheap (one election); with no in-sync voter it appends a blank entry instead.
     async fn write_blank(
         &self,
-        request: Request<ReadIndexRequest>,
+        _request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
-        use openraft::async_runtime::watch::WatchReceiver;
-        // The node that lost its log: its progress here still shows the log it had, so it would look in
-        // sync. Found by `wiped_node_catches_up_by_snapshot`, which failed when leadership went to it.
-        let requester: Option<crate::types::NodeId> = request
-            .metadata()
-            .get(crate::api::error::NODE_ID_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
         let raft = &self.node.raft;
         if !raft.is_leader() {
             return Err(crate::api::error::ApiError::unavailable(
@@ -163,35 +155,8 @@ impl RaftRpc for RaftService {
             )
             .into_status(self.node.id));
         }
-        let (last_log, in_sync) = {
-            let metrics = raft.metrics();
-            let m = metrics.borrow_watched();
-            let last_log = m.last_log_index;
-            let in_sync = m.replication.as_ref().and_then(|r| {
-                r.iter()
-                    .filter(|(id, matched)| {
-                        **id != self.node.id
-                            && Some(**id) != requester
-                            && matched.as_ref().map(|l| l.index) == last_log
-                    })
-                    .map(|(id, _)| *id)
-                    .next()
-            });
-            (last_log, in_sync)
-        };
-        if let Some(target) = in_sync {
-            tracing::info!(
-                target,
-                "a follower lost its log; handing leadership over to restart replication"
-            );
-            raft.trigger()
-                .transfer_leader(target)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-            return Ok(Response::new(ReadIndexResponse {
-                index: last_log.unwrap_or(0),
-            }));
-        }
+        // Replicating the new entry shows the conflict, and with `allow_log_reversion` (config.rs)
+        // the leader then starts replication to the node over, by snapshot once the log is purged.
         let resp = raft
             .write_blank()
             .await
