@@ -133,9 +133,13 @@ impl ServerArgs {
             // The leader's progress still records the log it had; without this, openraft never moves
             // that progress backwards and, in a release build, re-sends the same append to it in a
             // tight loop (one round trip after another, ~0.4 ms each) until leadership changes.
-            // With it, the first conflict restarts replication to that node from scratch (by snapshot
-            // once the log is purged) and openraft logs a warning. It never lowers the commit index.
-            // Found by `wiped_node_catches_up_by_snapshot`.
+            // With it, the first conflict (a heartbeat's log check finds it) restarts replication to
+            // that node from scratch, by snapshot once the log is purged, with a warning in the log.
+            // It never lowers the commit index, and the node counts toward a quorum again only for
+            // what it acknowledges anew. The price: a follower that lost entries it had flushed, to a
+            // storage bug, is also repaired quietly (the WARN "follower log is reverted") instead of
+            // stalling loudly; openraft's docs advise against it for that reason. raftkv's fault tests
+            // check for lost writes directly. Found by `wiped_node_catches_up_by_snapshot`.
             allow_log_reversion: Some(true),
             install_snapshot_timeout: 10_000,
             max_payload_entries,

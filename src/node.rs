@@ -72,7 +72,9 @@ impl Node {
         let hold_until = started + Duration::from_millis(args.election_max_ms);
         let mut config = args.raft_config()?;
         // No campaign of its own during the hold either: a node's vote for itself never passes through
-        // `vote_held`. Turned on by `end_vote_hold`; leadership transfers are not affected.
+        // `vote_held`. Turned on by `end_vote_hold`. A TransferLeader from the current leader still
+        // makes it campaign: only that leader's own lease could count on this node, and it is the one
+        // giving up (raftkv itself no longer sends one).
         config.enable_elect = false;
         let config = Arc::new(config);
         std::fs::create_dir_all(&args.data_dir)?;
@@ -461,10 +463,9 @@ async fn end_vote_hold(raft: Raft, until: Instant) {
 }
 
 /// Notices a follower whose log stays behind the commit index it hears from the leader, without moving,
-/// for over a second, and asks the leader for a blank entry. This is what a node whose disk was wiped
-/// looks like to an idle cluster: openraft's heartbeats carry no log check, so the leader learns of the
-/// lost log only from the next append, whose conflict makes it start replication to the node over
-/// (`allow_log_reversion`, config.rs).
+/// for over a second, and asks the leader for a blank entry. A fallback: a node whose disk was wiped
+/// looked like this for as long as the leader kept re-sending one append to it, and a heartbeat's log
+/// check now settles that (`allow_log_reversion`, config.rs). The log line says it happened.
 async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
     let mut behind_since: Option<Instant> = None;
     let mut prev_last_log = 0;

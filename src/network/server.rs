@@ -139,10 +139,8 @@ impl RaftRpc for RaftService {
         Ok(Response::new(ReadIndexResponse { index }))
     }
 
-    /// A follower reports that its log is behind the commit index and not advancing. openraft
-    /// 0.10.0-alpha.37's leader does not recover a replication stream whose follower lost its log, but a
-    /// new leader starts fresh streams, so the leader hands over to an in-sync voter. Rare (a replaced
-    /// disk) and cheap (one election); with no in-sync voter it appends a blank entry instead.
+    /// A follower reports that its log is behind the commit index and not advancing (its catch-up
+    /// watchdog in node.rs). A fallback: a new entry gives replication to it something to send.
     async fn write_blank(
         &self,
         _request: Request<ReadIndexRequest>,
@@ -155,8 +153,6 @@ impl RaftRpc for RaftService {
             )
             .into_status(self.node.id));
         }
-        // Replicating the new entry shows the conflict, and with `allow_log_reversion` (config.rs)
-        // the leader then starts replication to the node over, by snapshot once the log is purged.
         let resp = raft
             .write_blank()
             .await
