@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::async_runtime::watch::WatchReceiver;
-use openraft::error::{ClientWriteError, Fatal, InitializeError, LinearizableReadError, RaftError};
+use openraft::error::{
+    ClientWriteError, Fatal, ForwardReason, InitializeError, LinearizableReadError, RaftError,
+};
 use openraft::{BasicNode, LinearizerOption, ServerState};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -233,6 +235,43 @@ impl Node {
         Ok(())
     }
 
+    /// True while this node leads but no quorum has acknowledged it yet: the first round trip after
+    /// its election. openraft refuses writes then (its leader lease has not started), as it does for
+    /// a leader cut off from the others, whose last acknowledgement is merely old.
+    fn taking_office(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.current_leader == Some(self.id) && m.last_quorum_acked.is_none()
+    }
+
+    /// Waits for the first quorum acknowledgement of a leader taking office (see `taking_office`), so
+    /// a write that arrives then is retried here a round trip later. Treated like any other refusal,
+    /// it was sent looking for another leader, which cost the first write after every failover 200 ms
+    /// (the cap of `await_leader`).
+    async fn await_quorum_ack(&self, deadline: Instant) -> Result<(), ApiError> {
+        let now = Instant::now();
+        if now < deadline {
+            let cap = deadline
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(20));
+            let _ = self
+                .raft
+                .wait(Some(cap))
+                .metrics(
+                    |m| m.last_quorum_acked.is_some() || m.current_leader != Some(self.id),
+                    "a quorum acknowledgement",
+                )
+                .await;
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::unavailable(
+                "elected, but no quorum acknowledged this leader before the deadline",
+                self.hint(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Commits a write through the leader, forwarding from a follower when `forward` is set.
     pub async fn write(
         &self,
@@ -260,8 +299,12 @@ impl Node {
                                 response: resp.data,
                             });
                         }
-                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                            // Rejected before it was appended: safe to route elsewhere.
+                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                            // Rejected before it was appended: safe to retry, here or elsewhere.
+                            if f.reason == ForwardReason::LeaseExpired && self.taking_office() {
+                                self.await_quorum_ack(deadline).await?;
+                                continue;
+                            }
                             if !forward {
                                 return Err(ApiError::unavailable("not the leader", self.hint()));
                             }
