@@ -13,7 +13,7 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{
     ClientWriteError, Fatal, ForwardReason, InitializeError, LinearizableReadError, RaftError,
 };
-use openraft::{BasicNode, LinearizerOption, ServerState};
+use openraft::{BasicNode, Instant as _, LinearizerOption, ServerState};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -26,6 +26,12 @@ use crate::pb::internal::ReadIndexRequest;
 use crate::pb::v1::ResponseHeader;
 use crate::store::{self, StateMachineStore};
 use crate::types::{Command, CommandResponse, NodeId, Raft, TypeConfig, VoteResponse};
+
+/// How long a write waits on a leader that has just taken office for its first quorum acknowledgement
+/// (see `Node::taking_office`); normally one round trip. Well under a forwarded write's deadline.
+const MAX_OFFICE_WAIT: Duration = Duration::from_millis(100);
+
+type QuorumAcked = openraft::metrics::SerdeInstant<openraft::alias::InstantOf<TypeConfig>>;
 
 /// A write that has been committed by a quorum, made durable and applied.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -235,20 +241,34 @@ impl Node {
         Ok(())
     }
 
-    /// True while this node leads but no quorum has acknowledged it yet: the first round trip after
-    /// its election. openraft refuses writes then (its leader lease has not started), as it does for
-    /// a leader cut off from the others, whose last acknowledgement is merely old.
-    fn taking_office(&self) -> bool {
-        let metrics = self.raft.metrics();
-        let m = metrics.borrow_watched();
-        m.current_leader == Some(self.id) && m.last_quorum_acked.is_none()
+    /// This leader's latest quorum acknowledgement, as its metrics show it.
+    fn quorum_acked(&self) -> Option<QuorumAcked> {
+        self.raft.metrics().borrow_watched().last_quorum_acked
     }
 
-    /// Waits for the first quorum acknowledgement of a leader taking office (see `taking_office`), so
-    /// a write that arrives then is retried here a round trip later. Treated like any other refusal,
-    /// it was sent looking for another leader, which cost the first write after every failover 200 ms
-    /// (the cap of `await_leader`).
-    async fn await_quorum_ack(&self, deadline: Instant) -> Result<(), ApiError> {
+    /// Whether a write refused with `LeaseExpired` (no quorum has acknowledged this leader within the
+    /// leader lease) is worth retrying here. It is while this node took office a moment ago: no
+    /// acknowledgement before the write, or one that arrived since. A leader cut off from the others
+    /// has only an old one, and gets the ordinary refusal path. Treated like any other refusal, a
+    /// write at a new leader went looking for another leader and cost the first write after every
+    /// failover 200 ms (the cap of `await_leader`).
+    fn taking_office(&self, acked_before: Option<&QuorumAcked>) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let lease = Duration::from_millis(self.raft.config().election_timeout_max);
+        m.current_leader == Some(self.id)
+            && (acked_before.is_none() || m.last_quorum_acked.as_ref() != acked_before)
+            && m.last_quorum_acked
+                .as_ref()
+                .is_none_or(|t| t.elapsed() < lease)
+    }
+
+    /// Waits (up to 20 ms) for a quorum acknowledgement newer than `acked_before`, or a leader change.
+    async fn await_quorum_ack(
+        &self,
+        acked_before: Option<QuorumAcked>,
+        deadline: Instant,
+    ) -> Result<(), ApiError> {
         let now = Instant::now();
         if now < deadline {
             let cap = deadline
@@ -258,7 +278,7 @@ impl Node {
                 .raft
                 .wait(Some(cap))
                 .metrics(
-                    |m| m.last_quorum_acked.is_some() || m.current_leader != Some(self.id),
+                    |m| m.last_quorum_acked != acked_before || m.current_leader != Some(self.id),
                     "a quorum acknowledgement",
                 )
                 .await;
@@ -279,10 +299,12 @@ impl Node {
         deadline: Instant,
         forward: bool,
     ) -> Result<Applied, ApiError> {
+        let mut office_wait: Option<Instant> = None;
         loop {
             let view = self.view();
             match view.leader {
                 Some(leader) if leader == self.id => {
+                    let acked_before = self.quorum_acked();
                     let result =
                         tokio::time::timeout_at(deadline, self.raft.client_write(cmd.clone()))
                             .await;
@@ -301,8 +323,15 @@ impl Node {
                         }
                         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                             // Rejected before it was appended: safe to retry, here or elsewhere.
-                            if f.reason == ForwardReason::LeaseExpired && self.taking_office() {
-                                self.await_quorum_ack(deadline).await?;
+                            // Bounded, so a forwarded write held by a new leader that is cut off
+                            // before its first acknowledgement still goes back in time to be sent
+                            // to whichever node leads instead.
+                            if f.reason == ForwardReason::LeaseExpired
+                                && self.taking_office(acked_before.as_ref())
+                                && office_wait.get_or_insert_with(Instant::now).elapsed()
+                                    < MAX_OFFICE_WAIT
+                            {
+                                self.await_quorum_ack(acked_before, deadline).await?;
                                 continue;
                             }
                             if !forward {
