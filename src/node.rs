@@ -209,6 +209,23 @@ impl Node {
         Instant::now() + budget
     }
 
+    /// Waits for `cond` on this node's metrics, for at most `cap` and never past `deadline`, then lets
+    /// the caller retry. Whether `cond` held does not matter to the caller, only whether time is left.
+    async fn wait_metrics(
+        &self,
+        cap: Duration,
+        deadline: Instant,
+        what: &str,
+        cond: impl Fn(&openraft::RaftMetrics<TypeConfig>) -> bool + Send,
+    ) -> bool {
+        let now = Instant::now();
+        if now < deadline {
+            let cap = deadline.saturating_duration_since(now).min(cap);
+            let _ = self.raft.wait(Some(cap)).metrics(cond, what).await;
+        }
+        Instant::now() < deadline
+    }
+
     /// Waits a little for leadership to move away from `not` (None: for any leader), then lets the caller
     /// retry. The wait is capped because a leader whose lease lapsed (e.g. after a pause) refuses work
     /// while still reporting itself leader, and recovers without any change a watcher could see.
@@ -218,27 +235,24 @@ impl Node {
         deadline: Instant,
         why: &str,
     ) -> Result<(), ApiError> {
-        let now = Instant::now();
-        if now < deadline {
-            let cap = deadline
-                .saturating_duration_since(now)
-                .min(Duration::from_millis(200));
-            let _ = self
-                .raft
-                .wait(Some(cap))
-                .metrics(
-                    |m| m.current_leader.is_some() && (not.is_none() || m.current_leader != not),
-                    "a new leader",
-                )
-                .await;
+        let new_leader = |m: &openraft::RaftMetrics<TypeConfig>| {
+            m.current_leader.is_some() && m.current_leader != not
+        };
+        if self
+            .wait_metrics(
+                Duration::from_millis(200),
+                deadline,
+                "a new leader",
+                new_leader,
+            )
+            .await
+        {
+            return Ok(());
         }
-        if Instant::now() >= deadline {
-            return Err(ApiError::unavailable(
-                format!("{why}; no usable leader before the deadline"),
-                self.hint(),
-            ));
-        }
-        Ok(())
+        Err(ApiError::unavailable(
+            format!("{why}; no usable leader before the deadline"),
+            self.hint(),
+        ))
     }
 
     /// This leader's latest quorum acknowledgement, as its metrics show it.
@@ -269,27 +283,21 @@ impl Node {
         acked_before: Option<QuorumAcked>,
         deadline: Instant,
     ) -> Result<(), ApiError> {
-        let now = Instant::now();
-        if now < deadline {
-            let cap = deadline
-                .saturating_duration_since(now)
-                .min(Duration::from_millis(20));
-            let _ = self
-                .raft
-                .wait(Some(cap))
-                .metrics(
-                    |m| m.last_quorum_acked != acked_before || m.current_leader != Some(self.id),
-                    "a quorum acknowledgement",
-                )
-                .await;
+        let id = self.id;
+        let acked_or_moved = move |m: &openraft::RaftMetrics<TypeConfig>| {
+            m.last_quorum_acked != acked_before || m.current_leader != Some(id)
+        };
+        let what = "a quorum acknowledgement";
+        if self
+            .wait_metrics(Duration::from_millis(20), deadline, what, acked_or_moved)
+            .await
+        {
+            return Ok(());
         }
-        if Instant::now() >= deadline {
-            return Err(ApiError::unavailable(
-                "elected, but no quorum acknowledged this leader before the deadline",
-                self.hint(),
-            ));
-        }
-        Ok(())
+        Err(ApiError::unavailable(
+            "elected, but no quorum acknowledged this leader before the deadline",
+            self.hint(),
+        ))
     }
 
     /// Commits a write through the leader, forwarding from a follower when `forward` is set.
