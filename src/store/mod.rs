@@ -5,7 +5,8 @@
 //! - `raft_log`: big-endian log index -> encoded `Entry` (big-endian so iteration is in index order);
 //! - `raft_meta`: the vote, the last purged log id and the node id this directory belongs to;
 //! - `sm_data`: user key -> encoded [`state_machine::StoredValue`];
-//! - `sm_meta`: last applied log id, last membership and the current snapshot.
+//! - `sm_meta`: last applied log id and last membership;
+//! - `sm_snapshot`: the current snapshot, alone in its tree (see `snapshot`).
 //!
 //! Crash reasoning, relied on by every part:
 //! 1. Log entries and the vote are flushed before openraft hears they are done. Entries are plain
@@ -82,7 +83,9 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore)
         db.clone(),
         db.open_tree("sm_data")?,
         db.open_tree("sm_meta")?,
+        db.open_tree("sm_snapshot")?,
     )?;
+    snapshot::move_out_of_meta(&sm)?;
     sm.recover()?;
     Ok((log, sm))
 }

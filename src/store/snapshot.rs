@@ -1,22 +1,26 @@
 //! Snapshots: a consistent copy of the applied state, used to purge the log and to catch up nodes that
 //! are too far behind (or whose data was wiped).
 //!
-//! The image is the raw `sm_data` pairs. The current snapshot is stored in `sm_meta` and flushed before
-//! `build_snapshot` returns, because openraft purges the log behind a snapshot as soon as it has one.
+//! The image is the raw `sm_data` pairs. The current snapshot is stored in `sm_snapshot` and flushed
+//! before `build_snapshot` returns, because openraft purges the log behind a snapshot as soon as it has
+//! one.
 
 use std::io::{self, Cursor};
 
 use openraft::RaftSnapshotBuilder;
 use serde::{Deserialize, Serialize};
+use sled::transaction::{TransactionError, Transactional};
 
 use super::io_err;
-use super::state_machine::{LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StateMachineStore};
+use super::state_machine::{
+    LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StateMachineStore, read_decoded,
+};
 use crate::codec;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
-const SNAPSHOT_KEY: &[u8] = b"snapshot";
+pub(super) const SNAPSHOT_KEY: &[u8] = b"snapshot";
 /// The stored snapshot's `SnapshotMeta` on its own, so it can be compared without decoding the data.
-const SNAPSHOT_META_KEY: &[u8] = b"snapshot_meta";
+pub(super) const SNAPSHOT_META_KEY: &[u8] = b"snapshot_meta";
 
 /// The state-machine contents at one applied log id.
 #[derive(Deserialize)]
@@ -133,11 +137,11 @@ async fn store_unless_older(sm: &StateMachineStore, stored: &StoredSnapshot) -> 
     batch.insert(SNAPSHOT_KEY, codec::encode(stored)?);
     batch.insert(SNAPSHOT_META_KEY, codec::encode(&stored.meta)?);
     let _guard = inner.write_lock.lock().await;
-    let current: Option<SnapshotMeta> = sm.read_meta(SNAPSHOT_META_KEY)?;
+    let current: Option<SnapshotMeta> = read_decoded(&inner.snapshots, SNAPSHOT_META_KEY)?;
     if current.is_some_and(|c| c.last_log_id >= stored.meta.last_log_id) {
         return Ok(false);
     }
-    inner.meta.apply_batch(batch).map_err(io_err)?;
+    inner.snapshots.apply_batch(batch).map_err(io_err)?;
     Ok(true)
 }
 
@@ -173,9 +177,10 @@ pub(super) async fn install(
         meta: meta.clone(),
         data,
     };
-    meta_batch.insert(SNAPSHOT_KEY, codec::encode(&stored)?);
-    meta_batch.insert(SNAPSHOT_META_KEY, codec::encode(meta)?);
-    sm.commit(data_batch, meta_batch).await?;
+    let mut snapshot_batch = sled::Batch::default();
+    snapshot_batch.insert(SNAPSHOT_KEY, codec::encode(&stored)?);
+    snapshot_batch.insert(SNAPSHOT_META_KEY, codec::encode(meta)?);
+    sm.commit(data_batch, meta_batch, snapshot_batch).await?;
     tracing::info!(last_log_id = ?meta.last_log_id, keys, "installed snapshot");
     Ok(())
 }
@@ -185,7 +190,7 @@ pub(super) async fn install(
 pub(super) fn restore_current(sm: &StateMachineStore) -> io::Result<Option<LogId>> {
     let inner = &sm.inner;
     inner.data.clear().map_err(io_err)?;
-    let Some(stored) = sm.read_meta::<StoredSnapshot>(SNAPSHOT_KEY)? else {
+    let Some(stored) = read_decoded::<StoredSnapshot>(&sm.inner.snapshots, SNAPSHOT_KEY)? else {
         inner.meta.remove(LAST_APPLIED_KEY).map_err(io_err)?;
         inner.meta.remove(LAST_MEMBERSHIP_KEY).map_err(io_err)?;
         return Ok(None);
@@ -211,8 +216,32 @@ pub(super) fn restore_current(sm: &StateMachineStore) -> io::Result<Option<LogId
     Ok(stored.meta.last_log_id)
 }
 
+/// Moves a snapshot that an older raftkv stored in `sm_meta` to `sm_snapshot`. Runs at open, before
+/// anything reads the snapshot; a no-op once done.
+pub(super) fn move_out_of_meta(sm: &StateMachineStore) -> io::Result<()> {
+    let inner = &sm.inner;
+    let Some(stored) = inner.meta.get(SNAPSHOT_KEY).map_err(io_err)? else {
+        return Ok(());
+    };
+    let stored_meta = inner.meta.get(SNAPSHOT_META_KEY).map_err(io_err)?;
+    let result: Result<(), TransactionError<String>> =
+        (&inner.meta, &inner.snapshots).transaction(|(m, s)| {
+            s.insert(SNAPSHOT_KEY, stored.clone())?;
+            m.remove(SNAPSHOT_KEY)?;
+            if let Some(v) = &stored_meta {
+                s.insert(SNAPSHOT_META_KEY, v.clone())?;
+                m.remove(SNAPSHOT_META_KEY)?;
+            }
+            Ok(())
+        });
+    result.map_err(io_err)?;
+    inner.db.flush().map_err(io_err)?;
+    tracing::info!("moved the stored snapshot to its own tree");
+    Ok(())
+}
+
 pub(super) fn current(sm: &StateMachineStore) -> io::Result<Option<Snapshot>> {
-    let Some(stored) = sm.read_meta::<StoredSnapshot>(SNAPSHOT_KEY)? else {
+    let Some(stored) = read_decoded::<StoredSnapshot>(&sm.inner.snapshots, SNAPSHOT_KEY)? else {
         return Ok(None);
     };
     Ok(Some(Snapshot {

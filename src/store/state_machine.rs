@@ -86,6 +86,10 @@ pub(super) struct Inner {
     pub(super) db: sled::Db,
     pub(super) data: sled::Tree,
     pub(super) meta: sled::Tree,
+    /// The current snapshot. Not in `meta`: sled rewrites a tree node whole (as a blob file when it is
+    /// large) after a few updates to any key in it, and `last_applied` changes with every batch, so a
+    /// snapshot stored beside it was rewritten and fsynced again every few applies.
+    pub(super) snapshots: sled::Tree,
     /// Held while a batch is written and while a snapshot copies the data, so a snapshot is always
     /// one consistent applied state (sled iterators are not point-in-time).
     pub(super) write_lock: tokio::sync::Mutex<WriteState>,
@@ -105,12 +109,14 @@ impl StateMachineStore {
         db: sled::Db,
         data: sled::Tree,
         meta: sled::Tree,
+        snapshots: sled::Tree,
     ) -> Result<Self, super::StoreError> {
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 data,
                 meta,
+                snapshots,
                 write_lock: tokio::sync::Mutex::new(WriteState::default()),
             }),
         })
@@ -152,20 +158,23 @@ impl StateMachineStore {
         &self,
         key: &[u8],
     ) -> io::Result<Option<T>> {
-        match self.inner.meta.get(key).map_err(io_err)? {
-            Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
-            None => Ok(None),
-        }
+        read_decoded(&self.inner.meta, key)
     }
 
-    /// Writes prepared batches to both trees atomically, then makes them durable. For snapshot installs,
-    /// which are rare and replace everything; `apply` does not pay for a transaction.
-    pub(super) async fn commit(&self, data: sled::Batch, meta: sled::Batch) -> io::Result<()> {
+    /// Writes prepared batches to the three trees atomically, then makes them durable. For snapshot
+    /// installs, which are rare and replace everything; `apply` does not pay for a transaction.
+    pub(super) async fn commit(
+        &self,
+        data: sled::Batch,
+        meta: sled::Batch,
+        snapshots: sled::Batch,
+    ) -> io::Result<()> {
         let inner = &self.inner;
         let result: Result<(), TransactionError<String>> =
-            (&inner.data, &inner.meta).transaction(|(d, m)| {
+            (&inner.data, &inner.meta, &inner.snapshots).transaction(|(d, m, s)| {
                 d.apply_batch(&data)?;
                 m.apply_batch(&meta)?;
+                s.apply_batch(&snapshots)?;
                 Ok(())
             });
         result.map_err(io_err)?;
@@ -273,6 +282,16 @@ impl Overlay<'_> {
 
 /// etcd's rule: comparing the value of an absent key always fails (there is no value to compare);
 /// the numeric targets of an absent key are 0.
+pub(super) fn read_decoded<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> io::Result<Option<T>> {
+    match tree.get(key).map_err(io_err)? {
+        Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
 fn compare_holds(cmp: &Compare, current: Option<&StoredValue>) -> bool {
     use std::cmp::Ordering;
     let ordering: Ordering = match (&cmp.target, current) {
