@@ -878,3 +878,68 @@ async fn unavailable_carries_a_leader_hint() {
     }
     assert!(err.metadata().get("raftkv-node-id").is_some(), "{err:?}");
 }
+
+async fn health(addr: &str, service: &str) -> Result<i32, tonic::Status> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let request = HealthCheckRequest {
+        service: service.to_string(),
+    };
+    let mut client = HealthClient::new(common::channel(addr));
+    Ok(client
+        .check(req(request, Duration::from_secs(2)))
+        .await?
+        .into_inner()
+        .status)
+}
+
+async fn wait_health(
+    addr: &str,
+    service: &str,
+    want: tonic_health::ServingStatus,
+    within: Duration,
+) {
+    let want = tonic_health::pb::health_check_response::ServingStatus::from(want) as i32;
+    let what = format!("{addr} health of {service:?} to become {want}");
+    eventually(within, &what, || async {
+        match health(addr, service).await? {
+            s if s == want => Ok(()),
+            s => Err(tonic::Status::failed_precondition(format!("status {s}"))),
+        }
+    })
+    .await
+}
+
+/// `raftkv.v1.KV` health says whether strong reads and writes can be served through the node: a node
+/// left without a quorum turns NOT_SERVING while the process itself stays SERVING (a liveness probe
+/// must not restart it), and it turns SERVING again once the quorum is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_health_follows_the_quorum() {
+    use tonic_health::ServingStatus::{NotServing, Serving};
+    const KV: &str = "raftkv.v1.KV";
+    let mut cluster = Cluster::start(3, &[]);
+    cluster
+        .wait_leader(&[1, 2, 3], Duration::from_secs(20))
+        .await;
+    for id in cluster.ids() {
+        wait_health(&cluster.addr(id), KV, Serving, Duration::from_secs(10)).await;
+    }
+
+    cluster.kill(2);
+    cluster.kill(3);
+    let survivor = cluster.addr(1);
+    wait_health(&survivor, KV, NotServing, Duration::from_secs(10)).await;
+    wait_health(&survivor, "", Serving, Duration::from_secs(1)).await;
+    // Eventual reads still work there; that is why the process stays up.
+    let mut kv = cluster.kv(1);
+    kv.get(req(
+        get("absent", pb::Consistency::Eventual),
+        Duration::from_secs(2),
+    ))
+    .await
+    .expect("eventual read without a quorum");
+
+    cluster.start_again(2);
+    cluster.start_again(3);
+    wait_health(&survivor, KV, Serving, Duration::from_secs(20)).await;
+}

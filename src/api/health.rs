@@ -1,0 +1,56 @@
+//! The standard gRPC health service, answering what a load balancer or a readiness probe needs to know.
+//!
+//! - The empty service name speaks for the process: SERVING while it runs. A liveness probe must not
+//!   restart a node only because it is cut off from the others; restarting would not reconnect it.
+//! - `raftkv.v1.KV` speaks for writes and strong reads through this node: SERVING while this node can
+//!   make a strong read, NOT_SERVING while it cannot (no quorum, no leader it can reach, or applying
+//!   too far behind). Eventual reads still work when it is NOT_SERVING.
+//!
+//! The KV status is not inferred from Raft metrics: a follower on the minority side of a partition keeps
+//! reporting its old leader for a while. Instead a probe makes the same read-index round a strong read
+//! makes, once a second, as etcd's `/health` makes a linearizable read. With the read lease a leader
+//! answers it locally, and a follower shares one round trip with its other strong reads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::api::kv::KvService;
+use crate::node::Node;
+use crate::pb::v1::kv_server::KvServer;
+
+/// How often the KV status is re-checked, so how stale it can be.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How long one check may take before the node counts as unable to serve.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Keeps the KV status current for as long as the server runs; the caller aborts it on shutdown.
+pub(super) async fn keep_reporting(node: Arc<Node>, reporter: HealthReporter) {
+    let mut ticker = tokio::time::interval(PROBE_EVERY);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut reported: Option<ServingStatus> = None;
+    loop {
+        ticker.tick().await;
+        let (status, why) = match node.linearize(Instant::now() + PROBE_TIMEOUT).await {
+            Ok(()) => (ServingStatus::Serving, String::new()),
+            Err(e) => (ServingStatus::NotServing, e.to_string()),
+        };
+        if reported == Some(status) {
+            continue;
+        }
+        reporter
+            .set_service_status(
+                <KvServer<KvService> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        // The first report is the expected startup transition, not news.
+        if reported.is_some() || status != ServingStatus::Serving {
+            tracing::info!(?status, reason = %why, "raftkv.v1.KV health changed");
+        }
+        reported = Some(status);
+    }
+}
