@@ -106,7 +106,7 @@ async fn grpcurl_drives_the_public_api() {
     let at = addr.as_str();
     let timeout = Duration::from_secs(20);
 
-    // Reflection lists the public services and health.
+    // Reflection lists the public services and health, and not the node-to-node Raft service.
     let list = grpcurl_ok(&["-plaintext", at, "list"], timeout).await;
     for service in ["raftkv.v1.KV", "raftkv.v1.Cluster", "grpc.health.v1.Health"] {
         assert!(
@@ -114,6 +114,10 @@ async fn grpcurl_drives_the_public_api() {
             "`list` lacks {service}:\n{list}"
         );
     }
+    assert!(
+        !list.stdout.contains("internal"),
+        "`list` shows internals:\n{list}"
+    );
 
     let describe = grpcurl_ok(&["-plaintext", at, "describe", "raftkv.v1.KV"], timeout).await;
     assert!(describe.stdout.contains("service KV"), "{describe}");

