@@ -31,14 +31,17 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub(super) async fn keep_reporting(node: Arc<Node>, reporter: HealthReporter) {
     let mut ticker = tokio::time::interval(PROBE_EVERY);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut reported: Option<ServingStatus> = None;
+    // What `serve` set before starting this task.
+    let mut reported = ServingStatus::NotServing;
+    // The first change, to SERVING as the cluster comes up, is startup rather than news.
+    let mut started = false;
     loop {
         ticker.tick().await;
         let (status, why) = match node.linearize(Instant::now() + PROBE_TIMEOUT).await {
             Ok(()) => (ServingStatus::Serving, String::new()),
             Err(e) => (ServingStatus::NotServing, e.to_string()),
         };
-        if reported == Some(status) {
+        if status == reported {
             continue;
         }
         reporter
@@ -47,10 +50,10 @@ pub(super) async fn keep_reporting(node: Arc<Node>, reporter: HealthReporter) {
                 status,
             )
             .await;
-        // The first report is the expected startup transition, not news.
-        if reported.is_some() || status != ServingStatus::Serving {
+        if started {
             tracing::info!(?status, reason = %why, "raftkv.v1.KV health changed");
         }
-        reported = Some(status);
+        started = true;
+        reported = status;
     }
 }

@@ -55,7 +55,7 @@ pub async fn serve(
     // waits for the peer's delayed ACK: ~40 ms per request on loopback.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     // A JoinSet aborts its tasks when dropped: the probe stops with the server, also when the server's
-    // future is dropped rather than finished (server.rs stops on a signal that way).
+    // future is dropped rather than finished (as server.rs does on a signal or a fatal error).
     let mut background = tokio::task::JoinSet::new();
     background.spawn(health::keep_reporting(node.clone(), health_reporter));
     let served = Server::builder()

@@ -280,8 +280,6 @@ impl Overlay<'_> {
     }
 }
 
-/// etcd's rule: comparing the value of an absent key always fails (there is no value to compare);
-/// the numeric targets of an absent key are 0.
 pub(super) fn read_decoded<T: serde::de::DeserializeOwned>(
     tree: &sled::Tree,
     key: &[u8],
@@ -292,6 +290,8 @@ pub(super) fn read_decoded<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// etcd's rule: comparing the value of an absent key always fails (there is no value to compare);
+/// the numeric targets of an absent key are 0.
 fn compare_holds(cmp: &Compare, current: Option<&StoredValue>) -> bool {
     use std::cmp::Ordering;
     let ordering: Ordering = match (&cmp.target, current) {

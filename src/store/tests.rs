@@ -535,19 +535,21 @@ async fn a_snapshot_in_the_old_place_is_moved_at_open() {
         inner.db.flush().unwrap();
         // Dropped without `close`: a crash, so the state is rebuilt from the snapshot.
     }
-    let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
-    assert_eq!(
-        sm.inner.meta.get(SNAPSHOT_KEY).unwrap(),
-        None,
-        "moved out of sm_meta"
-    );
-    let snapshot = sm.get_current_snapshot().await.unwrap().expect("kept");
-    assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 2)));
-    let (applied, _) = sm.applied_state().await.unwrap();
-    assert_eq!(
-        applied,
-        Some(log_id(1, 2)),
-        "rebuilt from the moved snapshot"
-    );
-    assert_eq!(sm.get(b"a").unwrap().unwrap().value, b"1");
+    // Twice: the second open finds nothing left to move and must not lose the snapshot either.
+    for _ in 0..2 {
+        let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
+        for key in [SNAPSHOT_KEY, SNAPSHOT_META_KEY] {
+            assert_eq!(sm.inner.meta.get(key).unwrap(), None, "left in sm_meta");
+            assert!(sm.inner.snapshots.get(key).unwrap().is_some(), "not moved");
+        }
+        let snapshot = sm.get_current_snapshot().await.unwrap().expect("kept");
+        assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 2)));
+        let (applied, _) = sm.applied_state().await.unwrap();
+        assert_eq!(
+            applied,
+            Some(log_id(1, 2)),
+            "rebuilt from the moved snapshot"
+        );
+        assert_eq!(sm.get(b"a").unwrap().unwrap().value, b"1");
+    }
 }
