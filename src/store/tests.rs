@@ -90,6 +90,14 @@ async fn log_indexes(log: &mut LogStore) -> Vec<u64> {
         .collect()
 }
 
+async fn build_snapshot(sm: &mut StateMachineStore) -> crate::types::Snapshot {
+    sm.get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap()
+}
+
 async fn apply(sm: &mut StateMachineStore, entries: Vec<crate::types::Entry>) {
     sm.apply(stream::iter(entries.into_iter().map(|e| Ok((e, None)))))
         .await
@@ -218,11 +226,7 @@ async fn after_a_crash_the_state_machine_restarts_from_the_last_snapshot() {
     {
         let (_log, mut sm) = open(dir.path(), 1).unwrap();
         apply(&mut sm, vec![put(1, "a", "1"), put(2, "b", "2")]).await;
-        sm.get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        build_snapshot(&mut sm).await;
         apply(
             &mut sm,
             vec![put(3, "a", "3"), delete(4, "b"), put(5, "c", "5")],
@@ -493,11 +497,7 @@ async fn applies_do_not_rewrite_the_stored_snapshot() {
         .map(|i| put(i, &format!("k{i:05}"), &value))
         .collect();
     apply(&mut sm, entries).await;
-    sm.get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .unwrap();
+    build_snapshot(&mut sm).await;
     let after_snapshot = blob_files(dir.path());
     assert!(after_snapshot >= 1, "a 2 MB snapshot is stored as a blob");
 
@@ -520,11 +520,7 @@ async fn a_snapshot_in_the_old_place_is_moved_at_open() {
     {
         let (_log, mut sm) = open(dir.path(), 1).unwrap();
         apply(&mut sm, vec![put(1, "a", "1"), put(2, "b", "2")]).await;
-        sm.get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .unwrap();
+        build_snapshot(&mut sm).await;
         // Put it back where older versions kept it.
         let inner = sm.inner.clone();
         for key in [SNAPSHOT_KEY, SNAPSHOT_META_KEY] {
