@@ -57,11 +57,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     };
     // Boxed so it can be dropped below: that stops accepting and ends the health probe before Raft
     // shuts down. Connections already open finish on their own tasks.
-    let mut serve = Box::pin(crate::api::serve(
-        node.clone(),
-        listener,
-        std::future::pending::<()>(),
-    ));
+    let mut serve = Box::pin(crate::api::serve(node.clone(), listener));
 
     let code = tokio::select! {
         r = &mut serve => {

@@ -20,12 +20,9 @@ use crate::network::server::RaftService;
 use crate::node::Node;
 use crate::pb;
 
-/// Serves every service until `shutdown` resolves.
-pub async fn serve(
-    node: Arc<Node>,
-    listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+/// Serves every service until the listener fails or the caller drops the future (how a node stops:
+/// see server.rs).
+pub async fn serve(node: Arc<Node>, listener: TcpListener) -> anyhow::Result<()> {
     let max_request = node.limits.max_request_bytes;
     let kv = pb::v1::kv_server::KvServer::new(kv::KvService { node: node.clone() })
         .max_decoding_message_size(max_request)
@@ -69,7 +66,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming(incoming)
         .await;
     background.abort_all();
     served?;
