@@ -18,7 +18,7 @@ use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 use std::sync::mpsc;
 
-use super::io_err;
+use super::{io_err, read_decoded};
 use crate::codec;
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
@@ -88,10 +88,7 @@ impl LogStore {
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
-        match self.meta.get(key).map_err(io_err)? {
-            Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
-            None => Ok(None),
-        }
+        read_decoded(&self.meta, key)
     }
 }
 

@@ -90,6 +90,17 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore)
     Ok((log, sm))
 }
 
+/// Reads and decodes one stored value; `None` if the key is absent.
+pub(crate) fn read_decoded<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> std::io::Result<Option<T>> {
+    match tree.get(key).map_err(io_err)? {
+        Some(bytes) => Ok(Some(crate::codec::decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
 /// openraft reports storage failures as `io::Error`; sled's errors carry the detail.
 pub(crate) fn io_err(e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())

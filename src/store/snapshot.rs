@@ -11,10 +11,8 @@ use openraft::RaftSnapshotBuilder;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{TransactionError, Transactional};
 
-use super::io_err;
-use super::state_machine::{
-    LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StateMachineStore, read_decoded,
-};
+use super::state_machine::{LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StateMachineStore};
+use super::{io_err, read_decoded};
 use crate::codec;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 

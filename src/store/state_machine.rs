@@ -42,8 +42,8 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{TransactionError, Transactional};
 
-use super::io_err;
 use super::snapshot::{self, SnapshotBuilder};
+use super::{io_err, read_decoded};
 use crate::codec;
 use crate::types::{
     Command, CommandResponse, Compare, CompareResult, CompareTarget, KeyValue, LogId, Snapshot,
@@ -277,16 +277,6 @@ impl Overlay<'_> {
             self.changed.insert(key.to_vec(), None);
         }
         Ok(prev.map(|p| p.into_kv(key)))
-    }
-}
-
-pub(super) fn read_decoded<T: serde::de::DeserializeOwned>(
-    tree: &sled::Tree,
-    key: &[u8],
-) -> io::Result<Option<T>> {
-    match tree.get(key).map_err(io_err)? {
-        Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
-        None => Ok(None),
     }
 }
 
