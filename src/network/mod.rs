@@ -3,6 +3,8 @@
 
 pub mod client;
 pub mod server;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -2,10 +2,12 @@
 //! behalf of clients (forwarded writes and read-index).
 
 use std::io::Cursor;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
+use openraft::raft::AppendEntriesRequest;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status, Streaming};
@@ -17,7 +19,7 @@ use crate::pb::internal::{
     Payload, ProposeBatchRequest, ProposeBatchResponse, ReadIndexRequest, ReadIndexResponse,
     SnapshotChunk,
 };
-use crate::types::{Command, Snapshot, SnapshotMeta, Vote};
+use crate::types::{Command, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 pub struct RaftService {
     pub node: Arc<Node>,
@@ -61,6 +63,39 @@ impl RaftRpc for RaftService {
         let rpc = decode(request.get_ref())?;
         let resp = self.node.raft.append_entries(rpc).await.map_err(stopped)?;
         reply(&resp)
+    }
+
+    type StreamAppendStream = Pin<Box<dyn Stream<Item = Result<Payload, Status>> + Send>>;
+
+    /// Hands the leader's requests to openraft as they arrive, so this node appends a request while
+    /// earlier ones still wait for their flush, and answers each in order. A message that fails to
+    /// arrive or to decode ends the stream: the answers already given stand, and the leader starts a
+    /// new stream from what this node acknowledged.
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<Payload>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        let requests = request.into_inner().scan((), |_, message| {
+            let rpc = message
+                .map_err(|status| status.to_string())
+                .and_then(|payload| {
+                    codec::decode::<AppendEntriesRequest<TypeConfig>>(&payload.data)
+                        .map_err(|e| format!("undecodable peer message: {e}"))
+                });
+            futures::future::ready(match rpc {
+                Ok(rpc) => Some(rpc),
+                Err(reason) => {
+                    tracing::debug!(%reason, "replication stream from the leader ended");
+                    None
+                }
+            })
+        });
+        let answers = self.node.raft.stream_append(requests).map(|answer| {
+            let result = answer.map_err(stopped)?;
+            let data = codec::encode(&result).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(Payload { data })
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {

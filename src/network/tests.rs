@@ -1,0 +1,189 @@
+//! The replication stream's client against peers that misbehave in ways a healthy raftkv never does:
+//! one that stops answering (a paused process), and one from before `StreamAppend` existed (a rolling
+//! upgrade). Each test serves a stand-in peer on a loopback port.
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use openraft::error::RPCError;
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::PeerChannels;
+use super::client::{NetworkFactory, PeerClient};
+use crate::codec;
+use crate::pb::internal::raft_server::{Raft as RaftRpc, RaftServer};
+use crate::pb::internal::{
+    Payload, ProposeBatchRequest, ProposeBatchResponse, ReadIndexRequest, ReadIndexResponse,
+    SnapshotChunk,
+};
+use crate::types::{LogId, TypeConfig, Vote};
+
+#[derive(Clone, Copy)]
+enum Peer {
+    /// Opens the stream, reads requests, never answers.
+    Silent,
+    /// Knows only the unary AppendEntries, which it accepts.
+    Old,
+}
+
+fn not_here<T>() -> Result<T, Status> {
+    Err(Status::unimplemented("not part of this stand-in"))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for Peer {
+    async fn append_entries(&self, _: Request<Payload>) -> Result<Response<Payload>, Status> {
+        let data = codec::encode(&AppendEntriesResponse::<TypeConfig>::Success)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(Payload { data }))
+    }
+
+    type StreamAppendStream = Pin<Box<dyn Stream<Item = Result<Payload, Status>> + Send>>;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<Payload>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        match self {
+            Peer::Old => not_here(),
+            Peer::Silent => {
+                // Keeps reading so the requests are delivered, and answers nothing.
+                let drained = request
+                    .into_inner()
+                    .filter_map(|_| futures::future::ready(None));
+                Ok(Response::new(Box::pin(drained)))
+            }
+        }
+    }
+
+    async fn vote(&self, _: Request<Payload>) -> Result<Response<Payload>, Status> {
+        not_here()
+    }
+
+    async fn pre_vote(&self, _: Request<Payload>) -> Result<Response<Payload>, Status> {
+        not_here()
+    }
+
+    async fn transfer_leader(&self, _: Request<Payload>) -> Result<Response<Payload>, Status> {
+        not_here()
+    }
+
+    async fn install_snapshot(
+        &self,
+        _: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<Payload>, Status> {
+        not_here()
+    }
+
+    async fn read_index(
+        &self,
+        _: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        not_here()
+    }
+
+    async fn write_blank(
+        &self,
+        _: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        not_here()
+    }
+
+    async fn propose(&self, _: Request<Payload>) -> Result<Response<Payload>, Status> {
+        not_here()
+    }
+
+    async fn propose_batch(
+        &self,
+        _: Request<ProposeBatchRequest>,
+    ) -> Result<Response<ProposeBatchResponse>, Status> {
+        not_here()
+    }
+}
+
+/// Serves `peer` on a free loopback port and returns a client of it, as node 1 would hold for node 2.
+async fn client_of(peer: Peer) -> PeerClient {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(RaftServer::new(peer))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let mut factory = NetworkFactory {
+        id: 1,
+        channels: PeerChannels::default(),
+        routes: Default::default(),
+    };
+    factory.new_client(2, &openraft::BasicNode::new(addr)).await
+}
+
+/// An entry-less request after log index 5: the follower's answer is that index.
+fn heartbeat() -> AppendEntriesRequest<TypeConfig> {
+    let last: LogId = openraft::testing::log_id::<TypeConfig>(1, 1, 5);
+    AppendEntriesRequest {
+        vote: Vote::new_committed(1, 1),
+        prev_log_id: Some(last),
+        leader_commit: Some(last),
+        entries: Vec::new(),
+    }
+}
+
+/// One request, then the stream stays open, as openraft's does while it waits for new entries.
+fn one_request() -> impl Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static {
+    futures::stream::iter([heartbeat()]).chain(futures::stream::pending())
+}
+
+#[tokio::test]
+async fn an_unanswered_replication_stream_times_out() {
+    let mut client = client_of(Peer::Silent).await;
+    let ttl = Duration::from_millis(50);
+    let started = Instant::now();
+    let mut answers = client
+        .stream_append(one_request(), RPCOption::new(ttl))
+        .await
+        .expect("the silent peer accepts the stream");
+    let first = tokio::time::timeout(Duration::from_secs(5), answers.next())
+        .await
+        .expect("a silent follower is given up on well before HTTP/2 keepalive would");
+    assert!(
+        matches!(first, Some(Err(RPCError::Timeout(_)))),
+        "{first:?}"
+    );
+    let waited = started.elapsed();
+    assert!(waited >= ttl, "gave up after {waited:?}, before the ttl");
+    assert!(
+        answers.next().await.is_none(),
+        "the stream ends after the timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_peer_without_stream_append_is_replicated_one_call_at_a_time() {
+    let mut client = client_of(Peer::Old).await;
+    let option = RPCOption::new(Duration::from_secs(1));
+    let refused = client
+        .stream_append(one_request(), option.clone())
+        .await
+        .err();
+    assert!(
+        matches!(refused, Some(RPCError::Network(_))),
+        "the first session fails, so openraft starts another: {refused:?}"
+    );
+    let mut answers = client
+        .stream_append(one_request(), option)
+        .await
+        .expect("the next session uses unary calls");
+    let answer = tokio::time::timeout(Duration::from_secs(5), answers.next())
+        .await
+        .expect("the unary call is answered");
+    let matched = match answer {
+        Some(Ok(Ok(matched))) => matched,
+        other => panic!("expected the follower to match the request, got {other:?}"),
+    };
+    assert_eq!(matched, heartbeat().prev_log_id);
+}
