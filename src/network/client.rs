@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use futures::stream::AbortHandle;
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{
     NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
@@ -29,6 +28,7 @@ use openraft::raft::{
 use openraft::{BasicNode, OptionalSend, RPCTypes};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
@@ -62,7 +62,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 impl NetworkFactory {
     fn client(&self, target: NodeId, node: &BasicNode, purpose: Purpose) -> PeerClient {
         let addr = self.routes.get(&target).unwrap_or(&node.addr);
-        let client = match self.channels.get(addr, purpose) {
+        let connect = |purpose| match self.channels.get(addr, purpose) {
             Ok(ch) => Ok(raft_client(ch)),
             Err(e) => Err(format!(
                 "bad address {:?} for node {target}: {e}",
@@ -72,8 +72,9 @@ impl NetworkFactory {
         PeerClient {
             id: self.id,
             target,
-            client,
-            unary_only: false,
+            client: connect(purpose),
+            streams: connect(Purpose::Replication),
+            unary_until: None,
         }
     }
 }
@@ -89,10 +90,21 @@ pub struct PeerClient {
     target: NodeId,
     /// An address that cannot even be parsed is reported on every call rather than panicking.
     client: Result<RaftClient<Channel>, String>,
-    /// Set once the peer answers `StreamAppend` with UNIMPLEMENTED (a binary from before it existed,
-    /// mid rolling upgrade): replication to it then goes one unary call at a time.
-    unary_only: bool,
+    /// Replication streams, on a connection of their own: a follower that stops reading leaves its
+    /// stream's data filling the HTTP/2 connection window, which must not stall votes.
+    streams: Result<RaftClient<Channel>, String>,
+    /// Set when the peer answers `StreamAppend` with UNIMPLEMENTED (a binary from before it existed,
+    /// mid rolling upgrade): until then, replication to it goes one unary call at a time.
+    unary_until: Option<Instant>,
 }
+
+/// How long a peer without `StreamAppend` is replicated to with unary calls before streaming is
+/// tried again (it may have been upgraded meanwhile).
+const UNARY_FALLBACK: Duration = Duration::from_secs(60);
+
+/// Requests sent and not yet answered on one replication stream. It bounds what a follower that stops
+/// reading leaves buffered, and matches the queue openraft keeps on the receiving side.
+const MAX_IN_FLIGHT: usize = 64;
 
 impl PeerClient {
     fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
@@ -111,6 +123,11 @@ impl PeerClient {
     }
 
     /// Opens the replication stream; see [`Answers`] for how its answers are read.
+    ///
+    /// openraft's request generator runs in a pump task, not inside the HTTP/2 body: it holds the
+    /// lock openraft's next session for this follower needs, so it must be dropped the moment this
+    /// session ends. hyper stops polling a body that waits for flow-control capacity, so ending the
+    /// body is not enough; aborting the task is (see [`AbortOnDrop`]).
     async fn open_append_stream<S>(
         &mut self,
         input: S,
@@ -120,25 +137,20 @@ impl PeerClient {
         S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
         let sent = Arc::new(Mutex::new(VecDeque::new()));
-        let sent_at = sent.clone();
-        // Ends the outgoing stream (and drops openraft's request generator, which holds a lock its
-        // next session needs) as soon as the answers are dropped; see `Answers::stop`.
-        let (input, stop) = futures::stream::abortable(input);
-        let requests = input.scan((), move |_, rpc| {
-            let message = match codec::encode(&rpc) {
-                Ok(data) => {
-                    lock(&sent_at).push_back(Instant::now());
-                    Some(Payload { data })
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot encode an AppendEntries request; ending the replication stream");
-                    None
-                }
-            };
-            futures::future::ready(message)
-        });
-        let mut client = self.client()?;
-        let opened = tokio::time::timeout(ttl, client.stream_append(tonic::Request::new(requests)))
+        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let pump = AbortOnDrop(tokio::spawn(pump(
+            input,
+            tx,
+            sent.clone(),
+            in_flight.clone(),
+        )));
+        let mut client = self
+            .streams
+            .clone()
+            .map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))?;
+        let request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let opened = tokio::time::timeout(ttl, client.stream_append(request))
             .await
             .map_err(|_| {
                 RPCError::Timeout(Timeout {
@@ -153,9 +165,9 @@ impl PeerClient {
             Err(status) if status.code() == tonic::Code::Unimplemented => {
                 tracing::info!(
                     peer = self.target,
-                    "peer has no StreamAppend; replicating to it one call at a time"
+                    "peer has no StreamAppend; replicating to it one call at a time for a while"
                 );
-                self.unary_only = true;
+                self.unary_until = Some(Instant::now() + UNARY_FALLBACK);
                 return Err(RPCError::Network(NetworkError::new(&status)));
             }
             Err(status) => return Err(self.status_to_error(RPCTypes::AppendEntries, ttl, status)),
@@ -163,10 +175,11 @@ impl PeerClient {
         Ok(Answers {
             inbound,
             sent,
+            in_flight,
             ttl,
             id: self.id,
             target: self.target,
-            stop: AbortOnDrop(stop),
+            pump,
             done: false,
         })
     }
@@ -219,10 +232,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Stops the outgoing half of a replication stream when the incoming half is dropped. Without it the
-/// request stream would live on inside hyper, parked in openraft's generator while holding the lock
-/// that openraft's next session for this follower waits on.
-struct AbortOnDrop(AbortHandle);
+/// Moves openraft's requests onto the wire, at most [`MAX_IN_FLIGHT`] unanswered at a time, noting
+/// when each was handed over so its answer can be timed.
+async fn pump<S>(
+    mut input: S,
+    wire: tokio::sync::mpsc::Sender<Payload>,
+    sent: Arc<Mutex<VecDeque<Instant>>>,
+    in_flight: Arc<Semaphore>,
+) where
+    S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin,
+{
+    while let Some(rpc) = input.next().await {
+        let data = match codec::encode(&rpc) {
+            Ok(data) => data,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an AppendEntries request; ending the replication stream");
+                return;
+            }
+        };
+        // Returned by `Answers` as each answer arrives.
+        match in_flight.acquire().await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return,
+        }
+        lock(&sent).push_back(Instant::now());
+        if wire.send(Payload { data }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Aborts the pump when the answers are dropped, whatever state the HTTP/2 stream is in.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -230,17 +271,20 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The follower's answers, one per request and in order. A request that goes unanswered for the RPC
-/// timeout ends the stream with a timeout, as a unary call would have: HTTP/2 keepalive alone would
-/// take seconds to notice a paused follower, and openraft waits on this stream without a limit.
+/// The follower's answers, one per request and in order. When requests are outstanding and no answer
+/// at all comes for a whole ttl, the stream ends with a timeout, as a unary call would have: HTTP/2
+/// keepalive alone would take seconds to notice a paused follower, and openraft waits on this stream
+/// without a limit. Answers that keep coming, however slowly, mean the follower is alive and working
+/// through its queue, so they never time out.
 struct Answers {
     inbound: Streaming<Payload>,
     /// When each unanswered request was sent, oldest first.
     sent: Arc<Mutex<VecDeque<Instant>>>,
+    in_flight: Arc<Semaphore>,
     ttl: Duration,
     id: NodeId,
     target: NodeId,
-    stop: AbortOnDrop,
+    pump: AbortOnDrop,
     done: bool,
 }
 
@@ -273,12 +317,25 @@ impl Answers {
         match message {
             Ok(Some(payload)) => {
                 lock(&self.sent).pop_front();
+                self.in_flight.add_permits(1);
                 match codec::decode::<StreamAppendResult<TypeConfig>>(&payload.data) {
                     Ok(answer) => Some((Ok(answer), self)),
                     Err(e) => self.last(Err(RPCError::Network(NetworkError::new(&e)))),
                 }
             }
-            Ok(None) => None,
+            Ok(None) => {
+                // The follower answers every request unless it ends the stream early; requests
+                // left unanswered must not pass for a clean end.
+                let unanswered = lock(&self.sent).len();
+                if unanswered == 0 {
+                    return None;
+                }
+                let reason =
+                    format!("replication stream ended with {unanswered} requests unanswered");
+                self.last(Err(RPCError::Network(NetworkError::new(
+                    &std::io::Error::other(reason),
+                ))))
+            }
             Err(status) => {
                 let error = status_to_error(
                     self.id,
@@ -295,7 +352,7 @@ impl Answers {
     /// Yields one final item; the stream ends after it.
     fn last(mut self, answer: Answer) -> Option<(Answer, Self)> {
         self.done = true;
-        self.stop.0.abort();
+        self.pump.0.abort();
         Some((answer, self))
     }
 }
@@ -315,11 +372,11 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             + Unpin
             + 'static,
     {
-        if self.unary_only {
+        if self.unary_until.is_some_and(|until| Instant::now() < until) {
             return stream_append_sequential(self, input, option);
         }
         Box::pin(async move {
-            let answers = self.open_append_stream(input, option.hard_ttl()).await?;
+            let answers = self.open_append_stream(input, option.soft_ttl()).await?;
             let stream: BoxStream<'s, Answer> =
                 Box::pin(futures::stream::unfold(answers, Answers::next));
             Ok(stream)

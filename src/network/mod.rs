@@ -27,6 +27,8 @@ pub struct PeerChannels {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Purpose {
     Raft,
+    /// Replication streams (`StreamAppend`), apart from votes and unary calls.
+    Replication,
     Snapshot,
     /// Forwarded client writes and read-index requests.
     Client,

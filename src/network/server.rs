@@ -68,34 +68,48 @@ impl RaftRpc for RaftService {
     type StreamAppendStream = Pin<Box<dyn Stream<Item = Result<Payload, Status>> + Send>>;
 
     /// Hands the leader's requests to openraft as they arrive, so this node appends a request while
-    /// earlier ones still wait for their flush, and answers each in order. A message that fails to
-    /// arrive or to decode ends the stream: the answers already given stand, and the leader starts a
-    /// new stream from what this node acknowledged.
+    /// earlier ones still wait for their flush, and answers each in order. A message that does not
+    /// decode ends the stream with INVALID_ARGUMENT after the answers already due; a broken transport
+    /// just ends it. Either way the leader starts a new stream from what this node acknowledged.
     async fn stream_append(
         &self,
         request: Request<Streaming<Payload>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
-        let requests = request.into_inner().scan((), |_, message| {
-            let rpc = message
-                .map_err(|status| status.to_string())
-                .and_then(|payload| {
-                    codec::decode::<AppendEntriesRequest<TypeConfig>>(&payload.data)
-                        .map_err(|e| format!("undecodable peer message: {e}"))
-                });
-            futures::future::ready(match rpc {
-                Ok(rpc) => Some(rpc),
-                Err(reason) => {
-                    tracing::debug!(%reason, "replication stream from the leader ended");
+        let undecodable = Arc::new(std::sync::Mutex::new(None));
+        let noted = undecodable.clone();
+        let requests = request.into_inner().scan((), move |_, message| {
+            let rpc = match message {
+                Ok(payload) => {
+                    match codec::decode::<AppendEntriesRequest<TypeConfig>>(&payload.data) {
+                        Ok(rpc) => Some(rpc),
+                        Err(e) => {
+                            let reason = format!("undecodable peer message: {e}");
+                            *noted.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                            None
+                        }
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(%status, "replication stream from the leader broke");
                     None
                 }
-            })
+            };
+            futures::future::ready(rpc)
         });
         let answers = self.node.raft.stream_append(requests).map(|answer| {
             let result = answer.map_err(stopped)?;
             let data = codec::encode(&result).map_err(|e| Status::internal(e.to_string()))?;
             Ok(Payload { data })
         });
-        Ok(Response::new(Box::pin(answers)))
+        let refusal = futures::stream::once(async move {
+            let reason = undecodable.lock().unwrap_or_else(|p| p.into_inner()).take();
+            reason.map(|reason| {
+                tracing::warn!(%reason, "ending a replication stream");
+                Err(Status::invalid_argument(reason))
+            })
+        })
+        .filter_map(futures::future::ready);
+        Ok(Response::new(Box::pin(answers.chain(refusal))))
     }
 
     async fn vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {

@@ -1,8 +1,11 @@
 //! The replication stream's client against peers that misbehave in ways a healthy raftkv never does:
-//! one that stops answering (a paused process), and one from before `StreamAppend` existed (a rolling
-//! upgrade). Each test serves a stand-in peer on a loopback port.
+//! one that stops answering (a paused process), one that stops reading, one that hangs up early, and
+//! one from before `StreamAppend` existed (a rolling upgrade). Each test serves a stand-in peer on a
+//! loopback port.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -26,6 +29,10 @@ use crate::types::{LogId, TypeConfig, Vote};
 enum Peer {
     /// Opens the stream, reads requests, never answers.
     Silent,
+    /// Opens the stream and never reads it, so HTTP/2 flow control stops the sender.
+    Deaf,
+    /// Reads the first request, then ends the stream without answering it.
+    Quitter,
     /// Knows only the unary AppendEntries, which it accepts.
     Old,
 }
@@ -50,6 +57,19 @@ impl RaftRpc for Peer {
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
         match self {
             Peer::Old => not_here(),
+            Peer::Deaf => {
+                let unread = request.into_inner();
+                let never = futures::stream::pending().map(move |answer| {
+                    let _keep_open = &unread;
+                    answer
+                });
+                Ok(Response::new(Box::pin(never)))
+            }
+            Peer::Quitter => {
+                let mut requests = request.into_inner();
+                let _first = requests.next().await;
+                Ok(Response::new(Box::pin(futures::stream::empty())))
+            }
             Peer::Silent => {
                 // Keeps reading so the requests are delivered, and answers nothing.
                 let drained = request
@@ -141,10 +161,12 @@ fn one_request() -> impl Stream<Item = AppendEntriesRequest<TypeConfig>> + Send 
 #[tokio::test]
 async fn an_unanswered_replication_stream_times_out() {
     let mut client = client_of(Peer::Silent).await;
-    let ttl = Duration::from_millis(50);
+    let option = RPCOption::new(Duration::from_millis(50));
+    // The network's own budget; openraft's hard limit is a quarter above it.
+    let ttl = option.soft_ttl();
     let started = Instant::now();
     let mut answers = client
-        .stream_append(one_request(), RPCOption::new(ttl))
+        .stream_append(one_request(), option)
         .await
         .expect("the silent peer accepts the stream");
     let first = tokio::time::timeout(Duration::from_secs(5), answers.next())
@@ -186,4 +208,72 @@ async fn a_peer_without_stream_append_is_replicated_one_call_at_a_time() {
         other => panic!("expected the follower to match the request, got {other:?}"),
     };
     assert_eq!(matched, heartbeat().prev_log_id);
+}
+
+/// Sets its flag when dropped, to tell when openraft's request generator is let go.
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_follower_that_stops_reading_is_let_go_and_leaves_other_calls_alone() {
+    let mut client = client_of(Peer::Deaf).await;
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = DropFlag(dropped.clone());
+    // Far more than flow control lets through, then the stream stays open like openraft's.
+    let input = futures::stream::iter(std::iter::repeat_with(heartbeat).take(200_000))
+        .chain(futures::stream::pending())
+        .map(move |request| {
+            let _held_by_the_input = &flag;
+            request
+        });
+    let option = RPCOption::new(Duration::from_millis(100));
+    let mut answers = client
+        .stream_append(input, option.clone())
+        .await
+        .expect("the deaf peer accepts the stream");
+    let first = tokio::time::timeout(Duration::from_secs(5), answers.next())
+        .await
+        .expect("a follower that reads nothing is given up on");
+    assert!(
+        matches!(first, Some(Err(RPCError::Timeout(_)))),
+        "{first:?}"
+    );
+    drop(answers);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !dropped.load(Ordering::SeqCst) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the request generator outlived its session; openraft's next session would wait for its lock"
+    );
+    let unary = client
+        .append_entries(heartbeat(), RPCOption::new(Duration::from_secs(1)))
+        .await;
+    assert!(
+        unary.is_ok(),
+        "a stuck stream must not stall the peer's other calls: {:?}",
+        unary.err()
+    );
+}
+
+#[tokio::test]
+async fn a_stream_ended_with_requests_unanswered_is_an_error() {
+    let mut client = client_of(Peer::Quitter).await;
+    let mut answers = client
+        .stream_append(one_request(), RPCOption::new(Duration::from_secs(1)))
+        .await
+        .expect("the peer accepts the stream");
+    let first = tokio::time::timeout(Duration::from_secs(5), answers.next())
+        .await
+        .expect("the end of the stream arrives");
+    assert!(
+        matches!(first, Some(Err(RPCError::Network(_)))),
+        "an unanswered request must not pass for a clean end: {first:?}"
+    );
 }
