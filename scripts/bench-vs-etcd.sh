@@ -113,12 +113,36 @@ wait_ready etcd >/dev/null
 wait_ready raftkv >/dev/null
 log "both clusters up; data under $WORK"
 
+# CPU time (user + system, in clock ticks) used so far by a system's three server processes. Per
+# operation it shows how much work each system does for the same request, a figure that the machine's
+# noise moves far less than throughput.
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+cpu_ticks() {
+    local system=$1 n total=0 t
+    for n in 1 2 3; do
+        t=$(awk '{print $14 + $15}' "/proc/${PIDS[$system$n]}/stat" 2>/dev/null || echo 0)
+        total=$((total + t))
+    done
+    echo "$total"
+}
+
 run() { # run SYSTEM NAME ARGS...   (endpoints: $RUN_ENDPOINTS if set, else all three nodes)
-    local system=$1 name=$2
+    local system=$1 name=$2 before after ops prefilled=()
     shift 2
-    "$BIN" bench "$@" --target "$system" --endpoints "${RUN_ENDPOINTS:-$(endpoints_of "$system")}" \
+    local endpoints=${RUN_ENDPOINTS:-$(endpoints_of "$system")}
+    if [[ $1 != put ]]; then
+        # Writes every key once, outside the measured run (and its CPU count): one operation after it.
+        "$BIN" bench "$@" --target "$system" --endpoints "$endpoints" --total 1 --key-space "$KEYS" \
+            --value-size "$VALUE_SIZE" --quiet >/dev/null
+        prefilled=(--no-prefill)
+    fi
+    before=$(cpu_ticks "$system")
+    "$BIN" bench "$@" "${prefilled[@]}" --target "$system" --endpoints "$endpoints" \
         --duration "$DURATION" --key-space "$KEYS" --value-size "$VALUE_SIZE" --quiet \
         --json "$OUT/$name.$system.json" >&2
+    after=$(cpu_ticks "$system")
+    ops=$(jq .ops "$OUT/$name.$system.json")
+    if ((ops > 0)); then echo $(((after - before) * TICK_US / ops)) >"$OUT/$name.$system.cpu"; fi
 }
 
 for w in $WORKLOADS; do
@@ -178,13 +202,14 @@ echo
 echo "raftkv $RAFTKV_VERSION vs etcd $ETCD_VERSION, 3 nodes each on loopback, $CORES cores, fsync ${FSYNC_US} µs;"
 echo "$DURATION per run, $KEYS keys, $VALUE_SIZE B values, $CONNECTIONS connections over 3 endpoints; $(date -u +%Y-%m-%d)"
 echo
-printf '| %-13s | %7s | %12s | %12s | %6s | %18s | %18s | %9s |\n' \
-    workload clients "raftkv ops/s" "etcd ops/s" ratio "raftkv p50/p99 ms" "etcd p50/p99 ms" "errors r/e"
-echo '|:--------------|--------:|-------------:|-------------:|-------:|-------------------:|-------------------:|-----------:|'
+printf '| %-13s | %7s | %12s | %12s | %6s | %18s | %18s | %9s | %12s |\n' \
+    workload clients "raftkv ops/s" "etcd ops/s" ratio "raftkv p50/p99 ms" "etcd p50/p99 ms" "errors r/e" "CPU µs/op r/e"
+echo '|:--------------|--------:|-------------:|-------------:|-------:|-------------------:|-------------------:|-----------:|-------------:|'
 for w in $WORKLOADS; do
     r=$OUT/$w.raftkv.json e=$OUT/$w.etcd.json
     [[ -f $r && -f $e ]] || continue
-    jq -rn --slurpfile r "$r" --slurpfile e "$e" --arg w "$w" '
+    cpu="$(cat "$OUT/$w.raftkv.cpu" 2>/dev/null || echo ?) / $(cat "$OUT/$w.etcd.cpu" 2>/dev/null || echo ?)"
+    jq -rn --slurpfile r "$r" --slurpfile e "$e" --arg w "$w" --arg cpu "$cpu" '
         def ms: . / 1000 | (. * 100 | round) / 100 | tostring;
         def errs: [.errors[]] | add // 0;
         ($r[0]) as $r | ($e[0]) as $e |
@@ -192,8 +217,8 @@ for w in $WORKLOADS; do
          (($r.ops_per_s / $e.ops_per_s) * 100 | round / 100 | tostring + "x"),
          ($r.latency_us.p50 | ms) + " / " + ($r.latency_us.p99 | ms),
          ($e.latency_us.p50 | ms) + " / " + ($e.latency_us.p99 | ms),
-         ($r | errs | tostring) + " / " + ($e | errs | tostring)] | @tsv' |
-        awk -F'\t' '{printf "| %-13s | %7s | %12s | %12s | %6s | %18s | %18s | %9s |\n", $1, $2, $3, $4, $5, $6, $7, $8}'
+         ($r | errs | tostring) + " / " + ($e | errs | tostring), $cpu] | @tsv' |
+        awk -F'\t' '{printf "| %-13s | %7s | %12s | %12s | %6s | %18s | %18s | %9s | %12s |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9}'
 done
 if [[ -f $OUT/failover.raftkv.txt && -f $OUT/failover.etcd.txt ]]; then
     rm_med=$(median "$OUT/failover.raftkv.txt")
