@@ -55,9 +55,11 @@ pub(super) const LAST_MEMBERSHIP_KEY: &[u8] = b"last_membership";
 /// Present only between a clean shutdown and the next start; holds the `last_applied` it vouches for.
 const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean_shutdown";
 
-/// A key's value and revisions as stored in `sm_data` (the key itself is the sled key).
+/// A key's value and revisions as stored in `sm_data` (the key itself is the sled key). The value is
+/// `serde_bytes` for the reason given on `Command`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredValue {
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub create_revision: u64,
     pub mod_revision: u64,
