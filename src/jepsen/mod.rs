@@ -38,7 +38,7 @@ pub struct JepsenArgs {
     #[arg(long, default_value_t = 60)]
     pub time: u64,
     /// Fault kinds, comma-separated: all, partition-leader, partition-halves, partition-bridge,
-    /// partition-one-way, kill, pause, crash-all, clock (needs libfaketime).
+    /// partition-one-way, kill, pause, pause-reads, crash-all, clock (needs libfaketime).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     pub nemesis: Vec<String>,
     /// How partitions are made: netns (root: a network namespace per node, iptables), proxy (a TCP proxy
@@ -274,7 +274,7 @@ async fn drive(
             seed,
             net,
             nodes,
-            history.clone(),
+            shared.clone(),
             until,
         )
         .await?

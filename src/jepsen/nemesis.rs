@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use super::history::History;
 use super::net::{Grudge, Net};
 use super::nodes::Nodes;
+use super::workload::{self, Shared};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Fault {
@@ -34,6 +35,12 @@ pub enum Fault {
     /// SIGSTOP one node (alternately the leader), then SIGCONT: a leader that wakes up must not serve
     /// what it believed before it slept.
     Pause,
+    /// SIGSTOP the leader under load, let the others elect a new leader and take writes, queue strong
+    /// reads on the stopped node just before SIGCONT: it wakes up believing it still leads, with
+    /// acknowledgements from before the pause unread in its sockets, and must not answer those reads
+    /// from its old state. Pauses in [`Fault::Pause`] are mostly longer than a client's deadline, so
+    /// their reads give up before the node wakes; these are sent to be answered after it does.
+    PauseReads,
     /// SIGKILL every node at once and restart them all: nothing acknowledged may be lost.
     CrashAll,
     /// Restart one node (alternately the leader) under libfaketime with its clock shifted by minutes
@@ -45,13 +52,14 @@ pub enum Fault {
 /// Where Debian's libfaketime keeps the multi-threaded preload library.
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
-pub const ALL: [Fault; 8] = [
+pub const ALL: [Fault; 9] = [
     Fault::PartitionLeader,
     Fault::PartitionHalves,
     Fault::PartitionBridge,
     Fault::PartitionOneWay,
     Fault::Kill,
     Fault::Pause,
+    Fault::PauseReads,
     Fault::CrashAll,
     Fault::Clock,
 ];
@@ -65,6 +73,7 @@ impl Fault {
             Fault::PartitionOneWay => "partition-one-way",
             Fault::Kill => "kill",
             Fault::Pause => "pause",
+            Fault::PauseReads => "pause-reads",
             Fault::CrashAll => "crash-all",
             Fault::Clock => "clock",
         }
@@ -104,7 +113,7 @@ pub async fn run(
     seed: u64,
     net: &Net,
     nodes: &tokio::sync::Mutex<Nodes>,
-    history: Arc<History>,
+    shared: Arc<Shared>,
     until: tokio::time::Instant,
 ) -> anyhow::Result<BTreeMap<Fault, u64>> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -128,11 +137,15 @@ pub async fn run(
         flip = !flip;
         let hold = between(&mut rng, schedule.hold);
         let leader = nodes.lock().await.leader().await;
-        inject(fault, flip, hold, leader, &mut rng, net, nodes, &history).await?;
+        inject(fault, flip, hold, leader, &mut rng, net, nodes, &shared).await?;
         *fired.entry(fault).or_default() += 1;
     }
     Ok(fired)
 }
+
+/// Strong reads the pause-reads fault queues on the stopped leader, and how long before SIGCONT.
+const QUEUED_READS: usize = 8;
+const QUEUED_READS_LEAD: Duration = Duration::from_millis(300);
 
 fn between(rng: &mut StdRng, (lo, hi): (Duration, Duration)) -> Duration {
     if hi <= lo {
@@ -162,8 +175,9 @@ async fn inject(
     rng: &mut StdRng,
     net: &Net,
     nodes: &tokio::sync::Mutex<Nodes>,
-    history: &History,
+    shared: &Arc<Shared>,
 ) -> anyhow::Result<()> {
+    let history: &History = &shared.history;
     let n = nodes.lock().await.n;
     let mut ids: Vec<u64> = (1..=n).collect();
     ids.shuffle(rng);
@@ -263,6 +277,24 @@ async fn inject(
             nodes.lock().await.pause(target)?;
             tokio::time::sleep(hold).await;
             nodes.lock().await.resume(target)?;
+            history.fault_ended(ix);
+        }
+        Fault::PauseReads => {
+            let detail = format!("SIGSTOP {leader_note}, strong reads queued on it before SIGCONT");
+            let ix = history.fault_started(fault.name(), detail.clone());
+            tracing::info!(%fault, %detail, ?hold, "nemesis: pause with queued reads");
+            nodes.lock().await.pause(target_leader)?;
+            // Long enough for the others to elect a leader (about 300-400 ms) and for the register
+            // clients to write through it; the reads go out last, so they are answered after SIGCONT
+            // well within their deadline.
+            let queue_for = QUEUED_READS_LEAD.min(hold / 2);
+            tokio::time::sleep(hold - queue_for).await;
+            let reads = workload::queued_reads(shared.clone(), target_leader, QUEUED_READS);
+            tokio::time::sleep(queue_for).await;
+            nodes.lock().await.resume(target_leader)?;
+            for read in reads {
+                let _ = read.await;
+            }
             history.fault_ended(ix);
         }
         Fault::Clock => {

@@ -291,6 +291,28 @@ pub async fn register_client(shared: Arc<Shared>, node: u64, seed: u64) {
     }
 }
 
+/// `n` strong reads of the current register key sent to `node` at once, each as its own client, for
+/// the pause-reads fault: sent to a stopped node, they wait in its sockets and are answered when it
+/// wakes up. Recorded and checked like every other register read.
+pub fn queued_reads(
+    shared: Arc<Shared>,
+    node: u64,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<Outcome>> {
+    let key = lock(&shared.register).0;
+    let key = format!("r/{key}");
+    (0..n)
+        .map(|_| {
+            let shared = shared.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let process = shared.process();
+                register_read(&shared, process, node, &key).await.0
+            })
+        })
+        .collect()
+}
+
 async fn pause(shared: &Shared, rng: &mut StdRng) {
     let max = shared.settings.stagger.as_micros() as u64;
     if max > 0 {
