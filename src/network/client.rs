@@ -1,10 +1,11 @@
 //! openraft's network: how this node calls its peers.
 //!
 //! Messages are openraft's own types, bincode-encoded in a protobuf `bytes` field (see
-//! `proto/raftkv/internal/v1/raft.proto` for why). Transport failures map to openraft's error kinds so it
-//! backs off from dead peers (`Unreachable`) but retries at once after a lost packet (`Network`).
-//!
-//! Streams to a peer that stopped answering wait out a per-peer backoff first (see [`super::backoff`]).
+//! `proto/raftkv/internal/v1/raft.proto` for why). Transport failures map to openraft's error kinds
+//! (`Unreachable`, `Timeout`, `Network`). openraft's own backoff after them waits inside the request
+//! stream, which this transport polls only once the call has begun, so it never delayed a connection
+//! attempt; streams to a peer that stopped answering wait out a per-peer backoff here instead (see
+//! [`super::backoff`]).
 //!
 //! Replication to each follower is one long-lived HTTP/2 stream (`StreamAppend`), so requests are
 //! pipelined: the leader sends new entries while earlier ones are still being flushed by the follower.
