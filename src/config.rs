@@ -62,6 +62,19 @@ pub struct ServerArgs {
     /// How long a request may wait for a leader, a quorum or replication when the client sets no deadline.
     #[arg(long, default_value_t = 5_000)]
     pub request_timeout_ms: u64,
+    /// TCP connections open at once; beyond it new ones are closed as they arrive. Lowered at start
+    /// (with a WARN) if the open-file limit cannot hold it and the node's own descriptors.
+    #[arg(long, env = "RAFTKV_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// A connection that has not sent its first request this long after it was accepted is closed.
+    #[arg(long, env = "RAFTKV_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub handshake_timeout_ms: u64,
+    /// Calls in flight at once on one HTTP/2 connection.
+    #[arg(long, env = "RAFTKV_MAX_CONCURRENT_STREAMS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
 }
 
 impl ServerArgs {

@@ -11,6 +11,7 @@ pub mod codec;
 pub mod config;
 pub mod forward;
 pub mod jepsen;
+pub mod listener;
 pub mod network;
 pub mod node;
 pub mod pb;

@@ -16,6 +16,21 @@ use crate::node::Node;
 const FATAL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    // Before anything opens files: the database and connections share the limit.
+    let fd_limit = match crate::listener::raise_fd_limit() {
+        Ok(limit) => Some(limit),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit");
+            None
+        }
+    };
+    let wanted = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
+    let connections = crate::listener::ConnectionLimits {
+        max_connections: fd_limit.map_or(wanted, |limit| {
+            crate::listener::fit_to_fd_limit(wanted, limit)
+        }),
+        handshake_timeout: std::time::Duration::from_millis(args.handshake_timeout_ms),
+    };
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
@@ -25,6 +40,8 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         listen = %args.listen,
         advertise = %args.advertise_addr(),
         data_dir = %args.data_dir.display(),
+        max_connections = connections.max_connections,
+        fd_limit,
         "raftkv node serving"
     );
 
@@ -57,7 +74,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     };
     // Boxed so it can be dropped below: that stops accepting and ends the health probe before Raft
     // shuts down. Connections already open finish on their own tasks.
-    let mut serve = Box::pin(crate::api::serve(node.clone(), listener));
+    let mut serve = Box::pin(crate::api::serve(
+        node.clone(),
+        listener,
+        connections,
+        args.max_concurrent_streams,
+    ));
 
     let code = tokio::select! {
         r = &mut serve => {

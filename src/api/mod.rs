@@ -13,16 +13,40 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
+use crate::listener::{ConnectionLimits, limited_incoming};
 use crate::network::MAX_PEER_MESSAGE_BYTES;
 use crate::network::server::RaftService;
 use crate::node::Node;
 use crate::pb;
 
+/// Streams a client opened and then reset before this node accepted them, allowed in the queue at
+/// once on one connection before h2 closes the whole connection with GOAWAY (h2's default is 20).
+/// Legitimate clients reach it when this node stalls (a SIGSTOP, a starved CPU) while their calls
+/// time out: every timed-out call resets its stream, and the resets wait in the queue until the node
+/// runs again; at 20, one stall failed every other call on the connection. The count is of streams
+/// queued now, not of resets over time, so a rapid-reset attacker (CVE-2023-44487) still gets GOAWAY
+/// as soon as it outruns the accept loop by this many; each queued stream costs only its headers
+/// (bounded by h2's header-list limit), and the connection limit bounds the connections.
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 256;
+
+/// Streams this node may reset for a client's protocol errors before it closes the connection:
+/// hyper's default, set here so a change of that default cannot remove the bound on the
+/// "MadeYouReset" attack (CVE-2025-8671), where a client makes the server do the resetting.
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+/// How a client that stopped answering is noticed on a connection that has made a request.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Serves every service until the listener fails or the caller drops the future (how a node stops:
 /// see server.rs).
-pub async fn serve(node: Arc<Node>, listener: TcpListener) -> anyhow::Result<()> {
+pub async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    connections: ConnectionLimits,
+    max_concurrent_streams: u32,
+) -> anyhow::Result<()> {
     let max_request = node.limits.max_request_bytes;
     let kv = pb::v1::kv_server::KvServer::new(kv::KvService { node: node.clone() })
         .max_decoding_message_size(max_request)
@@ -47,16 +71,17 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener) -> anyhow::Result<()>
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()?;
 
-    // The builder's `tcp_nodelay` only reaches sockets tonic accepts itself (`serve`); sockets from an
-    // incoming stream keep Nagle's algorithm unless the stream sets it. With Nagle on, a small response
-    // waits for the peer's delayed ACK: ~40 ms per request on loopback.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = limited_incoming(listener, connections, "public");
     // A JoinSet aborts its tasks when dropped: the probe stops with the server, also when the server's
     // future is dropped rather than finished (as server.rs does on a signal or a fatal error).
     let mut background = tokio::task::JoinSet::new();
     background.spawn(health::keep_reporting(node.clone(), health_reporter));
     let served = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(max_concurrent_streams))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .layer(tower::util::MapResponseLayer::new(
             oversize_is_resource_exhausted,
         ))

@@ -1,8 +1,11 @@
 //! openraft's network: how this node calls its peers.
 //!
 //! Messages are openraft's own types, bincode-encoded in a protobuf `bytes` field (see
-//! `proto/raftkv/internal/v1/raft.proto` for why). Transport failures map to openraft's error kinds so it
-//! backs off from dead peers (`Unreachable`) but retries at once after a lost packet (`Network`).
+//! `proto/raftkv/internal/v1/raft.proto` for why). Transport failures map to openraft's error kinds
+//! (`Unreachable`, `Timeout`, `Network`). openraft's own backoff after them waits inside the request
+//! stream, which this transport polls only once the call has begun, so it never delayed a connection
+//! attempt; streams to a peer that stopped answering wait out a per-peer backoff here instead (see
+//! [`super::backoff`]).
 //!
 //! Replication to each follower is one long-lived HTTP/2 stream (`StreamAppend`), so requests are
 //! pipelined: the leader sends new entries while earlier ones are still being flushed by the follower.
@@ -32,6 +35,7 @@ use tokio::sync::Semaphore;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
+use super::backoff::PeerHealth;
 use super::{MAX_PEER_MESSAGE_BYTES, PeerChannels, Purpose};
 use crate::codec;
 use crate::pb::internal::raft_client::RaftClient;
@@ -75,6 +79,7 @@ impl NetworkFactory {
             client: connect(purpose),
             streams: connect(Purpose::Replication),
             unary_until: None,
+            health: self.channels.health(addr),
         }
     }
 }
@@ -96,6 +101,8 @@ pub struct PeerClient {
     /// Set when the peer answers `StreamAppend` with UNIMPLEMENTED (a binary from before it existed,
     /// mid rolling upgrade): until then, replication to it goes one unary call at a time.
     unary_until: Option<Instant>,
+    /// Shared with every other client of the same peer (heartbeats, replication, snapshots).
+    health: Arc<PeerHealth>,
 }
 
 /// How long a peer without `StreamAppend` is replicated to with unary calls before streaming is
@@ -181,6 +188,7 @@ impl PeerClient {
             target: self.target,
             pump,
             done: false,
+            health: self.health.clone(),
         })
     }
 
@@ -204,6 +212,7 @@ impl PeerClient {
         let response = call(self.client()?, request)
             .await
             .map_err(|s| self.status_to_error(action, ttl, s))?;
+        self.health.succeeded(self.target);
         codec::decode(&response.into_inner().data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
@@ -262,6 +271,35 @@ async fn pump<S>(
     }
 }
 
+/// One try at opening a stream to a peer. Dropped unsettled, it counts as a failure: that is how a
+/// heartbeat whose caller gave up waiting (a paused peer never answers) is counted.
+struct Attempt {
+    health: Arc<PeerHealth>,
+    target: NodeId,
+    settled: bool,
+}
+
+impl Attempt {
+    fn succeeded(mut self) {
+        self.settled = true;
+        self.health.succeeded(self.target);
+    }
+
+    fn failed(mut self, error: &RPCError<TypeConfig>) {
+        self.settled = true;
+        self.health.failed(self.target, error);
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.health
+                .failed(self.target, &"no answer before the caller gave up");
+        }
+    }
+}
+
 /// Aborts the pump when the answers are dropped, whatever state the HTTP/2 stream is in.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -286,6 +324,7 @@ struct Answers {
     target: NodeId,
     pump: AbortOnDrop,
     done: bool,
+    health: Arc<PeerHealth>,
 }
 
 type Answer = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
@@ -318,6 +357,7 @@ impl Answers {
             Ok(Some(payload)) => {
                 lock(&self.sent).pop_front();
                 self.in_flight.add_permits(1);
+                self.health.succeeded(self.target);
                 match codec::decode::<StreamAppendResult<TypeConfig>>(&payload.data) {
                     Ok(answer) => Some((Ok(answer), self)),
                     Err(e) => self.last(Err(RPCError::Network(NetworkError::new(&e)))),
@@ -351,6 +391,9 @@ impl Answers {
 
     /// Yields one final item; the stream ends after it.
     fn last(mut self, answer: Answer) -> Option<(Answer, Self)> {
+        if let Err(e) = &answer {
+            self.health.failed(self.target, e);
+        }
         self.done = true;
         self.pump.0.abort();
         Some((answer, self))
@@ -376,7 +419,27 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             return stream_append_sequential(self, input, option);
         }
         Box::pin(async move {
-            let answers = self.open_append_stream(input, option.soft_ttl()).await?;
+            // Also how heartbeats to a dead peer are kept cheap: openraft's heartbeat worker gives
+            // up after one interval, usually while it is still waiting here.
+            let wait = self.health.wait();
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            let attempt = Attempt {
+                health: self.health.clone(),
+                target: self.target,
+                settled: false,
+            };
+            let opened = self.open_append_stream(input, option.soft_ttl()).await;
+            match &opened {
+                Ok(_) => attempt.succeeded(),
+                // It answered UNIMPLEMENTED (see `open_append_stream`): there, only older.
+                Err(_) if self.unary_until.is_some_and(|until| Instant::now() < until) => {
+                    attempt.succeeded()
+                }
+                Err(e) => attempt.failed(e),
+            }
+            let answers = opened?;
             let stream: BoxStream<'s, Answer> =
                 Box::pin(futures::stream::unfold(answers, Answers::next));
             Ok(stream)

@@ -1,6 +1,7 @@
 //! Raft traffic between nodes over tonic: [`client`] is openraft's side (it calls peers), [`server`]
 //! answers peers. Both share one port with the public API.
 
+pub mod backoff;
 pub mod client;
 pub mod server;
 #[cfg(test)]
@@ -12,6 +13,8 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
+use backoff::PeerHealth;
+
 /// Largest node-to-node message. It bounds an AppendEntries batch: `max_payload_entries` is derived
 /// from it and the largest client request, so a full batch always fits.
 pub const MAX_PEER_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
@@ -22,6 +25,8 @@ pub const MAX_PEER_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 #[derive(Clone, Default)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<(String, Purpose), Channel>>>,
+    /// One per peer address, whatever the purpose: a peer that is down is down for all of them.
+    health: Arc<Mutex<HashMap<String, Arc<PeerHealth>>>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -35,6 +40,14 @@ pub enum Purpose {
 }
 
 impl PeerChannels {
+    pub fn health(&self, addr: &str) -> Arc<PeerHealth> {
+        let mut map = self
+            .health
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.entry(addr.to_string()).or_default().clone()
+    }
+
     pub fn get(&self, addr: &str, purpose: Purpose) -> Result<Channel, tonic::transport::Error> {
         let key = (addr.to_string(), purpose);
         let mut map = self

@@ -102,6 +102,16 @@ impl Cluster {
         node.child = Some(child);
     }
 
+    /// The node's process id while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.node(id).child.as_ref().map(|c| c.id())
+    }
+
+    /// The node's log file (stdout and stderr).
+    pub fn log_path(&self, id: u64) -> PathBuf {
+        self.node(id).log.clone()
+    }
+
     pub fn addr(&self, id: u64) -> String {
         self.node(id).addr.clone()
     }

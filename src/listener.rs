@@ -1,0 +1,408 @@
+//! Accepting TCP connections within bounds: at most so many at a time, and none that lingers without
+//! ever making a request.
+//!
+//! Without a bound, idle connections exhausted a node's file descriptors; it then refused every client
+//! and logged nothing. A connection over the limit is closed at once; one inside it that has not sent
+//! its first HTTP/2 request within the handshake timeout is closed too, so connections that only hold
+//! a slot cannot lock real clients out for long. [`limited_incoming`] wraps any listener, so a second
+//! listener (peers) gets the same bounds with a limit of its own.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+/// File descriptors kept free of client connections: the database, the log, peer connections and
+/// whatever else the process opens must not fail because clients took every descriptor.
+pub const RESERVED_FDS: u64 = 256;
+
+/// How often a refusal or an accept error is logged at most.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// When accepting fails for lack of descriptors or memory, the next try waits this long, so the loop
+/// does not spin while the condition lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    /// Connections open at once; beyond it new ones are closed as they arrive.
+    pub max_connections: usize,
+    /// How long a connection may stay open before it sends its first request.
+    pub handshake_timeout: Duration,
+}
+
+/// Accepted connections, each holding one of `limits.max_connections` slots until it closes. `name`
+/// says which listener a log line is about. Accept errors are logged here (rate-limited) and never
+/// yielded: tonic only traces them, and an error the stream returned at once on every poll (out of
+/// descriptors) would spin its accept loop.
+pub fn limited_incoming(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    name: &'static str,
+) -> impl Stream<Item = io::Result<LimitedConnection>> + Send + 'static {
+    let state = Accepting {
+        listener,
+        slots: Arc::new(Semaphore::new(limits.max_connections)),
+        limits,
+        name,
+        refused: RateLimited::default(),
+        errors: RateLimited::default(),
+    };
+    futures::stream::unfold(state, |mut s| async move {
+        let conn = s.accept().await;
+        Some((Ok(conn), s))
+    })
+}
+
+struct Accepting {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+    limits: ConnectionLimits,
+    name: &'static str,
+    refused: RateLimited,
+    errors: RateLimited,
+}
+
+impl Accepting {
+    async fn accept(&mut self) -> LimitedConnection {
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    if let Some(suppressed) = self.errors.due() {
+                        tracing::warn!(listener = self.name, error = %e, suppressed, "accepting a connection failed");
+                    }
+                    if is_resource_error(&e) {
+                        tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    }
+                    continue;
+                }
+            };
+            match self.slots.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    // Sockets from an incoming stream keep Nagle's algorithm unless it is turned off
+                    // here; with it, a small response waits for the peer's delayed ACK (~40 ms).
+                    if let Err(e) = stream.set_nodelay(true) {
+                        tracing::debug!(error = %e, "TCP_NODELAY");
+                    }
+                    return LimitedConnection::new(stream, permit, self.limits.handshake_timeout);
+                }
+                Err(_) => {
+                    drop(stream);
+                    if let Some(suppressed) = self.refused.due() {
+                        tracing::warn!(
+                            listener = self.name,
+                            limit = self.limits.max_connections,
+                            %peer,
+                            refused_since_last_report = suppressed,
+                            "connection limit reached; closing new connections until some close"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn is_resource_error(e: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM: the condition outlasts one retry.
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// Logs the first event and then at most one per [`LOG_EVERY`], counting the ones it skipped.
+#[derive(Default)]
+struct RateLimited {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    /// Some(number skipped since the last line) when a line is due.
+    fn due(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < LOG_EVERY)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// A TCP connection that holds a slot until it is dropped, and fails its reads once the handshake
+/// timeout passes before the client's first request.
+pub struct LimitedConnection {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    /// Until the first request: its deadline, and where the reader is in the byte stream.
+    handshake: Option<(Pin<Box<tokio::time::Sleep>>, FirstRequest)>,
+}
+
+impl LimitedConnection {
+    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, timeout: Duration) -> Self {
+        LimitedConnection {
+            stream,
+            _slot: slot,
+            handshake: Some((
+                Box::pin(tokio::time::sleep(timeout)),
+                FirstRequest::default(),
+            )),
+        }
+    }
+}
+
+impl Connected for LimitedConnection {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let Some((deadline, first)) = this.handshake.as_mut() else {
+            return polled;
+        };
+        if let Poll::Ready(Ok(())) = &polled {
+            if first.feed(&buf.filled()[before..]) {
+                this.handshake = None;
+            }
+            return polled;
+        }
+        if polled.is_pending() && deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request within the handshake timeout",
+            )));
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for LimitedConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Follows the client's side of an HTTP/2 connection just far enough to see its first request: the
+/// 24-byte connection preface, then frames (a 9-byte header whose first three bytes are the payload
+/// length and fourth the type) until a HEADERS frame. hyper parses and validates the same bytes; this
+/// only skips over them. Written here because neither hyper nor tonic offers a timeout for a
+/// connection that never makes a request.
+#[derive(Default)]
+struct FirstRequest {
+    preface_left: Option<usize>,
+    header: [u8; 9],
+    header_len: usize,
+    payload_left: usize,
+}
+
+const PREFACE_LEN: usize = 24;
+const HEADERS_FRAME: u8 = 0x1;
+
+impl FirstRequest {
+    /// Takes the next bytes the client sent; true once they include the start of a request.
+    fn feed(&mut self, mut bytes: &[u8]) -> bool {
+        let preface_left = self.preface_left.get_or_insert(PREFACE_LEN);
+        let skip = (*preface_left).min(bytes.len());
+        *preface_left -= skip;
+        bytes = &bytes[skip..];
+        while !bytes.is_empty() {
+            if self.payload_left > 0 {
+                let skip = self.payload_left.min(bytes.len());
+                self.payload_left -= skip;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            let take = (9 - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&bytes[..take]);
+            self.header_len += take;
+            bytes = &bytes[take..];
+            if self.header_len == 9 {
+                if self.header[3] == HEADERS_FRAME {
+                    return true;
+                }
+                self.payload_left = (usize::from(self.header[0]) << 16)
+                    | (usize::from(self.header[1]) << 8)
+                    | usize::from(self.header[2]);
+                self.header_len = 0;
+            }
+        }
+        false
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, so the connection limit and not the
+/// default soft limit (often 1024) is what bounds clients. Returns the soft limit now in force.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let (soft, hard) = rlimit::Resource::NOFILE.get()?;
+    let now = rlimit::increase_nofile_limit(u64::MAX)?;
+    if now != soft {
+        tracing::info!(from = soft, to = now, hard, "raised the open-file limit");
+    }
+    Ok(now)
+}
+
+/// `wanted` connections, lowered (with a WARN) if the descriptor limit could not hold them plus
+/// [`RESERVED_FDS`].
+pub fn fit_to_fd_limit(wanted: usize, fd_limit: u64) -> usize {
+    let room = fd_limit.saturating_sub(RESERVED_FDS).max(16);
+    if wanted as u64 > room {
+        tracing::warn!(
+            wanted,
+            fd_limit,
+            using = room,
+            "--max-connections does not fit in the open-file limit; lowering it"
+        );
+        return room as usize;
+    }
+    wanted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            0,
+            0,
+            0,
+            0,
+            1,
+        ];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn the_first_request_is_seen_after_the_preface_and_other_frames() {
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(0x4, &[0; 12])); // SETTINGS
+        bytes.extend(frame(0x8, &[0; 4])); // WINDOW_UPDATE
+        let headers = frame(HEADERS_FRAME, &[0; 30]);
+        let request_at = bytes.len();
+        bytes.extend(headers);
+        // Whole, and one byte at a time: a request is seen only once its frame header is complete.
+        let mut whole = FirstRequest::default();
+        assert!(whole.feed(&bytes));
+        let mut split = FirstRequest::default();
+        for (i, b) in bytes.iter().enumerate() {
+            let seen = split.feed(std::slice::from_ref(b));
+            assert_eq!(seen, i == request_at + 8, "byte {i}");
+            if seen {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn a_connection_without_a_request_is_not_taken_for_one() {
+        let mut f = FirstRequest::default();
+        assert!(!f.feed(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(!f.feed(&frame(0x4, &[0; 6])));
+        // A payload that looks like a HEADERS frame header is skipped as payload.
+        assert!(!f.feed(&frame(0x6, &[0, 0, 0, HEADERS_FRAME, 0, 0, 0, 0])));
+        assert!(!f.feed(&[]));
+    }
+
+    #[test]
+    fn the_limit_leaves_room_for_the_process_itself() {
+        assert_eq!(fit_to_fd_limit(100, 100_000), 100);
+        assert_eq!(fit_to_fd_limit(4096, 1024), 1024 - RESERVED_FDS as usize);
+        assert_eq!(fit_to_fd_limit(4096, 10), 16);
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_and_idle_ones_reaped() {
+        use futures::StreamExt;
+        use tokio::io::AsyncReadExt;
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ConnectionLimits {
+            max_connections: 2,
+            handshake_timeout: Duration::from_millis(200),
+        };
+        let mut incoming = Box::pin(limited_incoming(listener, limits, "test"));
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(incoming.next().await.unwrap().unwrap());
+        }
+        // The third is closed as soon as the stream is polled again; the server side of the first
+        // two times out for lack of a request.
+        let poll_more = tokio::time::timeout(Duration::from_millis(300), incoming.next()).await;
+        assert!(poll_more.is_err(), "nothing more was accepted");
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(Duration::from_secs(2), clients[2].read(&mut buf))
+            .await
+            .expect("the third connection is closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        for conn in &mut held {
+            let err = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf))
+                .await
+                .expect("the read ends")
+                .unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        }
+        drop(held);
+        // Slots are free again.
+        let _again = TcpStream::connect(addr).await.unwrap();
+        let conn = tokio::time::timeout(Duration::from_secs(2), incoming.next()).await;
+        assert!(matches!(conn, Ok(Some(Ok(_)))));
+    }
+}
