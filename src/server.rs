@@ -16,6 +16,7 @@ use crate::node::Node;
 const FATAL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    args.check_limits()?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;

@@ -80,7 +80,7 @@ impl Cluster {
             .append(true)
             .open(&node.log)
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        let child = Command::new(bin())
             .args([
                 "server",
                 "--id",
@@ -174,6 +174,11 @@ impl Cluster {
         assert!(signal(pid, "CONT"), "SIGCONT node {id}");
     }
 
+    /// The node's process id (it must be running).
+    pub fn pid(&self, id: u64) -> u32 {
+        self.node(id).child.as_ref().expect("running").id()
+    }
+
     /// True if the node's process is still running (it has not crashed).
     pub fn alive(&mut self, id: u64) -> bool {
         match self.node_mut(id).child.as_mut() {
@@ -265,12 +270,30 @@ impl Drop for Cluster {
     }
 }
 
+/// The binary under test: this build's, unless `RAFTKV_TEST_BIN` names another (to show that a new
+/// test fails on an older build).
+pub fn bin() -> String {
+    std::env::var("RAFTKV_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_raftkv").to_string())
+}
+
 fn signal(pid: u32, sig: &str) -> bool {
     Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
+}
+
+/// CPU time (user + system) a process has used so far, from /proc.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // Linux's USER_HZ is 100 on every platform raftkv runs on.
+    Duration::from_millis(ticks * 10)
 }
 
 pub fn channel(addr: &str) -> Channel {
