@@ -43,7 +43,15 @@ fn cli(cluster: &Cluster, args: &[&str]) -> std::process::Output {
 
 #[tokio::test]
 async fn a_scan_stops_at_the_byte_cap_and_the_cli_pages_through_the_rest() {
-    let cluster = Cluster::start(3, &["--max-response-bytes", &CAP.to_string()]);
+    let cluster = Cluster::start(
+        3,
+        &[
+            "--max-response-bytes",
+            &CAP.to_string(),
+            "--max-value-bytes",
+            "65536",
+        ],
+    );
     cluster
         .wait_leader(&[1, 2, 3], Duration::from_secs(10))
         .await;
@@ -160,7 +168,15 @@ async fn values_near_the_cap_still_make_progress() {
 
 #[tokio::test]
 async fn a_txn_whose_results_would_pass_the_cap_is_refused_before_it_is_proposed() {
-    let cluster = Cluster::start(3, &["--max-response-bytes", &CAP.to_string()]);
+    let cluster = Cluster::start(
+        3,
+        &[
+            "--max-response-bytes",
+            &CAP.to_string(),
+            "--max-value-bytes",
+            "65536",
+        ],
+    );
     cluster
         .wait_leader(&[1, 2, 3], Duration::from_secs(10))
         .await;

@@ -273,7 +273,10 @@ impl Drop for Cluster {
 /// The binary under test: this build's, unless `RAFTKV_TEST_BIN` names another (to show that a new
 /// test fails on an older build).
 pub fn bin() -> String {
-    std::env::var("RAFTKV_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_raftkv").to_string())
+    std::env::var("RAFTKV_TEST_BIN")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_raftkv").to_string())
 }
 
 fn signal(pid: u32, sig: &str) -> bool {
