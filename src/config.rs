@@ -267,4 +267,34 @@ mod tests {
         let err = args("51").read_lease().unwrap_err().to_string();
         assert!(err.contains("quarter of --election-max-ms 200"), "{err}");
     }
+
+    /// Every server flag can come from a `RAFTKV_*` variable, and the README's flag table shows
+    /// each visible flag with it.
+    #[test]
+    fn every_server_flag_has_an_env_var_and_a_readme_row() {
+        use clap::Args as _;
+        let cmd = ServerArgs::augment_args(clap::Command::new("server"));
+        let readme = include_str!("../README.md");
+        let mut seen = 0;
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("--{long} has no environment variable"))
+                .to_string_lossy()
+                .into_owned();
+            assert_eq!(
+                env,
+                format!("RAFTKV_{}", long.to_uppercase().replace('-', "_"))
+            );
+            if !arg.is_hide_set() {
+                assert!(
+                    readme.contains(&format!("`--{long}`")) && readme.contains(&format!("`{env}`")),
+                    "the README's flag table lacks --{long} ({env})"
+                );
+            }
+            seen += 1;
+        }
+        assert!(seen >= 16, "{seen} flags");
+    }
 }
