@@ -99,7 +99,7 @@ impl Client {
                     }
                     tokio::time::sleep(Duration::from_millis(20 * attempt.min(10) as u64)).await;
                 }
-                Err(s) => return Err(s),
+                Err(s) => return Err(own_timeout_is_deadline_exceeded(s)),
             }
         }
     }
@@ -180,11 +180,26 @@ impl Client {
                     self.timeout.min(Duration::from_secs(2)),
                 ))
                 .await
-                .map(|r| r.into_inner());
+                .map(|r| r.into_inner())
+                .map_err(own_timeout_is_deadline_exceeded);
             out.push((addr, r));
         }
         out
     }
+}
+
+/// tonic reports its own client-side timeout as `CANCELLED: Timeout expired`, and so does a tonic
+/// server whose copy of the caller's deadline fires first. Either way the deadline passed, which gRPC
+/// calls `DEADLINE_EXCEEDED`: for a write that means its fate is unknown, never that it was cancelled.
+pub fn own_timeout_is_deadline_exceeded(status: tonic::Status) -> tonic::Status {
+    if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" {
+        let mut mapped = tonic::Status::deadline_exceeded(
+            "the deadline passed before an answer came (a write may or may not have been applied)",
+        );
+        *mapped.metadata_mut() = status.metadata().clone();
+        return mapped;
+    }
+    status
 }
 
 fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {

@@ -29,38 +29,38 @@ pub struct ServerArgs {
     /// Reach peer ID at ADDR instead of the address recorded in the membership (`2=HOST:PORT,...`).
     /// For fault-injection harnesses that put a cuttable proxy on every link (`raftkv jepsen`
     /// without root); a production cluster never needs it.
-    #[arg(long, value_parser = parse_peers, hide = true)]
+    #[arg(long, env = "RAFTKV_DIAL", value_parser = parse_peers, hide = true)]
     pub dial: Option<BTreeMap<NodeId, String>>,
     /// Leader heartbeat interval.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, env = "RAFTKV_HEARTBEAT_MS", default_value_t = 30)]
     pub heartbeat_ms: u64,
     /// Election timeout range. openraft 0.10 lets a follower campaign only after the leader's lease
     /// (= election-max-ms) *plus* a random timeout in this range have passed without a heartbeat, so
     /// failover takes max + [min, max] (300-400 ms with the defaults) and a leader is deposed only
     /// after ten silent heartbeat intervals, which a busy 2-core machine does not produce by accident.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, env = "RAFTKV_ELECTION_MIN_MS", default_value_t = 100)]
     pub election_min_ms: u64,
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, env = "RAFTKV_ELECTION_MAX_MS", default_value_t = 200)]
     pub election_max_ms: u64,
     /// Read lease: a strong read on the leader skips its own quorum round while the leader's latest
     /// quorum acknowledgement is younger than this. 0 runs a round for every read, as etcd does. At
     /// most a quarter of election-max-ms (see `ServerArgs::read_lease` for why that is safe).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, env = "RAFTKV_READ_LEASE_MS", default_value_t = 50)]
     pub read_lease_ms: u64,
     /// Take a snapshot (and purge the log behind it) after this many applied entries.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, env = "RAFTKV_SNAPSHOT_EVERY", default_value_t = 10_000)]
     pub snapshot_every: u64,
     /// Log entries kept behind a snapshot, so briefly lagging followers catch up without one.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, env = "RAFTKV_KEEP_LOGS", default_value_t = 1_000)]
     pub keep_logs: u64,
     /// Largest value accepted (INVALID_ARGUMENT above it).
-    #[arg(long, default_value_t = 1024 * 1024)]
+    #[arg(long, env = "RAFTKV_MAX_VALUE_BYTES", default_value_t = 1024 * 1024)]
     pub max_value_bytes: usize,
     /// Largest request message accepted (RESOURCE_EXHAUSTED above it). At least max-value-bytes + 64 KiB.
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "RAFTKV_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,
     /// How long a request may wait for a leader, a quorum or replication when the client sets no deadline.
-    #[arg(long, default_value_t = 5_000)]
+    #[arg(long, env = "RAFTKV_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
     pub request_timeout_ms: u64,
     /// TCP connections open at once; beyond it new ones are closed as they arrive. Lowered at start
     /// (with a WARN) if the open-file limit cannot hold it and the node's own descriptors.
@@ -75,6 +75,15 @@ pub struct ServerArgs {
     #[arg(long, env = "RAFTKV_MAX_CONCURRENT_STREAMS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
+    /// Largest response a scan or txn builds. A scan stops at it and sets `more` (always returning at
+    /// least one pair); a txn whose results would exceed it is refused before it is proposed. Kept
+    /// below the 4 MiB a gRPC client decodes by default, and at least one largest pair.
+    #[arg(long, env = "RAFTKV_MAX_RESPONSE_BYTES", default_value_t = 3 * 1024 * 1024)]
+    pub max_response_bytes: usize,
+    /// Reads that may wait at once for this node to apply a revision (`min_revision`, or a strong read
+    /// catching up); more are refused with RESOURCE_EXHAUSTED rather than queued without bound.
+    #[arg(long, env = "RAFTKV_MAX_APPLY_WAITERS", default_value_t = 4096)]
+    pub max_apply_waiters: usize,
 }
 
 impl ServerArgs {
@@ -97,7 +106,31 @@ impl ServerArgs {
             max_txn_ops: 128,
             default_scan_limit: 1000,
             max_scan_limit: 10_000,
+            max_response_bytes: self.max_response_bytes,
         }
+    }
+
+    /// Refuses settings under which a response could not carry even one largest pair, so that a scan
+    /// could never step past a large value.
+    pub fn check_limits(&self) -> anyhow::Result<()> {
+        let limits = self.limits();
+        let needed = limits.max_value_bytes
+            + limits.max_key_bytes
+            + crate::api::validate::PAIR_OVERHEAD_BYTES
+            + crate::api::validate::RESPONSE_OVERHEAD_BYTES;
+        if limits.max_response_bytes < needed {
+            anyhow::bail!(
+                "--max-response-bytes {} cannot hold one pair with the largest key and value \
+                 (--max-value-bytes {} + {} key bytes + overhead = {needed})",
+                limits.max_response_bytes,
+                limits.max_value_bytes,
+                limits.max_key_bytes
+            );
+        }
+        if self.max_apply_waiters == 0 {
+            anyhow::bail!("--max-apply-waiters must be at least 1");
+        }
+        Ok(())
     }
 
     /// The read lease, checked against the election timeout it borrows its safety from.
@@ -174,6 +207,7 @@ pub struct Limits {
     pub max_txn_ops: usize,
     pub default_scan_limit: usize,
     pub max_scan_limit: usize,
+    pub max_response_bytes: usize,
 }
 
 pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
@@ -245,5 +279,35 @@ mod tests {
         assert_eq!(args("0").read_lease().unwrap(), Duration::ZERO);
         let err = args("51").read_lease().unwrap_err().to_string();
         assert!(err.contains("quarter of --election-max-ms 200"), "{err}");
+    }
+
+    /// Every server flag can come from a `RAFTKV_*` variable, and the README's flag table shows
+    /// each visible flag with it.
+    #[test]
+    fn every_server_flag_has_an_env_var_and_a_readme_row() {
+        use clap::Args as _;
+        let cmd = ServerArgs::augment_args(clap::Command::new("server"));
+        let readme = include_str!("../README.md");
+        let mut seen = 0;
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("--{long} has no environment variable"))
+                .to_string_lossy()
+                .into_owned();
+            assert_eq!(
+                env,
+                format!("RAFTKV_{}", long.to_uppercase().replace('-', "_"))
+            );
+            if !arg.is_hide_set() {
+                assert!(
+                    readme.contains(&format!("`--{long}`")) && readme.contains(&format!("`{env}`")),
+                    "the README's flag table lacks --{long} ({env})"
+                );
+            }
+            seen += 1;
+        }
+        assert!(seen >= 16, "{seen} flags");
     }
 }

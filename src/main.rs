@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use raftkv::cli::{Encoding, TxnFile, key_after, parse_compare, parse_op};
 use raftkv::client::Client;
 use raftkv::config::ServerArgs;
 use raftkv::pb::v1 as pb;
@@ -25,12 +26,28 @@ struct ClientArgs {
         global = true
     )]
     endpoints: Vec<String>,
-    /// Give up after this long (retries on leader change included).
+    /// Give up on a request after this long (retries on leader change included).
     #[arg(long, default_value_t = 5000, global = true)]
     timeout_ms: u64,
     /// Print responses as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Keys and values, typed and printed (also in --json), are hex.
+    #[arg(long, global = true, conflicts_with = "base64")]
+    hex: bool,
+    /// Keys and values, typed and printed (also in --json), are base64 (standard alphabet, padded).
+    #[arg(long, global = true)]
+    base64: bool,
+}
+
+impl ClientArgs {
+    fn encoding(&self) -> Encoding {
+        match (self.hex, self.base64) {
+            (true, _) => Encoding::Hex,
+            (_, true) => Encoding::Base64,
+            _ => Encoding::Text,
+        }
+    }
 }
 
 #[derive(Copy, Clone, ValueEnum)]
@@ -78,16 +95,49 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// List keys in [START, END) in key order (END empty: to the last key).
+    /// List keys in [START, END) in key order (END empty: to the last key), fetched page by page.
     Scan {
         #[arg(default_value = "")]
         start: String,
         #[arg(default_value = "")]
         end: String,
+        /// Stop after this many pairs (0: the whole range).
         #[arg(long, default_value_t = 0)]
-        limit: u32,
+        limit: u64,
         #[arg(long, value_enum, default_value = "strong")]
         consistency: ConsistencyArg,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Run a transaction: if every --compare holds, the --success requests run, else the --failure
+    /// ones, atomically (exit status 1 when the failure branch ran).
+    Txn {
+        /// A guard, `TARGET(KEY) OP OPERAND`: TARGET value, version, mod or create; OP =, !=, > or <
+        /// (e.g. `mod("k") = 0`, `value(k) = old`). Repeatable; all must hold.
+        #[arg(long = "compare", short = 'c', value_name = "COMPARE")]
+        compare: Vec<String>,
+        /// A request to run if the compares hold: `put KEY VALUE`, `get KEY` or `del KEY`
+        /// (`--prev-kv` after put or del). Repeatable, run in order.
+        #[arg(
+            long = "success",
+            short = 's',
+            value_name = "REQUEST",
+            allow_hyphen_values = true
+        )]
+        success: Vec<String>,
+        /// A request to run if a compare fails (same form as --success). Repeatable.
+        #[arg(
+            long = "failure",
+            short = 'f',
+            value_name = "REQUEST",
+            allow_hyphen_values = true
+        )]
+        failure: Vec<String>,
+        /// Read the txn from a JSON file (`-`: standard input) instead: {"compare": [...],
+        /// "success": [...], "failure": [...]}, each entry the same text as the flags or an object
+        /// (see the README).
+        #[arg(long, conflicts_with_all = ["compare", "success", "failure"])]
+        file: Option<std::path::PathBuf>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -147,6 +197,8 @@ async fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(code) => code,
+        // The reader went away (`raftkv scan | head -1`): what it wanted, it got.
+        Err(e) if is_broken_pipe(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::from(2)
@@ -154,14 +206,23 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
-fn kv_json(kv: &pb::KeyValue) -> serde_json::Value {
+/// The largest `--file` a txn is read from: far above any txn a server accepts.
+const MAX_TXN_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Pairs asked for per scan page; the server may return fewer (its byte cap) and says `more`.
+const SCAN_PAGE: u64 = 1000;
+
+fn kv_json(kv: &pb::KeyValue, enc: Encoding) -> serde_json::Value {
     serde_json::json!({
-        "key": text(&kv.key),
-        "value": text(&kv.value),
+        "key": enc.encode(&kv.key),
+        "value": enc.encode(&kv.value),
         "create_revision": kv.create_revision,
         "mod_revision": kv.mod_revision,
         "version": kv.version,
@@ -173,12 +234,44 @@ fn client(args: &ClientArgs) -> anyhow::Result<Client> {
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+    let s = raftkv::client::own_timeout_is_deadline_exceeded(s);
+    anyhow::anyhow!("{}: {}", code_name(s.code()), s.message())
+}
+
+/// gRPC's names for status codes, as grpcurl and the README spell them.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn decode(enc: Encoding, s: &str, what: &str) -> anyhow::Result<Vec<u8>> {
+    enc.decode(s).map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
 async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    use std::io::Write;
     use std::process::ExitCode;
-    match command {
+    // Written with `?`, not println!: a closed pipe is an error to stop on, not a panic.
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    let code = match command {
         Command::Server(_) | Command::Jepsen(_) | Command::Bench(_) => {
             unreachable!("handled by main")
         }
@@ -188,22 +281,30 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
             prev_kv,
             client: args,
         } => {
+            let enc = args.encoding();
             let r = client(&args)?
-                .put(key.into_bytes(), value.into_bytes(), prev_kv)
+                .put(
+                    decode(enc, &key, "key")?,
+                    decode(enc, &value, "value")?,
+                    prev_kv,
+                )
                 .await
                 .map_err(status_error)?;
             let revision = r.header.map_or(0, |h| h.revision);
             if args.json {
-                println!(
+                let prev = r.prev_kv.as_ref().map(|kv| kv_json(kv, enc));
+                writeln!(
+                    out,
                     "{}",
-                    serde_json::json!({"revision": revision, "prev_kv": r.prev_kv.as_ref().map(kv_json)})
-                );
+                    serde_json::json!({"revision": revision, "prev_kv": prev})
+                )?;
             } else {
-                println!("OK revision={revision}");
+                writeln!(out, "OK revision={revision}")?;
                 if let Some(prev) = r.prev_kv {
-                    println!("{}", text(&prev.value));
+                    writeln!(out, "{}", enc.encode(&prev.value))?;
                 }
             }
+            ExitCode::SUCCESS
         }
         Command::Get {
             key,
@@ -211,36 +312,47 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
             min_revision,
             client: args,
         } => {
+            let enc = args.encoding();
             let r = client(&args)?
-                .get(key.into_bytes(), consistency.into(), min_revision)
+                .get(decode(enc, &key, "key")?, consistency.into(), min_revision)
                 .await
                 .map_err(status_error)?;
             if args.json {
-                println!("{}", r.kv.as_ref().map_or(serde_json::Value::Null, kv_json));
+                let kv =
+                    r.kv.as_ref()
+                        .map_or(serde_json::Value::Null, |kv| kv_json(kv, enc));
+                writeln!(out, "{kv}")?;
             }
             match r.kv {
-                Some(kv) if !args.json => println!("{}", text(&kv.value)),
-                Some(_) => {}
-                None => return Ok(ExitCode::from(1)),
+                Some(kv) if !args.json => {
+                    writeln!(out, "{}", enc.encode(&kv.value))?;
+                    ExitCode::SUCCESS
+                }
+                Some(_) => ExitCode::SUCCESS,
+                None => ExitCode::from(1),
             }
         }
         Command::Delete { key, client: args } => {
+            let enc = args.encoding();
             let r = client(&args)?
-                .delete(key.into_bytes(), false)
+                .delete(decode(enc, &key, "key")?, false)
                 .await
                 .map_err(status_error)?;
             let revision = r.header.map_or(0, |h| h.revision);
             if args.json {
-                println!(
+                writeln!(
+                    out,
                     "{}",
                     serde_json::json!({"deleted": r.deleted, "revision": revision})
-                );
+                )?;
             } else {
-                println!(
+                writeln!(
+                    out,
                     "{} revision={revision}",
                     if r.deleted { "DELETED" } else { "NOT FOUND" }
-                );
+                )?;
             }
+            ExitCode::SUCCESS
         }
         Command::Scan {
             start,
@@ -249,26 +361,16 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
             consistency,
             client: args,
         } => {
-            let req = pb::ScanRequest {
-                start: start.into_bytes(),
-                end: end.into_bytes(),
-                limit,
-                consistency: pb::Consistency::from(consistency) as i32,
-                min_revision: 0,
-            };
-            let r = client(&args)?.scan(req).await.map_err(status_error)?;
-            if args.json {
-                let kvs: Vec<_> = r.kvs.iter().map(kv_json).collect();
-                println!("{}", serde_json::json!({"kvs": kvs, "more": r.more}));
-            } else {
-                for kv in &r.kvs {
-                    println!("{}\t{}", text(&kv.key), text(&kv.value));
-                }
-                if r.more {
-                    println!("... (more; raise --limit or scan from the last key)");
-                }
-            }
+            scan(&mut out, &args, start, end, limit, consistency).await?;
+            ExitCode::SUCCESS
         }
+        Command::Txn {
+            compare,
+            success,
+            failure,
+            file,
+            client: args,
+        } => txn(&mut out, &args, compare, success, failure, file).await?,
         Command::Status { client: args } => {
             let statuses = client(&args)?.statuses().await;
             let mut any_ok = false;
@@ -281,18 +383,20 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
                         Err(e) => serde_json::json!({"endpoint": addr, "error": e.message()}),
                     })
                     .collect();
-                println!("{}", serde_json::Value::Array(rows));
+                writeln!(out, "{}", serde_json::Value::Array(rows))?;
                 any_ok = statuses.iter().any(|(_, r)| r.is_ok());
             } else {
-                println!(
+                writeln!(
+                    out,
                     "{:<22} {:>4} {:<10} {:>6} {:>7} {:>10} {:>10}",
                     "ENDPOINT", "ID", "ROLE", "TERM", "LEADER", "COMMIT", "APPLIED"
-                );
+                )?;
                 for (addr, r) in &statuses {
                     match r {
                         Ok(s) => {
                             any_ok = true;
-                            println!(
+                            writeln!(
+                                out,
                                 "{:<22} {:>4} {:<10} {:>6} {:>7} {:>10} {:>10}",
                                 addr,
                                 s.id,
@@ -301,16 +405,186 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
                                 s.leader_id,
                                 s.commit_index,
                                 s.applied_index
-                            );
+                            )?;
                         }
-                        Err(e) => println!("{addr:<22} unreachable: {}", e.message()),
+                        Err(e) => writeln!(out, "{addr:<22} unreachable: {}", e.message())?,
                     }
                 }
             }
-            if !any_ok {
-                return Ok(ExitCode::from(1));
+            if any_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    };
+    out.flush()?;
+    Ok(code)
+}
+
+/// Pages through `[start, end)`: each page starts just after the last key of the one before, and
+/// asks for at least the revision the first page saw, so an eventual scan never steps back in time.
+/// Each page is a read of its own (there is no snapshot across pages), as with etcdctl's paging.
+/// Pairs are printed as they arrive, so memory stays at one page.
+async fn scan(
+    out: &mut impl std::io::Write,
+    args: &ClientArgs,
+    start: String,
+    end: String,
+    limit: u64,
+    consistency: ConsistencyArg,
+) -> anyhow::Result<()> {
+    let enc = args.encoding();
+    let mut start = decode(enc, &start, "start")?;
+    let end = decode(enc, &end, "end")?;
+    let client = client(args)?;
+    let mut left = limit;
+    let mut min_revision = 0;
+    let mut first = true;
+    if args.json {
+        write!(out, "{{\"kvs\":[")?;
+    }
+    let more = loop {
+        let page = if limit == 0 {
+            SCAN_PAGE
+        } else {
+            left.min(SCAN_PAGE)
+        };
+        let req = pb::ScanRequest {
+            start: start.clone(),
+            end: end.clone(),
+            limit: page as u32,
+            consistency: pb::Consistency::from(consistency) as i32,
+            min_revision,
+        };
+        let r = client.scan(req).await.map_err(status_error)?;
+        min_revision = min_revision.max(r.header.map_or(0, |h| h.revision));
+        for kv in &r.kvs {
+            if args.json {
+                let sep = if std::mem::take(&mut first) { "" } else { "," };
+                write!(out, "{sep}{}", kv_json(kv, enc))?;
+            } else {
+                writeln!(out, "{}\t{}", enc.encode(&kv.key), enc.encode(&kv.value))?;
+            }
+        }
+        if limit > 0 {
+            left = left.saturating_sub(r.kvs.len() as u64);
+            if left == 0 {
+                break r.more;
+            }
+        }
+        match r.kvs.last() {
+            Some(last) if r.more => start = key_after(&last.key),
+            _ => break false,
+        }
+    };
+    if args.json {
+        writeln!(out, "],\"more\":{more}}}")?;
+    } else if more {
+        eprintln!("(more pairs in the range: --limit {limit} reached)");
+    }
+    Ok(())
+}
+
+async fn txn(
+    out: &mut impl std::io::Write,
+    args: &ClientArgs,
+    compare: Vec<String>,
+    success: Vec<String>,
+    failure: Vec<String>,
+    file: Option<std::path::PathBuf>,
+) -> anyhow::Result<std::process::ExitCode> {
+    use std::io::Read;
+    let enc = args.encoding();
+    let bad = |e: String| anyhow::anyhow!("{e}");
+    let req = match file {
+        Some(path) => {
+            let mut text = String::new();
+            let what = path.display().to_string();
+            if what == "-" {
+                std::io::stdin()
+                    .take(MAX_TXN_FILE_BYTES)
+                    .read_to_string(&mut text)?;
+            } else {
+                std::fs::File::open(&path)
+                    .map_err(|e| anyhow::anyhow!("{what}: {e}"))?
+                    .take(MAX_TXN_FILE_BYTES)
+                    .read_to_string(&mut text)?;
+            }
+            let spec: TxnFile =
+                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+            spec.into_request(enc).map_err(bad)?
+        }
+        None => pb::TxnRequest {
+            compare: compare
+                .iter()
+                .map(|c| parse_compare(c, enc))
+                .collect::<Result<_, _>>()
+                .map_err(bad)?,
+            success: success
+                .iter()
+                .map(|o| parse_op(o, enc))
+                .collect::<Result<_, _>>()
+                .map_err(bad)?,
+            failure: failure
+                .iter()
+                .map(|o| parse_op(o, enc))
+                .collect::<Result<_, _>>()
+                .map_err(bad)?,
+        },
+    };
+    let r = client(args)?.txn(req).await.map_err(status_error)?;
+    let revision = r.header.map_or(0, |h| h.revision);
+    use pb::op_result::Result as R;
+    if args.json {
+        let results: Vec<_> = r
+            .results
+            .iter()
+            .map(|res| match &res.result {
+                Some(R::Put(p)) => serde_json::json!({"put": {
+                    "prev_kv": p.prev_kv.as_ref().map(|kv| kv_json(kv, enc))}}),
+                Some(R::Delete(d)) => serde_json::json!({"delete": {"deleted": d.deleted,
+                    "prev_kv": d.prev_kv.as_ref().map(|kv| kv_json(kv, enc))}}),
+                Some(R::Get(g)) => serde_json::json!({"get": {
+                    "kv": g.kv.as_ref().map(|kv| kv_json(kv, enc))}}),
+                None => serde_json::Value::Null,
+            })
+            .collect();
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"succeeded": r.succeeded, "revision": revision, "results": results})
+        )?;
+    } else {
+        let verdict = if r.succeeded { "SUCCESS" } else { "FAILURE" };
+        writeln!(out, "{verdict} revision={revision}")?;
+        for res in &r.results {
+            match &res.result {
+                Some(R::Put(p)) => {
+                    writeln!(out, "OK")?;
+                    if let Some(prev) = &p.prev_kv {
+                        writeln!(out, "{}", enc.encode(&prev.value))?;
+                    }
+                }
+                Some(R::Delete(d)) => {
+                    writeln!(out, "{}", if d.deleted { "DELETED" } else { "NOT FOUND" })?;
+                    if let Some(prev) = &d.prev_kv {
+                        writeln!(out, "{}", enc.encode(&prev.value))?;
+                    }
+                }
+                Some(R::Get(g)) => match &g.kv {
+                    Some(kv) => {
+                        writeln!(out, "{}\t{}", enc.encode(&kv.key), enc.encode(&kv.value))?
+                    }
+                    None => writeln!(out, "NOT FOUND")?,
+                },
+                None => writeln!(out, "(empty result)")?,
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if r.succeeded {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    })
 }

@@ -54,6 +54,8 @@ pub struct Node {
     pub routes: Arc<BTreeMap<NodeId, String>>,
     /// Strong reads on a follower waiting for a read index from the leader.
     read_rounds: Arc<ReadIndexRounds>,
+    /// Reads waiting for this node to apply a revision.
+    apply_waiters: Arc<ApplyWaiters>,
     /// Writes on a follower on their way to the leader, sent in batches.
     forwarder: Forwarder,
     /// How this leader confirms it still leads before a strong read: a quorum acknowledgement younger
@@ -105,6 +107,7 @@ impl Node {
             peers: args.peers.clone(),
             routes,
             read_rounds: Arc::default(),
+            apply_waiters: Arc::new(ApplyWaiters::new(args.max_apply_waiters)),
             forwarder: Forwarder::start(args.id, channels.clone()),
             // A round is still started at once when the acknowledgement is too old (or the lease is 0).
             read_option: LinearizerOption::new(Some(read_lease), true),
@@ -501,19 +504,23 @@ impl Node {
         if self.applied_index() >= index {
             return Ok(());
         }
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        self.raft
-            .wait(Some(remaining))
-            .applied_index_at_least(Some(index), "read")
-            .await
-            .map(|_| ())
-            .map_err(|_| {
-                ApiError::DeadlineExceeded(format!(
-                    "node {} had applied {} of the {index} required before the deadline",
-                    self.id,
-                    self.applied_index()
-                ))
-            })
+        match self.apply_waiters.wait(&self.raft, index, deadline).await {
+            Ok(()) => Ok(()),
+            Err(WaitFailed::Full(max)) => Err(ApiError::TooLarge(format!(
+                "{max} reads are already waiting for node {} to apply a revision \
+                 (--max-apply-waiters); retry later",
+                self.id
+            ))),
+            Err(WaitFailed::Deadline) => Err(ApiError::DeadlineExceeded(format!(
+                "node {} had applied {} of the {index} required before the deadline",
+                self.id,
+                self.applied_index()
+            ))),
+            Err(WaitFailed::Stopped) => Err(ApiError::unavailable(
+                "raft stopped while the read waited",
+                LeaderHint::default(),
+            )),
+        }
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -668,6 +675,139 @@ async fn one_read_index(
             Err(RoundError::Deadline(s.message().to_string()))
         }
         Err(s) => Err(RoundError::Failed(s.message().to_string())),
+    }
+}
+
+/// Reads waiting for this node to apply an index, in index order, woken by one task that watches
+/// Raft's metrics while any read waits. Each waiter watching the metrics itself (openraft's `Wait`)
+/// clones them and re-arms a timer on every change, several times per write and on every heartbeat,
+/// so thousands of parked `min_revision` reads cost cores; here a change costs one comparison, and a
+/// read is touched once, when its index is reached. The count is capped, like every queue.
+pub struct ApplyWaiters {
+    state: std::sync::Mutex<WaitState>,
+    max: usize,
+}
+
+#[derive(Default)]
+struct WaitState {
+    /// (index, ticket) so that reads waiting for the same index keep their own entries.
+    waiting: BTreeMap<(u64, u64), oneshot::Sender<()>>,
+    next_ticket: u64,
+    /// The waking task is running (it exits when no read waits).
+    running: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum WaitFailed {
+    /// The cap on waiting reads, which is this number.
+    Full(usize),
+    Deadline,
+    /// Raft's metrics channel closed: the node is stopping.
+    Stopped,
+}
+
+/// Removes a read's entry when it stops waiting for any reason (woken, timed out or cancelled).
+struct Ticket<'a> {
+    waiters: &'a ApplyWaiters,
+    key: (u64, u64),
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.waiters.lock().waiting.remove(&self.key);
+    }
+}
+
+impl ApplyWaiters {
+    pub fn new(max: usize) -> Self {
+        Self {
+            state: Default::default(),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WaitState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many reads wait now.
+    pub fn len(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub async fn wait(
+        self: &Arc<Self>,
+        raft: &Raft,
+        index: u64,
+        deadline: Instant,
+    ) -> Result<(), WaitFailed> {
+        let applied = |raft: &Raft| {
+            raft.metrics()
+                .borrow_watched()
+                .last_applied
+                .as_ref()
+                .map_or(0, |l| l.index)
+        };
+        let (rx, ticket) = {
+            let mut state = self.lock();
+            if state.waiting.len() >= self.max {
+                return Err(WaitFailed::Full(self.max));
+            }
+            // Checked under the lock: the waking task reads the index before it takes the lock, so
+            // an index it saw before this entry existed is seen here instead.
+            if applied(raft) >= index {
+                return Ok(());
+            }
+            let key = (index, state.next_ticket);
+            state.next_ticket += 1;
+            let (tx, rx) = oneshot::channel();
+            state.waiting.insert(key, tx);
+            if !std::mem::replace(&mut state.running, true) {
+                tokio::spawn(self.clone().wake(raft.clone()));
+            }
+            (rx, Ticket { waiters: self, key })
+        };
+        let result = match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(WaitFailed::Stopped),
+            Err(_) => Err(WaitFailed::Deadline),
+        };
+        drop(ticket);
+        result
+    }
+
+    async fn wake(self: Arc<Self>, raft: Raft) {
+        let mut metrics = raft.metrics();
+        drop(raft);
+        loop {
+            let applied = metrics
+                .borrow_watched()
+                .last_applied
+                .as_ref()
+                .map_or(0, |l| l.index);
+            {
+                let mut state = self.lock();
+                let later = state.waiting.split_off(&(applied + 1, 0));
+                for (_, tx) in std::mem::replace(&mut state.waiting, later) {
+                    let _ = tx.send(());
+                }
+                if state.waiting.is_empty() {
+                    state.running = false;
+                    return;
+                }
+            }
+            if metrics.changed().await.is_err() {
+                let mut state = self.lock();
+                // Dropping the senders tells every waiting read that Raft is gone.
+                state.waiting.clear();
+                state.running = false;
+                return;
+            }
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use crate::node::Node;
 const FATAL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    args.check_limits()?;
     // Before anything opens files: the database and connections share the limit.
     let fd_limit = match crate::listener::raise_fd_limit() {
         Ok(limit) => Some(limit),

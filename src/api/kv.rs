@@ -10,7 +10,7 @@ use super::{grpc_timeout, validate};
 use crate::node::{Applied, Node};
 use crate::pb::v1 as pb;
 use crate::pb::v1::kv_server::Kv;
-use crate::types::{CommandResponse, KeyValue, TxnOpResult};
+use crate::types::{Command, CommandResponse, KeyValue, Txn, TxnOp, TxnOpResult};
 
 pub struct KvService {
     pub node: Arc<Node>,
@@ -51,6 +51,50 @@ impl KvService {
                     self.node.wait_applied(min_revision, deadline).await?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Refuses, before proposing it, a txn whose results would pass `--max-response-bytes`, judged by
+    /// the sizes of the values it would return as this node sees them now (the larger branch counts).
+    /// The values can still grow before the txn applies; then the response is sent anyway, bounded by
+    /// the txn's op count times the largest pair, because the txn has already taken effect.
+    fn check_txn_response_size(&self, txn: &Txn) -> Result<(), ApiError> {
+        let limits = &self.node.limits;
+        let branch = |ops: &[TxnOp]| -> Result<usize, ApiError> {
+            let mut total = 0usize;
+            for (i, op) in ops.iter().enumerate() {
+                let returned = match op {
+                    TxnOp::Get { key } => Some(key),
+                    TxnOp::Put {
+                        key, prev_kv: true, ..
+                    }
+                    | TxnOp::Delete { key, prev_kv: true } => Some(key),
+                    _ => None,
+                };
+                total += validate::RESPONSE_OVERHEAD_BYTES;
+                let Some(key) = returned else { continue };
+                // A value this txn itself writes earlier may be what a later op returns.
+                let written = ops[..i]
+                    .iter()
+                    .filter_map(|o| match o {
+                        TxnOp::Put { key: k, value, .. } if k == key => Some(value.len()),
+                        _ => None,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                let stored = self.node.sm.get(key)?.map_or(0, |kv| kv.value.len());
+                total += key.len() + stored.max(written) + validate::PAIR_OVERHEAD_BYTES;
+            }
+            Ok(total)
+        };
+        let estimate = branch(&txn.success)?.max(branch(&txn.failure)?);
+        if estimate > limits.max_response_bytes {
+            return Err(ApiError::TooLarge(format!(
+                "txn results would be about {estimate} bytes; the limit is {} bytes \
+                 (--max-response-bytes); split the txn or read the values with Get or Scan",
+                limits.max_response_bytes
+            )));
         }
         Ok(())
     }
@@ -144,7 +188,16 @@ impl Kv for KvService {
         let (kvs, more) = self
             .node
             .sm
-            .scan(&req.start, &req.end, limit)
+            .scan(
+                &req.start,
+                &req.end,
+                limit,
+                self.node
+                    .limits
+                    .max_response_bytes
+                    .saturating_sub(validate::RESPONSE_OVERHEAD_BYTES),
+                validate::PAIR_OVERHEAD_BYTES,
+            )
             .map_err(|e| self.fail(e.into()))?;
         Ok(Response::new(pb::ScanResponse {
             header: Some(header),
@@ -160,6 +213,10 @@ impl Kv for KvService {
         let deadline = self.node.deadline(grpc_timeout(request.metadata()));
         let cmd =
             validate::txn(&self.node.limits, request.into_inner()).map_err(|e| self.fail(e))?;
+        if let Command::Txn(txn) = &cmd {
+            self.check_txn_response_size(txn)
+                .map_err(|e| self.fail(e))?;
+        }
         let applied = self
             .node
             .write(cmd, deadline, true)

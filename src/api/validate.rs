@@ -6,6 +6,12 @@ use crate::config::Limits;
 use crate::pb::v1 as pb;
 use crate::types::{Command, Compare, CompareResult, CompareTarget, Txn, TxnOp};
 
+/// Bytes a pair adds to a response beyond its key and value: field tags, length prefixes and three
+/// revisions as varints, rounded up.
+pub const PAIR_OVERHEAD_BYTES: usize = 64;
+/// Bytes a response has beyond its pairs: the header (four varints) and flags, rounded up.
+pub const RESPONSE_OVERHEAD_BYTES: usize = 128;
+
 pub fn key(limits: &Limits, key: &[u8], what: &str) -> Result<(), ApiError> {
     if key.is_empty() {
         return Err(ApiError::InvalidArgument(format!(
@@ -69,10 +75,14 @@ pub fn scan(limits: &Limits, req: &pb::ScanRequest) -> Result<usize, ApiError> {
             "scan end is before its start".into(),
         ));
     }
-    Ok(match req.limit as usize {
-        0 => limits.default_scan_limit,
-        n => n.min(limits.max_scan_limit),
-    })
+    match req.limit as usize {
+        0 => Ok(limits.default_scan_limit),
+        n if n > limits.max_scan_limit => Err(ApiError::InvalidArgument(format!(
+            "scan limit {n} is above the maximum {}; page through with `more` instead",
+            limits.max_scan_limit
+        ))),
+        n => Ok(n),
+    }
 }
 
 pub fn txn(limits: &Limits, req: pb::TxnRequest) -> Result<Command, ApiError> {

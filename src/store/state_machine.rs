@@ -133,12 +133,18 @@ impl StateMachineStore {
     }
 
     /// Reads up to `limit` pairs in `[start, end)` (`end` empty: no upper bound), and whether more remain.
-    /// Each pair is consistent; the scan as a whole may interleave with a concurrent apply.
+    /// Stops before the pair that would take the response past `max_bytes` (the first pair is always
+    /// returned, so a scan moves past any value), counting each pair as its key, its stored bytes and
+    /// `pair_overhead`. The stored bytes are counted before decoding, so what is held stays within the
+    /// budget plus one pair. Each pair is consistent; the scan as a whole may interleave with a
+    /// concurrent apply.
     pub fn scan(
         &self,
         start: &[u8],
         end: &[u8],
         limit: usize,
+        max_bytes: usize,
+        pair_overhead: usize,
     ) -> io::Result<(Vec<KeyValue>, bool)> {
         let iter = if end.is_empty() {
             self.inner.data.range(start..)
@@ -146,11 +152,14 @@ impl StateMachineStore {
             self.inner.data.range(start..end)
         };
         let mut out = Vec::new();
+        let mut bytes_used = 0usize;
         for item in iter {
             let (key, bytes) = item.map_err(io_err)?;
-            if out.len() == limit {
+            let cost = key.len() + bytes.len() + pair_overhead;
+            if out.len() == limit || (!out.is_empty() && bytes_used + cost > max_bytes) {
                 return Ok((out, true));
             }
+            bytes_used += cost;
             out.push(codec::decode::<StoredValue>(&bytes)?.into_kv(&key));
         }
         Ok((out, false))

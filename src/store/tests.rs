@@ -440,7 +440,7 @@ async fn snapshot_round_trip_replaces_state() {
     let (applied, membership) = dst.applied_state().await.unwrap();
     assert_eq!(applied, Some(log_id(1, 3)));
     assert_eq!(membership.voter_ids().collect::<Vec<_>>(), vec![1, 2, 3]);
-    let (all, more) = dst.scan(b"", b"", 100).unwrap();
+    let (all, more) = dst.scan(b"", b"", 100, usize::MAX, 0).unwrap();
     assert_eq!((all.len(), more), (2, false));
 }
 
@@ -453,14 +453,34 @@ async fn scan_respects_bounds_and_limit() {
         (1..=5).map(|i| put(i, &format!("k{i}"), "v")).collect(),
     )
     .await;
-    let (kvs, more) = sm.scan(b"k2", b"k4", 10).unwrap();
+    let (kvs, more) = sm.scan(b"k2", b"k4", 10, usize::MAX, 0).unwrap();
     assert_eq!(
         kvs.iter().map(|k| k.key.clone()).collect::<Vec<_>>(),
         vec![b"k2".to_vec(), b"k3".to_vec()]
     );
     assert!(!more);
-    let (kvs, more) = sm.scan(b"k", b"", 2).unwrap();
+    let (kvs, more) = sm.scan(b"k", b"", 2, usize::MAX, 0).unwrap();
     assert_eq!((kvs.len(), more), (2, true));
+}
+
+/// A scan stops before the pair that would pass its byte budget, but always returns the first pair,
+/// so a value larger than the budget still makes progress.
+#[tokio::test]
+async fn scan_stops_at_its_byte_budget_but_returns_at_least_one_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_l, mut sm) = open(dir.path(), 1).unwrap();
+    let value = "v".repeat(1000);
+    apply(
+        &mut sm,
+        (1..=5).map(|i| put(i, &format!("k{i}"), &value)).collect(),
+    )
+    .await;
+    let (kvs, more) = sm.scan(b"k", b"", 10, 2500, 10).unwrap();
+    assert_eq!((kvs.len(), more), (2, true));
+    let (kvs, more) = sm.scan(b"k", b"", 10, 1, 10).unwrap();
+    assert_eq!((kvs.len(), more), (1, true));
+    let (kvs, more) = sm.scan(b"k5", b"", 10, 1, 10).unwrap();
+    assert_eq!((kvs.len(), more), (1, false));
 }
 
 /// The commit point is saved without a flush, so after a crash it may be ahead of what the log still

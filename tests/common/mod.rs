@@ -80,7 +80,7 @@ impl Cluster {
             .append(true)
             .open(&node.log)
             .expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_raftkv"))
+        let child = Command::new(bin())
             .args([
                 "server",
                 "--id",
@@ -275,12 +275,33 @@ impl Drop for Cluster {
     }
 }
 
+/// The binary under test: this build's, unless `RAFTKV_TEST_BIN` names another (to show that a new
+/// test fails on an older build).
+pub fn bin() -> String {
+    std::env::var("RAFTKV_TEST_BIN")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_raftkv").to_string())
+}
+
 fn signal(pid: u32, sig: &str) -> bool {
     Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
+}
+
+/// CPU time (user + system) a process has used so far, from /proc.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // Linux's USER_HZ is 100 on every platform raftkv runs on.
+    Duration::from_millis(ticks * 10)
 }
 
 pub fn channel(addr: &str) -> Channel {

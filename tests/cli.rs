@@ -1,0 +1,282 @@
+//! The `raftkv` CLI as a user runs it, against real nodes: a closed pipe, a client-side timeout,
+//! binary keys and values, and `raftkv txn`. Also what a strong read without a quorum returns, as
+//! the README's error table documents it.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Cluster, bin, eventually, req};
+use raftkv::pb::v1 as pb;
+
+fn cli(endpoints: &str, args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .args(args)
+        .args(["--endpoints", endpoints])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the CLI")
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn ready(cluster: &Cluster) -> String {
+    let client = cluster.client();
+    eventually(Duration::from_secs(10), "first put", || {
+        client.put(b"ready".to_vec(), b"1".to_vec(), false)
+    })
+    .await;
+    cluster.endpoints().join(",")
+}
+
+/// `raftkv scan | head -1`: the reader goes away; the CLI exits quietly instead of panicking (101).
+#[tokio::test]
+async fn a_closed_pipe_ends_the_cli_quietly() {
+    let cluster = Cluster::start(1, &[]);
+    let endpoints = ready(&cluster).await;
+    let client = cluster.client();
+    for i in 0..200 {
+        client
+            .put(format!("p{i:03}").into_bytes(), vec![b'v'; 1000], false)
+            .await
+            .expect("put");
+    }
+    for args in [
+        &["scan", "p"][..],
+        &["scan", "p", "--json"],
+        &["get", "p000"],
+    ] {
+        let mut child = Command::new(bin())
+            .args(args)
+            .args(["--endpoints", &endpoints])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the CLI");
+        // Close the read end before the CLI writes anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
+
+/// A server that accepts connections and never answers: the CLI's own timeout fires.
+#[tokio::test]
+async fn a_client_side_timeout_is_reported_as_deadline_exceeded() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let holder = std::thread::spawn(move || {
+        // Holds the accepted sockets open, silent, until the test ends.
+        let mut held = Vec::new();
+        for s in listener.incoming().take(4) {
+            match s {
+                Ok(s) => held.push(s),
+                Err(_) => break,
+            }
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    let out = cli(&addr, &["get", "k", "--timeout-ms", "300"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("DEADLINE_EXCEEDED"), "{err}");
+    assert!(!err.contains("Cancelled"), "{err}");
+    drop(holder);
+}
+
+#[tokio::test]
+async fn binary_keys_and_values_in_hex_and_base64() {
+    let cluster = Cluster::start(1, &[]);
+    let endpoints = ready(&cluster).await;
+    let out = cli(&endpoints, &["put", "--hex", "00ff", "80fe01"]);
+    assert!(out.status.success(), "{out:?}");
+    let kv = cluster
+        .kv(1)
+        .get(req(
+            pb::GetRequest {
+                key: vec![0x00, 0xff],
+                consistency: 0,
+                min_revision: 0,
+            },
+            Duration::from_secs(5),
+        ))
+        .await
+        .expect("get")
+        .into_inner()
+        .kv
+        .expect("the hex key was written as bytes");
+    assert_eq!(kv.value, [0x80, 0xfe, 0x01]);
+
+    let out = cli(&endpoints, &["get", "--hex", "00ff"]);
+    assert_eq!(stdout(&out).trim(), "80fe01", "{out:?}");
+    let out = cli(&endpoints, &["get", "--base64", "AP8="]);
+    assert_eq!(stdout(&out).trim(), "gP4B", "{out:?}");
+    let out = cli(&endpoints, &["get", "--base64", "--json", "AP8="]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        (json["key"].as_str(), json["value"].as_str()),
+        (Some("AP8="), Some("gP4B"))
+    );
+    let out = cli(&endpoints, &["scan", "--hex", "00", "01"]);
+    assert_eq!(stdout(&out), "00ff\t80fe01\n", "{out:?}");
+    let out = cli(&endpoints, &["delete", "--hex", "00ff"]);
+    assert!(stdout(&out).starts_with("DELETED"), "{out:?}");
+
+    let out = cli(&endpoints, &["get", "--hex", "zz"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not hex"),
+        "{out:?}"
+    );
+    let out = cli(&endpoints, &["get", "--hex", "--base64", "00"]);
+    assert!(
+        !out.status.success(),
+        "--hex and --base64 together are refused"
+    );
+}
+
+#[tokio::test]
+async fn txn_from_flags_and_from_a_file() {
+    let cluster = Cluster::start(3, &[]);
+    let endpoints = ready(&cluster).await;
+    let create = [
+        "txn",
+        "--compare",
+        r#"mod("lock") = 0"#,
+        "--success",
+        "put lock alice",
+        "--success",
+        "get lock",
+        "--failure",
+        "get lock",
+    ];
+    let out = cli(&endpoints, &create);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("SUCCESS revision="), "{text}");
+    assert_eq!(&lines[1..], ["OK", "lock\talice"], "{text}");
+
+    // The same txn again: the key exists, so the failure branch runs (exit 1).
+    let mut bob = create;
+    bob[4] = "put lock bob";
+    let out = cli(&endpoints, &bob);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        stdout(&out).lines().skip(1).collect::<Vec<_>>(),
+        ["lock\talice"]
+    );
+
+    // A compare-and-swap from a JSON file, with --json output.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("txn.json");
+    let mut f = std::fs::File::create(&path).expect("create");
+    write!(
+        f,
+        r#"{{"compare": [{{"key": "lock", "target": "value", "result": "=", "operand": "alice"}},
+                        "version(lock) = 1"],
+            "success": [{{"put": {{"key": "lock", "value": "carol", "prev_kv": true}}}}, "del other"],
+            "failure": []}}"#
+    )
+    .expect("write");
+    drop(f);
+    let out = cli(
+        &endpoints,
+        &["txn", "--json", "--file", path.to_str().expect("path")],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["succeeded"], true, "{json}");
+    assert_eq!(
+        json["results"][0]["put"]["prev_kv"]["value"], "alice",
+        "{json}"
+    );
+    assert_eq!(json["results"][1]["delete"]["deleted"], false, "{json}");
+    let out = cli(&endpoints, &["get", "lock"]);
+    assert_eq!(stdout(&out).trim(), "carol");
+
+    // Malformed input is refused by the CLI before anything is sent.
+    for bad in [
+        &["txn", "--compare", "mod(lock) >= 1"][..],
+        &["txn", "--success", "put lock"],
+        &["txn", "--file", "/nonexistent/txn.json"],
+    ] {
+        let out = cli(&endpoints, bad);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
+    }
+    let out = cli(&endpoints, &["get", "lock"]);
+    assert_eq!(stdout(&out).trim(), "carol");
+}
+
+/// What the README's error table says about a strong read without a quorum: the read waits until
+/// the caller's deadline, then fails with DEADLINE_EXCEEDED on a node that still leads (no quorum
+/// confirmed it) and UNAVAILABLE on a follower (no usable leader); either way it is safe to retry,
+/// and an eventual read still answers from the node's own state.
+#[tokio::test]
+async fn a_strong_read_without_a_quorum_ends_at_its_deadline() {
+    // The surviving node is once the old leader, once a follower.
+    for keep_leader in [true, false] {
+        let mut cluster = Cluster::start(3, &[]);
+        let leader = cluster
+            .wait_leader(&[1, 2, 3], Duration::from_secs(10))
+            .await;
+        ready(&cluster).await;
+        let keep = if keep_leader {
+            leader
+        } else {
+            [1, 2, 3]
+                .into_iter()
+                .find(|&i| i != leader)
+                .expect("a follower")
+        };
+        for id in [1, 2, 3].into_iter().filter(|&i| i != keep) {
+            cluster.kill(id);
+        }
+        // Past the read lease: until it runs out, the leader may still serve a strong read on the
+        // quorum's last acknowledgement, and rightly so (no one else can have been elected yet).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The old leader waited for a quorum to confirm it; a follower looked for a usable leader.
+        let code = if keep_leader {
+            tonic::Code::DeadlineExceeded
+        } else {
+            tonic::Code::Unavailable
+        };
+        check_no_quorum_read(&cluster, keep, code).await;
+    }
+}
+
+async fn check_no_quorum_read(cluster: &Cluster, id: u64, want: tonic::Code) {
+    let err = cluster
+        .kv(id)
+        .get(req(
+            common::get("ready", pb::Consistency::Strong),
+            Duration::from_millis(1500),
+        ))
+        .await
+        .expect_err("a strong read without a quorum");
+    assert_eq!(err.code(), want, "node {id}: {err:?}");
+    let r = cluster
+        .kv(id)
+        .get(req(
+            common::get("ready", pb::Consistency::Eventual),
+            Duration::from_millis(1500),
+        ))
+        .await
+        .expect("an eventual read needs no quorum");
+    assert!(r.into_inner().kv.is_some());
+    let out = cli(&cluster.addr(id), &["get", "ready", "--timeout-ms", "1500"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The CLI retries an UNAVAILABLE read until its deadline, then reports the last answer.
+    assert!(
+        stderr.contains("DEADLINE_EXCEEDED") || stderr.contains("UNAVAILABLE"),
+        "node {id}: {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(2), "node {id}: {stderr}");
+}
