@@ -62,6 +62,13 @@ pub struct ServerArgs {
     /// How long a request may wait for a leader, a quorum or replication when the client sets no deadline.
     #[arg(long, default_value_t = 5_000)]
     pub request_timeout_ms: u64,
+    /// Background scrub: read and decode every stored value (log, data, snapshot) at most this fast,
+    /// so damage on disk is found even where nothing reads it. 0 turns the scrub off.
+    #[arg(long, env = "RAFTKV_SCRUB_BYTES_PER_SEC", default_value_t = 4 * 1024 * 1024)]
+    pub scrub_bytes_per_sec: u64,
+    /// Seconds between the end of one scrub pass and the start of the next.
+    #[arg(long, env = "RAFTKV_SCRUB_INTERVAL_SECS", default_value_t = 3600)]
+    pub scrub_interval_secs: u64,
 }
 
 impl ServerArgs {

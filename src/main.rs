@@ -101,6 +101,8 @@ enum Command {
     /// Fault test: start a fresh cluster, inject partitions, crashes and pauses under load, check the
     /// history (exit 0 pass, 1 anomaly, 2 unknown).
     Jepsen(raftkv::jepsen::JepsenArgs),
+    /// Verify a stopped node's data directory (exit 0 clean, 1 corrupt, 2 could not check).
+    Check(raftkv::store::integrity::CheckArgs),
 }
 
 fn init_tracing() {
@@ -124,6 +126,7 @@ async fn main() -> std::process::ExitCode {
         Command::Server(args) => raftkv::server::run(args).await,
         Command::Jepsen(args) => raftkv::jepsen::run(args).await,
         Command::Bench(args) => raftkv::bench::run(*args).await.map_err(Into::into),
+        Command::Check(args) => Ok(raftkv::store::integrity::run_check(&args)),
         other => run_client(other).await,
     };
     match result {
@@ -160,7 +163,7 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     match command {
-        Command::Server(_) | Command::Jepsen(_) | Command::Bench(_) => {
+        Command::Server(_) | Command::Jepsen(_) | Command::Bench(_) | Command::Check(_) => {
             unreachable!("handled by main")
         }
         Command::Put {
