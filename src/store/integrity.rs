@@ -298,7 +298,23 @@ pub fn check_meta(db: &sled::Db, node_id: Option<NodeId>) -> Report {
 }
 
 /// Reads and decodes every value of every tree at the pacer's rate, giving up early once `stop` says so.
+/// sled 0.34 can panic on some damaged pages instead of returning an error; that counts as corruption
+/// too, rather than ending the scrub thread unseen.
 pub fn scrub(db: &sled::Db, pacer: &mut Pacer<'_>, stop: &dyn Fn() -> bool) -> Report {
+    let run = std::panic::AssertUnwindSafe(|| scrub_trees(db, pacer, stop));
+    std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let mut report = Report::default();
+        report.problem(format_args!("sled panicked while reading: {why}"));
+        report
+    })
+}
+
+fn scrub_trees(db: &sled::Db, pacer: &mut Pacer<'_>, stop: &dyn Fn() -> bool) -> Report {
     let mut report = Report::default();
     let mut names: Vec<sled::IVec> = db.tree_names();
     names.sort();
