@@ -84,6 +84,13 @@ pub struct ServerArgs {
     /// catching up); more are refused with RESOURCE_EXHAUSTED rather than queued without bound.
     #[arg(long, env = "RAFTKV_MAX_APPLY_WAITERS", default_value_t = 4096)]
     pub max_apply_waiters: usize,
+    /// Background scrub: read and decode every stored value (log, data, snapshot) at most this fast,
+    /// so damage on disk is found even where nothing reads it. 0 turns the scrub off.
+    #[arg(long, env = "RAFTKV_SCRUB_BYTES_PER_SEC", default_value_t = 4 * 1024 * 1024)]
+    pub scrub_bytes_per_sec: u64,
+    /// Seconds between the end of one scrub pass and the start of the next.
+    #[arg(long, env = "RAFTKV_SCRUB_INTERVAL_SECS", default_value_t = 3600)]
+    pub scrub_interval_secs: u64,
 }
 
 impl ServerArgs {

@@ -151,6 +151,8 @@ enum Command {
     /// Fault test: start a fresh cluster, inject partitions, crashes and pauses under load, check the
     /// history (exit 0 pass, 1 anomaly, 2 unknown).
     Jepsen(raftkv::jepsen::JepsenArgs),
+    /// Verify a stopped node's data directory (exit 0 clean, 1 corrupt, 2 could not check).
+    Check(raftkv::store::integrity::CheckArgs),
 }
 
 /// Targets whose warnings raftkv replaces with rate-limited lines of its own, and the directive that
@@ -193,6 +195,7 @@ async fn main() -> std::process::ExitCode {
         Command::Server(args) => raftkv::server::run(args).await,
         Command::Jepsen(args) => raftkv::jepsen::run(args).await,
         Command::Bench(args) => raftkv::bench::run(*args).await.map_err(Into::into),
+        Command::Check(args) => Ok(raftkv::store::integrity::run_check(&args)),
         other => run_client(other).await,
     };
     match result {
@@ -272,7 +275,7 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
     // Written with `?`, not println!: a closed pipe is an error to stop on, not a panic.
     let mut out = std::io::BufWriter::new(std::io::stdout());
     let code = match command {
-        Command::Server(_) | Command::Jepsen(_) | Command::Bench(_) => {
+        Command::Server(_) | Command::Jepsen(_) | Command::Bench(_) | Command::Check(_) => {
             unreachable!("handled by main")
         }
         Command::Put {

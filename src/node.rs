@@ -64,6 +64,8 @@ pub struct Node {
     /// Until when this node neither votes nor campaigns after starting: the follower lease it may have
     /// granted the leader before a crash was lost with its memory (see [`Node::vote_held`]).
     vote_hold_until: Instant,
+    /// Reads the whole store in the background while the node lives (see `store::integrity`).
+    _scrubber: Option<store::integrity::Scrubber>,
 }
 
 /// What this node currently knows about leadership, read once from the metrics.
@@ -89,6 +91,12 @@ impl Node {
         let config = Arc::new(config);
         std::fs::create_dir_all(&args.data_dir)?;
         let (log, sm) = store::open(&args.data_dir, args.id)?;
+        let scrubber = store::integrity::Scrubber::start(
+            sm.db().clone(),
+            sm.integrity().clone(),
+            args.scrub_bytes_per_sec,
+            Duration::from_secs(args.scrub_interval_secs),
+        )?;
         let channels = PeerChannels::default();
         let routes = Arc::new(args.dial.clone().unwrap_or_default());
         let network = NetworkFactory {
@@ -112,6 +120,7 @@ impl Node {
             // A round is still started at once when the acknowledgement is too old (or the lease is 0).
             read_option: LinearizerOption::new(Some(read_lease), true),
             vote_hold_until: hold_until,
+            _scrubber: scrubber,
         });
         tokio::spawn(end_vote_hold(node.raft.clone(), hold_until));
         node.bootstrap(&args.peers).await?;

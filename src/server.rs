@@ -2,8 +2,11 @@
 //!
 //! If Raft stops on its own (a storage error is fatal by design), the process exits non-zero so a
 //! supervisor notices, rather than serving stale reads from a node that can no longer make progress.
+//! Corrupt storage (see `store::integrity`) ends it the same way, with its own exit status, after a
+//! moment in which health says NOT_SERVING and every read is refused.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use futures::FutureExt;
 use openraft::async_runtime::watch::WatchReceiver;
@@ -14,6 +17,11 @@ use crate::node::Node;
 
 /// How soon a node notices that Raft stopped on a storage error and exits.
 const FATAL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long a node with corrupt storage keeps its port open, answering health NOT_SERVING, before it
+/// exits: long enough for a probe to see why, short enough that nothing waits on it.
+const CORRUPT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// The exit status when storage is corrupt: the data directory must be wiped (see the README).
+pub const EXIT_CORRUPT: u8 = 3;
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     args.check_limits()?;
@@ -35,7 +43,20 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-    let node = Node::start(&args).await?;
+    let node = match Node::start(&args).await {
+        Ok(node) => node,
+        // Already logged as an ERROR naming the directory, where corruption was first found.
+        Err(e)
+            if matches!(
+                e.downcast_ref::<crate::store::StoreError>(),
+                Some(crate::store::StoreError::Corrupt { .. })
+            ) =>
+        {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(EXIT_CORRUPT));
+        }
+        Err(e) => return Err(e),
+    };
     tracing::info!(
         id = args.id,
         listen = %args.listen,
@@ -82,20 +103,45 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         args.max_concurrent_streams,
     ));
 
+    let integrity = node.sm.integrity().clone();
+    let mut corrupt = false;
     let code = tokio::select! {
+        biased;
+        what = integrity.tripped() => {
+            tracing::error!(
+                data_dir = %args.data_dir.display(),
+                corrupt = %what,
+                "storage is corrupt; stopping so that this node can be rebuilt from its peers"
+            );
+            corrupt = true;
+            ExitCode::from(EXIT_CORRUPT)
+        }
         r = &mut serve => {
             r?;
             ExitCode::SUCCESS
         }
         reason = fatal => {
             tracing::error!(%reason, "raft stopped; exiting");
-            ExitCode::from(1)
+            // A storage error that was corruption has already been reported as such.
+            corrupt = integrity.corrupt().is_some();
+            ExitCode::from(if corrupt { EXIT_CORRUPT } else { 1 })
         }
         sig = signals => {
             tracing::info!(signal = sig.unwrap_or("signal"), "shutting down");
             ExitCode::SUCCESS
         }
     };
+    if corrupt {
+        // Raft first, so this node stops voting and replicating on damaged data; bounded, since a
+        // store that cannot be read may not let it finish cleanly.
+        let _ = tokio::time::timeout(Duration::from_secs(5), node.raft.shutdown()).await;
+        tokio::select! {
+            _ = &mut serve => {}
+            _ = tokio::time::sleep(CORRUPT_GRACE) => {}
+        }
+        // No clean-shutdown marker: the state is not to be trusted.
+        return Ok(code);
+    }
     drop(serve);
     if let Err(e) = node.raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown");

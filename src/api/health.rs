@@ -10,6 +10,9 @@
 //! reporting its old leader for a while. Instead a probe makes the same read-index round a strong read
 //! makes, once a second, as etcd's `/health` makes a linearizable read. With the read lease a leader
 //! answers it locally, and a follower shares one round trip with its other strong reads.
+//!
+//! Corrupt storage turns both statuses NOT_SERVING at once and for good: the process is about to exit
+//! (see server.rs) and must be rebuilt, not restarted on the same data.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,8 +38,22 @@ pub(super) async fn keep_reporting(node: Arc<Node>, reporter: HealthReporter) {
     let mut reported = ServingStatus::NotServing;
     // The first change, to SERVING as the cluster comes up, is startup rather than news.
     let mut started = false;
+    let integrity = node.sm.integrity().clone();
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            what = integrity.tripped() => {
+                reporter.set_service_status("", ServingStatus::NotServing).await;
+                reporter
+                    .set_service_status(
+                        <KvServer<KvService> as tonic::server::NamedService>::NAME,
+                        ServingStatus::NotServing,
+                    )
+                    .await;
+                tracing::info!(reason = %what, "health NOT_SERVING: storage is corrupt");
+                return;
+            }
+        }
         let (status, why) = match node.linearize(Instant::now() + PROBE_TIMEOUT).await {
             Ok(()) => (ServingStatus::Serving, String::new()),
             Err(e) => (ServingStatus::NotServing, e.to_string()),

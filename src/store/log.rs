@@ -16,14 +16,14 @@ use std::ops::{Bound, RangeBounds};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
-use super::{io_err, read_decoded};
+use super::{Integrity, io_err, read_decoded};
 use crate::codec;
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
-const VOTE_KEY: &[u8] = b"vote";
-const COMMITTED_KEY: &[u8] = b"committed";
+pub(super) const VOTE_KEY: &[u8] = b"vote";
+pub(super) const COMMITTED_KEY: &[u8] = b"committed";
 pub(super) const LAST_PURGED_KEY: &[u8] = b"last_purged";
 
 /// A cheap handle: sled trees are reference counted, and the flusher queue is shared.
@@ -33,21 +33,29 @@ pub struct LogStore {
     logs: sled::Tree,
     pub(super) meta: sled::Tree,
     flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
+    integrity: Arc<Integrity>,
 }
 
 impl LogStore {
     /// Starts the flusher thread; it ends once every handle (and so every sender) is dropped.
-    pub(super) fn new(db: sled::Db, logs: sled::Tree, meta: sled::Tree) -> io::Result<Self> {
+    pub(super) fn new(
+        db: sled::Db,
+        logs: sled::Tree,
+        meta: sled::Tree,
+        integrity: Arc<Integrity>,
+    ) -> io::Result<Self> {
         let (tx, rx) = mpsc::channel();
         let flusher_db = db.clone();
+        let flusher_integrity = integrity.clone();
         std::thread::Builder::new()
             .name("raftkv-log-flush".into())
-            .spawn(move || run_flusher(&flusher_db, &rx))?;
+            .spawn(move || run_flusher(&flusher_db, &flusher_integrity, &rx))?;
         Ok(Self {
             db,
             logs,
             meta,
             flusher: tx,
+            integrity,
         })
     }
 
@@ -94,18 +102,21 @@ impl LogStore {
 
 /// Completes queued append callbacks in batches, one flush per batch. Appends queued while a flush
 /// runs wait for the next one: that flush may have started before their entries were written.
-fn run_flusher(db: &sled::Db, rx: &mpsc::Receiver<IOFlushed<TypeConfig>>) {
+fn run_flusher(db: &sled::Db, integrity: &Integrity, rx: &mpsc::Receiver<IOFlushed<TypeConfig>>) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         batch.extend(rx.try_iter());
         // Every callback in `batch` was queued after its entries were written, so this flush covers all.
-        let result = db.flush();
+        let result = integrity.observe("flushing the log", db.flush().map_err(io_err));
         if let Err(e) = &result {
             tracing::error!(error = %e, "log flush failed; the node will stop");
         }
         for callback in batch.drain(..) {
-            callback.io_completed(result.as_ref().map(|_| ()).map_err(io_err));
+            callback.io_completed(match &result {
+                Ok(_) => Ok(()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            });
         }
     }
 }
@@ -141,7 +152,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> io::Result<Vec<Entry>> {
-        let (start, end) = to_half_open(&range);
+        let entries = self.read_entries(&range);
+        self.integrity.observe("reading log entries", entries)
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        let vote = self.read_meta(VOTE_KEY);
+        self.integrity.observe("reading the vote", vote)
+    }
+}
+
+impl LogStore {
+    fn read_entries(&self, range: &impl RangeBounds<u64>) -> io::Result<Vec<Entry>> {
+        self.integrity.ensure_sound()?;
+        let (start, end) = to_half_open(range);
         // Never hand out entries a crash left behind at or below the purge marker (see get_log_state).
         let start = match self.read_meta::<LogId>(LAST_PURGED_KEY)? {
             Some(p) => start.max(p.index.saturating_add(1)),
@@ -159,15 +183,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         .collect()
     }
 
-    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
-        self.read_meta(VOTE_KEY)
-    }
-}
-
-impl RaftLogStorage<TypeConfig> for LogStore {
-    type LogReader = Self;
-
-    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+    fn log_state(&self) -> io::Result<LogState<TypeConfig>> {
         let last_purged: Option<LogId> = self.read_meta(LAST_PURGED_KEY)?;
         let last = match self.logs.last().map_err(io_err)? {
             Some((_, bytes)) => Some(codec::decode::<Entry>(&bytes)?.log_id),
@@ -186,25 +202,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
     }
 
-    /// A plain insert, durable with the next flush (a log append's or sled's once-a-second one). It lets
-    /// a restarted node re-apply its own log up to what it knew was committed before it serves
-    /// anything, instead of falling back to its last snapshot until it hears from a leader.
-    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
-        self.meta
-            .insert(COMMITTED_KEY, codec::encode(&committed)?)
-            .map_err(io_err)?;
-        Ok(())
-    }
-
-    /// The saved commit point, but never past what this log still holds: entries after the last
-    /// flush may be gone, and those before it are the ones that were committed (a commit point is
-    /// saved only for entries already in the log, and only a later leader could have replaced them,
-    /// which would have needed them to be uncommitted).
-    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
+    /// See `read_committed`.
+    fn committed(&self) -> io::Result<Option<LogId>> {
         let Some(committed) = self.read_meta::<Option<LogId>>(COMMITTED_KEY)?.flatten() else {
             return Ok(None);
         };
-        let state = self.get_log_state().await?;
+        let state = self.log_state()?;
         let purged_index = state.last_purged_log_id.as_ref().map(|p| p.index);
         if purged_index.is_some_and(|p| committed.index <= p) {
             // Behind the snapshot: openraft starts from the applied state anyway.
@@ -223,16 +226,53 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => Ok(None),
         }
     }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        let state = self.log_state();
+        self.integrity.observe("reading the log state", state)
+    }
+
+    /// A plain insert, durable with the next flush (a log append's or sled's once-a-second one). It lets
+    /// a restarted node re-apply its own log up to what it knew was committed before it serves
+    /// anything, instead of falling back to its last snapshot until it hears from a leader.
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
+        let result = async {
+            self.meta
+                .insert(COMMITTED_KEY, codec::encode(&committed)?)
+                .map_err(io_err)?;
+            io::Result::Ok(())
+        }
+        .await;
+        self.integrity.observe("saving the commit point", result)
+    }
+
+    /// The saved commit point, but never past what this log still holds: entries after the last
+    /// flush may be gone, and those before it are the ones that were committed (a commit point is
+    /// saved only for entries already in the log, and only a later leader could have replaced them,
+    /// which would have needed them to be uncommitted).
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
+        let committed = self.committed();
+        self.integrity
+            .observe("reading the commit point", committed)
+    }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
         self.clone()
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
-        self.meta
-            .insert(VOTE_KEY, codec::encode(vote)?)
-            .map_err(io_err)?;
-        self.flush().await
+        let result = async {
+            self.meta
+                .insert(VOTE_KEY, codec::encode(vote)?)
+                .map_err(io_err)?;
+            self.flush().await
+        }
+        .await;
+        self.integrity.observe("saving the vote", result)
     }
 
     async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
@@ -240,33 +280,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        // Plain inserts, not a `Batch`: a sled batch seals the I/O buffer twice (see `state_machine`).
-        // Atomicity is not needed: nothing here counts until the flush, and `repair` removes whatever
-        // a crash left after a hole.
-        for entry in entries {
-            self.logs
-                .insert(index_key(entry.log_id.index), codec::encode(&entry)?)
-                .map_err(io_err)?;
+        let result = async {
+            // Plain inserts, not a `Batch`: a sled batch seals the I/O buffer twice (see `state_machine`).
+            // Atomicity is not needed: nothing here counts until the flush, and `repair` removes whatever
+            // a crash left after a hole.
+            for entry in entries {
+                self.logs
+                    .insert(index_key(entry.log_id.index), codec::encode(&entry)?)
+                    .map_err(io_err)?;
+            }
+            // The entries are readable now; they are durable once the flusher completes the callback.
+            if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
+                // Only possible if the flusher thread died; flush inline rather than lose the completion.
+                let result = self.flush().await;
+                callback.io_completed(result);
+            }
+            io::Result::Ok(())
         }
-        // The entries are readable now; they are durable once the flusher completes the callback.
-        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
-            // Only possible if the flusher thread died; flush inline rather than lose the completion.
-            let result = self.flush().await;
-            callback.io_completed(result);
-        }
-        Ok(())
+        .await;
+        self.integrity.observe("appending to the log", result)
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
-        let from = last_log_id.map_or(0, |id| id.index + 1);
-        let mut batch = sled::Batch::default();
-        for item in self.logs.range(index_key(from)..) {
-            let (key, _) = item.map_err(io_err)?;
-            batch.remove(key);
+        let result = async {
+            let from = last_log_id.map_or(0, |id| id.index + 1);
+            let mut batch = sled::Batch::default();
+            for item in self.logs.range(index_key(from)..) {
+                let (key, _) = item.map_err(io_err)?;
+                batch.remove(key);
+            }
+            // One batch is atomic, so a crash cannot leave a hole in the log.
+            self.logs.apply_batch(batch).map_err(io_err)?;
+            self.flush().await
         }
-        // One batch is atomic, so a crash cannot leave a hole in the log.
-        self.logs.apply_batch(batch).map_err(io_err)?;
-        self.flush().await
+        .await;
+        self.integrity.observe("truncating the log", result)
     }
 
     /// Makes the purge durable with the `last_purged` marker and leaves the deleting to a blocking
@@ -275,25 +323,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// inside its core loop: deleting the ~9k entries behind a snapshot there stalled every write for
     /// tens of milliseconds, the worst of the put tail (max 100 ms; see docs/benchmarks.md).
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
-        // The marker must be durable before any delete is: a crash must never leave a log whose
-        // first entries are gone without the marker that says so (`repair` would cut the rest).
-        self.meta
-            .insert(LAST_PURGED_KEY, codec::encode(&log_id)?)
-            .map_err(io_err)?;
-        self.flush().await?;
-        let logs = self.logs.clone();
-        tokio::task::spawn_blocking(move || {
-            // Plain removes: a sled batch costs two extra buffer writes (see `append`). A crash part
-            // way leaves dead entries below the marker; the next purge's range covers them.
-            let removed = logs
-                .range(..=index_key(log_id.index))
-                .keys()
-                .try_for_each(|key| logs.remove(key?).map(|_| ()));
-            if let Err(e) = removed {
-                tracing::warn!(error = %e, upto = log_id.index, "deleting purged log entries failed; they stay dead on disk");
-            }
-        });
-        Ok(())
+        let result = async {
+            // The marker must be durable before any delete is: a crash must never leave a log whose
+            // first entries are gone without the marker that says so (`repair` would cut the rest).
+            self.meta
+                .insert(LAST_PURGED_KEY, codec::encode(&log_id)?)
+                .map_err(io_err)?;
+            self.flush().await?;
+            let logs = self.logs.clone();
+            tokio::task::spawn_blocking(move || {
+                // Plain removes: a sled batch costs two extra buffer writes (see `append`). A crash part
+                // way leaves dead entries below the marker; the next purge's range covers them.
+                let removed = logs
+                    .range(..=index_key(log_id.index))
+                    .keys()
+                    .try_for_each(|key| logs.remove(key?).map(|_| ()));
+                if let Err(e) = removed {
+                    tracing::warn!(error = %e, upto = log_id.index, "deleting purged log entries failed; they stay dead on disk");
+                }
+            });
+            io::Result::Ok(())
+        }
+        .await;
+        self.integrity.observe("purging the log", result)
     }
 }
 

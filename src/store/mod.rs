@@ -22,20 +22,23 @@
 //! So after a crash: `purged <= snapshot <= last_applied`, and every committed entry after the snapshot
 //! is still in a quorum's logs for openraft to re-apply.
 
+pub mod integrity;
 pub mod log;
 pub mod snapshot;
 pub mod state_machine;
 #[cfg(test)]
 mod tests;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+pub use integrity::Integrity;
 pub use log::LogStore;
 pub use state_machine::StateMachineStore;
 
 use crate::types::NodeId;
 
-const NODE_ID_KEY: &[u8] = b"node_id";
+pub(crate) const NODE_ID_KEY: &[u8] = b"node_id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -47,22 +50,96 @@ pub enum StoreError {
         "data directory belongs to node {found}, not node {expected}; node ids are never reused"
     )]
     WrongNode { expected: NodeId, found: NodeId },
+    #[error(
+        "the data in {} is corrupt: {what}. Wipe the directory and start the node again: it \
+         rejoins the cluster by snapshot",
+        .dir.display()
+    )]
+    Corrupt { dir: PathBuf, what: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
-/// Opens (or creates) a node's storage and checks that the directory is this node's.
-pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore), StoreError> {
-    let db = sled::Config::new()
+/// The sled configuration every opener uses, the node and `raftkv check` alike.
+pub fn sled_config(dir: &Path) -> sled::Config {
+    sled::Config::new()
         .path(dir.join("sled"))
         .mode(sled::Mode::LowSpace)
         .cache_capacity(256 * 1024 * 1024)
         // Durability comes from explicit flushes at each durability point; the background flusher
         // only bounds how much unacknowledged work a crash can drop.
         .flush_every_ms(Some(1000))
-        .open()?;
-    let raft_meta = db.open_tree("raft_meta")?;
-    match raft_meta.get(NODE_ID_KEY)? {
+}
+
+/// The trees of a data directory (see the module doc).
+pub(crate) struct Trees {
+    pub raft_log: sled::Tree,
+    pub raft_meta: sled::Tree,
+    pub sm_data: sled::Tree,
+    pub sm_meta: sled::Tree,
+    pub sm_snapshot: sled::Tree,
+}
+
+pub(crate) fn trees(db: &sled::Db) -> sled::Result<Trees> {
+    Ok(Trees {
+        raft_log: db.open_tree("raft_log")?,
+        raft_meta: db.open_tree("raft_meta")?,
+        sm_data: db.open_tree("sm_data")?,
+        sm_meta: db.open_tree("sm_meta")?,
+        sm_snapshot: db.open_tree("sm_snapshot")?,
+    })
+}
+
+/// Turns a failure to open into [`StoreError::Corrupt`] when it is corruption, reporting it.
+fn classify(integrity: &Integrity, what: &str, e: impl Into<StoreError>) -> StoreError {
+    let e = e.into();
+    let corrupt = match &e {
+        StoreError::Sled(sled::Error::Corruption { .. }) | StoreError::Codec(_) => true,
+        StoreError::Io(io) => io.kind() == std::io::ErrorKind::InvalidData,
+        _ => false,
+    };
+    if !corrupt {
+        return e;
+    }
+    let what = format!("{what}: {e}");
+    integrity.report(&what);
+    StoreError::Corrupt {
+        dir: integrity.dir().to_path_buf(),
+        what,
+    }
+}
+
+/// Opens (or creates) a node's storage, checks that the directory is this node's and that its
+/// metadata is sound (see `integrity`). Corruption found here is [`StoreError::Corrupt`], and trips
+/// the returned stores' [`Integrity`] for anything found later.
+pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let integrity = Integrity::new(dir);
+    let db = sled_config(dir)
+        .open()
+        .map_err(|e| classify(&integrity, "opening sled", e))?;
+    let report = integrity::check_meta(&db, Some(node_id));
+    if let Some(problem) = report.problems.first() {
+        let what = format!(
+            "start check: {problem} ({} problems in all)",
+            report.problems.len()
+        );
+        integrity.report(&what);
+        return Err(StoreError::Corrupt {
+            dir: dir.to_path_buf(),
+            what,
+        });
+    }
+    open_checked(db, node_id, integrity.clone())
+        .map_err(|e| classify(&integrity, "opening the stores", e))
+}
+
+fn open_checked(
+    db: sled::Db,
+    node_id: NodeId,
+    integrity: Arc<Integrity>,
+) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let t = trees(&db)?;
+    match t.raft_meta.get(NODE_ID_KEY)? {
         Some(bytes) => {
             let found: NodeId = crate::codec::decode(&bytes)?;
             if found != node_id {
@@ -73,18 +150,14 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore)
             }
         }
         None => {
-            raft_meta.insert(NODE_ID_KEY, crate::codec::encode(&node_id)?)?;
+            t.raft_meta
+                .insert(NODE_ID_KEY, crate::codec::encode(&node_id)?)?;
             db.flush()?;
         }
     }
-    let log = LogStore::new(db.clone(), db.open_tree("raft_log")?, raft_meta)?;
+    let log = LogStore::new(db.clone(), t.raft_log, t.raft_meta, integrity.clone())?;
     log.repair()?;
-    let sm = StateMachineStore::new(
-        db.clone(),
-        db.open_tree("sm_data")?,
-        db.open_tree("sm_meta")?,
-        db.open_tree("sm_snapshot")?,
-    )?;
+    let sm = StateMachineStore::new(db, t.sm_data, t.sm_meta, t.sm_snapshot, integrity)?;
     snapshot::move_out_of_meta(&sm)?;
     sm.recover()?;
     Ok((log, sm))
@@ -101,7 +174,16 @@ pub(crate) fn read_decoded<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// openraft reports storage failures as `io::Error`; sled's errors carry the detail.
-pub(crate) fn io_err(e: impl std::fmt::Display) -> std::io::Error {
-    std::io::Error::other(e.to_string())
+/// openraft reports storage failures as `io::Error`. sled's own conversion keeps what `integrity`
+/// needs: its corruption error becomes `InvalidData`.
+pub(crate) fn io_err(e: impl Into<std::io::Error>) -> std::io::Error {
+    e.into()
+}
+
+/// A failed sled transaction as an `io::Error`, keeping a storage error's kind.
+pub(crate) fn tx_err(e: sled::transaction::TransactionError<String>) -> std::io::Error {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => e.into(),
+        sled::transaction::TransactionError::Abort(why) => std::io::Error::other(why),
+    }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{TransactionError, Transactional};
 
 use super::state_machine::{LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StateMachineStore};
-use super::{io_err, read_decoded};
+use super::{io_err, read_decoded, tx_err};
 use crate::codec;
 use crate::types::{LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
@@ -72,6 +72,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     type SnapshotData = crate::types::SnapshotData;
 
     async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let built = self.build().await;
+        self.sm
+            .inner
+            .integrity
+            .observe("building a snapshot", built)
+    }
+}
+
+impl SnapshotBuilder {
+    async fn build(&mut self) -> io::Result<Snapshot> {
         let started = std::time::Instant::now();
         let inner = &self.sm.inner;
         let (meta, pairs) = {
@@ -149,7 +159,9 @@ pub(super) async fn install(
     meta: &SnapshotMeta,
     data: Vec<u8>,
 ) -> io::Result<()> {
-    let image: Image = codec::decode(&data)?;
+    // Bytes from the leader, not from this disk: not decoding is not local corruption (`integrity`).
+    let image: Image = codec::decode(&data)
+        .map_err(|e| io::Error::other(format!("the received snapshot does not decode: {e}")))?;
     let inner = &sm.inner;
     let state = inner.write_lock.lock().await;
     if state.closed {
@@ -232,10 +244,17 @@ pub(super) fn move_out_of_meta(sm: &StateMachineStore) -> io::Result<()> {
             }
             Ok(())
         });
-    result.map_err(io_err)?;
+    result.map_err(tx_err)?;
     inner.db.flush().map_err(io_err)?;
     tracing::info!("moved the stored snapshot to its own tree");
     Ok(())
+}
+
+/// Decodes a stored snapshot and the image inside it, for the checks in `integrity`.
+pub(super) fn verify_stored(bytes: &[u8]) -> Result<SnapshotMeta, codec::CodecError> {
+    let stored: StoredSnapshot = codec::decode(bytes)?;
+    codec::decode::<Image>(&stored.data)?;
+    Ok(stored.meta)
 }
 
 pub(super) fn current(sm: &StateMachineStore) -> io::Result<Option<Snapshot>> {

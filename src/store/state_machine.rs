@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{TransactionError, Transactional};
 
 use super::snapshot::{self, SnapshotBuilder};
-use super::{io_err, read_decoded};
+use super::{Integrity, io_err, read_decoded, tx_err};
 use crate::codec;
 use crate::types::{
     Command, CommandResponse, Compare, CompareResult, CompareTarget, KeyValue, LogId, Snapshot,
@@ -53,7 +53,7 @@ use crate::types::{
 pub(super) const LAST_APPLIED_KEY: &[u8] = b"last_applied";
 pub(super) const LAST_MEMBERSHIP_KEY: &[u8] = b"last_membership";
 /// Present only between a clean shutdown and the next start; holds the `last_applied` it vouches for.
-const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean_shutdown";
+pub(super) const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean_shutdown";
 
 /// A key's value and revisions as stored in `sm_data` (the key itself is the sled key). The value is
 /// `serde_bytes` for the reason given on `Command`.
@@ -95,6 +95,7 @@ pub(super) struct Inner {
     /// Held while a batch is written and while a snapshot copies the data, so a snapshot is always
     /// one consistent applied state (sled iterators are not point-in-time).
     pub(super) write_lock: tokio::sync::Mutex<WriteState>,
+    pub(super) integrity: Arc<Integrity>,
 }
 
 #[derive(Default)]
@@ -112,6 +113,7 @@ impl StateMachineStore {
         data: sled::Tree,
         meta: sled::Tree,
         snapshots: sled::Tree,
+        integrity: Arc<Integrity>,
     ) -> Result<Self, super::StoreError> {
         Ok(Self {
             inner: Arc::new(Inner {
@@ -120,16 +122,33 @@ impl StateMachineStore {
                 meta,
                 snapshots,
                 write_lock: tokio::sync::Mutex::new(WriteState::default()),
+                integrity,
             }),
         })
     }
 
-    /// Reads one key from the local state.
+    /// Who hears of corruption in this store, and whether it has been found.
+    pub fn integrity(&self) -> &Arc<Integrity> {
+        &self.inner.integrity
+    }
+
+    /// The database, for the background scrub.
+    pub fn db(&self) -> &sled::Db {
+        &self.inner.db
+    }
+
+    /// Reads one key from the local state. Never from a store found corrupt (see `integrity`).
     pub fn get(&self, key: &[u8]) -> io::Result<Option<KeyValue>> {
-        match self.inner.data.get(key).map_err(io_err)? {
-            Some(bytes) => Ok(Some(codec::decode::<StoredValue>(&bytes)?.into_kv(key))),
-            None => Ok(None),
-        }
+        let integrity = &self.inner.integrity;
+        integrity.ensure_sound()?;
+        let read = match self.inner.data.get(key).map_err(io_err) {
+            Ok(Some(bytes)) => codec::decode::<StoredValue>(&bytes)
+                .map(|v| Some(v.into_kv(key)))
+                .map_err(Into::into),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        integrity.observe("reading a key from sm_data", read)
     }
 
     /// Reads up to `limit` pairs in `[start, end)` (`end` empty: no upper bound), and whether more remain.
@@ -139,6 +158,20 @@ impl StateMachineStore {
     /// budget plus one pair. Each pair is consistent; the scan as a whole may interleave with a
     /// concurrent apply.
     pub fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        max_bytes: usize,
+        pair_overhead: usize,
+    ) -> io::Result<(Vec<KeyValue>, bool)> {
+        let integrity = &self.inner.integrity;
+        integrity.ensure_sound()?;
+        let scanned = self.scan_unchecked(start, end, limit, max_bytes, pair_overhead);
+        integrity.observe("scanning sm_data", scanned)
+    }
+
+    fn scan_unchecked(
         &self,
         start: &[u8],
         end: &[u8],
@@ -188,7 +221,7 @@ impl StateMachineStore {
                 s.apply_batch(&snapshots)?;
                 Ok(())
             });
-        result.map_err(io_err)?;
+        result.map_err(tx_err)?;
         inner.db.flush_async().await.map(|_| ()).map_err(io_err)
     }
 
@@ -198,6 +231,11 @@ impl StateMachineStore {
     pub async fn close(&self) -> io::Result<()> {
         let mut state = self.inner.write_lock.lock().await;
         state.closed = true;
+        if let Some(what) = self.inner.integrity.corrupt() {
+            return Err(io::Error::other(format!(
+                "the store is corrupt ({what}); not marking it clean"
+            )));
+        }
         if state.torn {
             return Err(io::Error::other(
                 "an apply failed half way; the state is left to be rebuilt at the next start",
@@ -370,12 +408,49 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
-        let applied = self.read_meta(LAST_APPLIED_KEY)?;
-        let membership = self.read_meta(LAST_MEMBERSHIP_KEY)?.unwrap_or_default();
-        Ok((applied, membership))
+        let state = (|| -> io::Result<(Option<LogId>, StoredMembership)> {
+            let applied = self.read_meta(LAST_APPLIED_KEY)?;
+            let membership = self.read_meta(LAST_MEMBERSHIP_KEY)?.unwrap_or_default();
+            Ok((applied, membership))
+        })();
+        self.inner
+            .integrity
+            .observe("reading the applied state", state)
     }
 
-    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    async fn apply<Strm>(&mut self, entries: Strm) -> io::Result<()>
+    where
+        Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
+    {
+        let applied = self.apply_batch(entries).await;
+        self.inner.integrity.observe("applying", applied)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { sm: self.clone() }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> io::Result<()> {
+        let installed = snapshot::install(self, meta, snapshot.into_inner()).await;
+        self.inner
+            .integrity
+            .observe("installing a snapshot", installed)
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
+        let current = snapshot::current(self);
+        self.inner
+            .integrity
+            .observe("reading the stored snapshot", current)
+    }
+}
+
+impl StateMachineStore {
+    async fn apply_batch<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
     where
         Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
@@ -433,22 +508,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         Ok(())
-    }
-
-    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { sm: self.clone() }
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta,
-        snapshot: SnapshotData,
-    ) -> io::Result<()> {
-        snapshot::install(self, meta, snapshot.into_inner()).await
-    }
-
-    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
-        snapshot::current(self)
     }
 }
 

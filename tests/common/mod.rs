@@ -184,6 +184,23 @@ impl Cluster {
         assert!(signal(pid, "CONT"), "SIGCONT node {id}");
     }
 
+    /// Waits (bounded) for a node to exit on its own and returns how it ended.
+    pub async fn wait_exit(&mut self, id: u64, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.node_mut(id).child.as_mut().expect("running");
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.node_mut(id).child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} still running after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// True if the node's process is still running (it has not crashed).
     pub fn alive(&mut self, id: u64) -> bool {
         match self.node_mut(id).child.as_mut() {
