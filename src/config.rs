@@ -59,6 +59,10 @@ pub struct ServerArgs {
     /// Largest request message accepted (RESOURCE_EXHAUSTED above it). At least max-value-bytes + 64 KiB.
     #[arg(long, env = "RAFTKV_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,
+    /// Largest snapshot this node accepts from a leader (RESOURCE_EXHAUSTED above it). A received
+    /// snapshot is held in memory until it is installed, so this bounds what a peer can make it buffer.
+    #[arg(long, env = "RAFTKV_MAX_SNAPSHOT_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub max_snapshot_bytes: usize,
     /// How long a request may wait for a leader, a quorum or replication when the client sets no deadline.
     #[arg(long, env = "RAFTKV_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]
     pub request_timeout_ms: u64,
@@ -107,10 +111,10 @@ impl ServerArgs {
 
     pub fn limits(&self) -> Limits {
         Limits {
-            max_key_bytes: 4096,
+            max_key_bytes: MAX_KEY_BYTES,
             max_value_bytes: self.max_value_bytes,
             max_request_bytes: self.max_request_bytes.max(self.max_value_bytes + 64 * 1024),
-            max_txn_ops: 128,
+            max_txn_ops: MAX_TXN_OPS,
             default_scan_limit: 1000,
             max_scan_limit: 10_000,
             max_response_bytes: self.max_response_bytes,
@@ -204,6 +208,11 @@ impl ServerArgs {
         .validate()
     }
 }
+
+/// Fixed, not flags: `apply` enforces them too (see `validate::applicable`), and every replica must
+/// decide the same way about the same entry.
+pub const MAX_KEY_BYTES: usize = 4096;
+pub const MAX_TXN_OPS: usize = 128;
 
 /// Input limits, enforced at the API edge before anything reaches the log.
 #[derive(Debug, Clone)]

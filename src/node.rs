@@ -47,6 +47,8 @@ pub struct Node {
     pub channels: PeerChannels,
     pub limits: Limits,
     pub request_timeout: Duration,
+    /// `--max-snapshot-bytes`: the most an InstallSnapshot may make this node buffer.
+    pub max_snapshot_bytes: usize,
     /// The initial voters' addresses: a node that has not yet received the membership (a fresh or
     /// wiped one) still knows where its peers are.
     pub peers: BTreeMap<NodeId, String>,
@@ -112,6 +114,7 @@ impl Node {
             channels: channels.clone(),
             limits: args.limits(),
             request_timeout: args.request_timeout(),
+            max_snapshot_bytes: args.max_snapshot_bytes,
             peers: args.peers.clone(),
             routes,
             read_rounds: Arc::default(),
@@ -336,6 +339,11 @@ impl Node {
                             ));
                         }
                         Ok(Ok(resp)) => {
+                            if let CommandResponse::Rejected { reason } = resp.data {
+                                return Err(ApiError::InvalidArgument(format!(
+                                    "not applied: {reason}"
+                                )));
+                            }
                             return Ok(Applied {
                                 revision: resp.log_id.index,
                                 response: resp.data,

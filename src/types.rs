@@ -131,6 +131,12 @@ pub enum CommandResponse {
         succeeded: bool,
         results: Vec<TxnOpResult>,
     },
+    /// The entry was committed but not applied: it breaks a rule the public API enforces (see
+    /// `validate::applicable`), so it can only have come from a forged or foreign proposal. Last, so
+    /// the other variants keep their encoding.
+    Rejected {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

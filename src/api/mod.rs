@@ -53,7 +53,7 @@ pub async fn serve(
         .max_encoding_message_size(usize::MAX);
     let cluster =
         pb::v1::cluster_server::ClusterServer::new(cluster::ClusterService { node: node.clone() });
-    let raft = pb::internal::raft_server::RaftServer::new(RaftService { node: node.clone() })
+    let raft = pb::internal::raft_server::RaftServer::new(RaftService::new(node.clone()))
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
 

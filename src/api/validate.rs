@@ -2,7 +2,7 @@
 //! message names the limit that was crossed.
 
 use crate::api::error::ApiError;
-use crate::config::Limits;
+use crate::config::{Limits, MAX_KEY_BYTES, MAX_TXN_OPS};
 use crate::pb::v1 as pb;
 use crate::types::{Command, Compare, CompareResult, CompareTarget, Txn, TxnOp};
 
@@ -175,4 +175,72 @@ fn ops(limits: &Limits, ops: Vec<pb::Op>) -> Result<Vec<TxnOp>, ApiError> {
             )),
         })
         .collect()
+}
+
+/// The public API's rules for a command that arrives already built: forwarded over the peer port,
+/// where anyone who can reach the port can send one.
+pub fn command(limits: &Limits, cmd: &Command) -> Result<(), ApiError> {
+    check_command(limits, cmd, true)
+}
+
+/// What `apply` refuses whatever this node's settings: keys the public API could neither read nor
+/// delete, and transactions over the op limit. Both limits are fixed (not flags), so every node
+/// decides the same way for the same entry; value sizes are a per-node flag and are left to the edge,
+/// where a node's setting cannot make replicas disagree.
+pub fn applicable(cmd: &Command) -> Result<(), ApiError> {
+    let limits = Limits {
+        max_key_bytes: MAX_KEY_BYTES,
+        max_value_bytes: usize::MAX,
+        max_request_bytes: usize::MAX,
+        max_txn_ops: MAX_TXN_OPS,
+        default_scan_limit: 0,
+        max_scan_limit: 0,
+        max_response_bytes: usize::MAX,
+    };
+    check_command(&limits, cmd, false)
+}
+
+fn check_command(limits: &Limits, cmd: &Command, values: bool) -> Result<(), ApiError> {
+    let checked_value = |v: &[u8]| if values { value(limits, v) } else { Ok(()) };
+    match cmd {
+        Command::Put {
+            key: k, value: v, ..
+        } => {
+            key(limits, k, "key")?;
+            checked_value(v)
+        }
+        Command::Delete { key: k, .. } => key(limits, k, "key"),
+        Command::Txn(txn) => {
+            for (list, n) in [
+                ("compare", txn.compare.len()),
+                ("success", txn.success.len()),
+                ("failure", txn.failure.len()),
+            ] {
+                if n > limits.max_txn_ops {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "txn has {n} {list} entries; the limit is {}",
+                        limits.max_txn_ops
+                    )));
+                }
+            }
+            for c in &txn.compare {
+                key(limits, &c.key, "compare key")?;
+                if let CompareTarget::Value(v) = &c.target {
+                    checked_value(v)?;
+                }
+            }
+            for op in txn.success.iter().chain(&txn.failure) {
+                match op {
+                    TxnOp::Put {
+                        key: k, value: v, ..
+                    } => {
+                        key(limits, k, "key")?;
+                        checked_value(v)?;
+                    }
+                    TxnOp::Delete { key: k, .. } | TxnOp::Get { key: k } => key(limits, k, "key")?,
+                }
+            }
+            Ok(())
+        }
+    }
 }

@@ -36,13 +36,11 @@ use tonic::Streaming;
 use tonic::transport::Channel;
 
 use super::backoff::PeerHealth;
-use super::{MAX_PEER_MESSAGE_BYTES, PeerChannels, Purpose};
+use super::{MAX_PEER_MESSAGE_BYTES, PeerChannels, Purpose, SNAPSHOT_CHUNK_BYTES};
 use crate::codec;
 use crate::pb::internal::raft_client::RaftClient;
 use crate::pb::internal::{Payload, SnapshotChunk};
 use crate::types::{NodeId, Snapshot, SnapshotData, TypeConfig, Vote};
-
-const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
 pub struct NetworkFactory {
     pub id: NodeId,

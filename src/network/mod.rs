@@ -19,6 +19,9 @@ use backoff::PeerHealth;
 /// from it and the largest client request, so a full batch always fits.
 pub const MAX_PEER_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
+/// The data in one InstallSnapshot chunk; a receiver refuses larger ones.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+
 /// One lazily connected channel per peer address and purpose, shared by every caller. tonic channels
 /// reconnect by themselves, so a restarted peer is reached again without rebuilding anything, and
 /// snapshots get their own connection so a large transfer never delays heartbeats.

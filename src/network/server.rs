@@ -1,28 +1,86 @@
 //! Answers peers: Raft protocol messages, snapshot transfers, and the two requests followers make on
 //! behalf of clients (forwarded writes and read-index).
+//!
+//! This service shares the public port, so anything here may come from anyone who can reach it. Until
+//! peers authenticate (TLS), what this module can check it does before openraft sees a message: every
+//! payload decodes within a byte limit (see `codec`), a vote, append or snapshot must come from a node
+//! in the membership this node knows (or its bootstrap `--peers`), anything that claims a leadership
+//! transfer is refused (raftkv never transfers leadership, so only a forgery carries one), snapshots are
+//! size-checked, and forwarded writes pass the public API's validation. A forger that knows a member's
+//! id is not stopped by the membership check; that needs peer authentication.
 
 use std::io::Cursor;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
+use openraft::async_runtime::watch::WatchReceiver;
 use openraft::raft::AppendEntriesRequest;
+use openraft::vote::RaftLeaderId;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::codec;
+use crate::network::SNAPSHOT_CHUNK_BYTES;
 use crate::node::Node;
 use crate::pb::internal::raft_server::Raft as RaftRpc;
 use crate::pb::internal::{
     Payload, ProposeBatchRequest, ProposeBatchResponse, ReadIndexRequest, ReadIndexResponse,
     SnapshotChunk,
 };
-use crate::types::{Command, Snapshot, SnapshotMeta, TypeConfig, Vote};
+use crate::types::{Command, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote, VoteRequest};
 
 pub struct RaftService {
     pub node: Arc<Node>,
+    refusals: Arc<Refusals>,
+}
+
+impl RaftService {
+    pub fn new(node: Arc<Node>) -> Self {
+        RaftService {
+            node,
+            refusals: Arc::default(),
+        }
+    }
+}
+
+/// How often a burst of refused peer messages is logged.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts refused peer messages and logs them at most once per [`REFUSAL_LOG_EVERY`], so a flood of
+/// forgeries costs a log line a second, not one per message. Hand-written: a rate limiter crate
+/// (governor) would drop the suppressed events rather than count them.
+#[derive(Default)]
+struct Refusals {
+    total: AtomicU64,
+    window: std::sync::Mutex<Option<(Instant, u64)>>,
+}
+
+impl Refusals {
+    fn note(&self, rpc: &'static str, from: NodeId, reason: &str) {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut window = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match window.as_mut() {
+            Some((since, count)) if now.duration_since(*since) < REFUSAL_LOG_EVERY => *count += 1,
+            _ => {
+                let since_last = window.map_or(1, |(_, count)| count + 1);
+                *window = Some((now, 0));
+                drop(window);
+                tracing::warn!(
+                    rpc,
+                    from,
+                    reason,
+                    refused_since_last_line = since_last,
+                    refused_total = total,
+                    "refused a peer message"
+                );
+            }
+        }
+    }
 }
 
 fn decode<T: DeserializeOwned>(payload: &Payload) -> Result<T, Status> {
@@ -45,6 +103,38 @@ fn stopped(e: impl std::fmt::Display) -> Status {
 /// test tells the two apart.
 pub const VOTE_HELD_HEADER: &str = "raftkv-vote-held-ms";
 
+fn sender(vote: &Vote) -> NodeId {
+    *vote.leader_id().node_id()
+}
+
+/// PERMISSION_DENIED unless `from` is a voter or learner of the membership this node knows, or one of
+/// its bootstrap `--peers`: a node that has not yet applied the membership entry still hears from the
+/// initial voters.
+fn check_member(
+    node: &Node,
+    refusals: &Refusals,
+    rpc: &'static str,
+    from: NodeId,
+) -> Result<(), Status> {
+    if from == node.id || node.peers.contains_key(&from) {
+        return Ok(());
+    }
+    let metrics = node.raft.metrics();
+    let known = metrics
+        .borrow_watched()
+        .membership_config
+        .membership()
+        .get_node(&from)
+        .is_some();
+    if known {
+        return Ok(());
+    }
+    refusals.note(rpc, from, "not a member");
+    Err(Status::permission_denied(format!(
+        "node {from} is not a member of this cluster"
+    )))
+}
+
 impl RaftService {
     async fn refuse_held_vote(&self, left: Duration) -> Result<Response<Payload>, Status> {
         let refusal = self.node.held_vote_refusal().await.map_err(stopped)?;
@@ -55,12 +145,33 @@ impl RaftService {
         );
         Ok(response)
     }
+
+    fn check_member(&self, rpc: &'static str, from: NodeId) -> Result<(), Status> {
+        check_member(&self.node, &self.refusals, rpc, from)
+    }
+
+    /// A vote that claims a leadership transfer skips the receiver's leader lease (openraft grants it
+    /// "because the leader said so"). raftkv never asks openraft to transfer leadership, so such a
+    /// vote is always a forgery; honoured, one such message deposes a healthy leader.
+    fn check_vote(&self, rpc: &'static str, req: &VoteRequest) -> Result<(), Status> {
+        let from = sender(&req.vote);
+        self.check_member(rpc, from)?;
+        if req.leadership_transfer {
+            self.refusals
+                .note(rpc, from, "claims a leadership transfer");
+            return Err(Status::failed_precondition(
+                "raftkv does not transfer leadership; a vote that claims a transfer is refused",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc = decode(request.get_ref())?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(request.get_ref())?;
+        self.check_member("AppendEntries", sender(&rpc.vote))?;
         let resp = self.node.raft.append_entries(rpc).await.map_err(stopped)?;
         reply(&resp)
     }
@@ -69,43 +180,56 @@ impl RaftRpc for RaftService {
 
     /// Hands the leader's requests to openraft as they arrive, so this node appends a request while
     /// earlier ones still wait for their flush, and answers each in order. A message that does not
-    /// decode ends the stream with INVALID_ARGUMENT after the answers already due; a broken transport
-    /// just ends it. Either way the leader starts a new stream from what this node acknowledged.
+    /// decode, or comes from a node outside the membership, ends the stream with its status after
+    /// the answers already due; a broken transport just ends it. Either way the leader starts a new
+    /// stream from what this node acknowledged.
     async fn stream_append(
         &self,
         request: Request<Streaming<Payload>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
-        let undecodable = Arc::new(std::sync::Mutex::new(None));
-        let noted = undecodable.clone();
-        let requests = request.into_inner().scan((), move |_, message| {
-            let rpc = match message {
-                Ok(payload) => {
-                    match codec::decode::<AppendEntriesRequest<TypeConfig>>(&payload.data) {
-                        Ok(rpc) => Some(rpc),
-                        Err(e) => {
-                            let reason = format!("undecodable peer message: {e}");
-                            *noted.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
-                            None
-                        }
+        let refused: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
+        let noted = refused.clone();
+        let node = self.node.clone();
+        let refusals = self.refusals.clone();
+        // The sender checked last: a stream normally carries one leader's messages, so the membership
+        // is looked up once per stream rather than once per message.
+        let requests = request
+            .into_inner()
+            .scan(None::<NodeId>, move |checked, message| {
+                let verdict = match message {
+                    Ok(payload) => {
+                        decode::<AppendEntriesRequest<TypeConfig>>(&payload).and_then(|rpc| {
+                            let from = sender(&rpc.vote);
+                            if *checked != Some(from) {
+                                check_member(&node, &refusals, "StreamAppend", from)?;
+                                *checked = Some(from);
+                            }
+                            Ok(rpc)
+                        })
                     }
-                }
-                Err(status) => {
-                    tracing::debug!(%status, "replication stream from the leader broke");
-                    None
-                }
-            };
-            futures::future::ready(rpc)
-        });
+                    Err(status) => {
+                        tracing::debug!(%status, "replication stream from the leader broke");
+                        return futures::future::ready(None);
+                    }
+                };
+                futures::future::ready(match verdict {
+                    Ok(rpc) => Some(rpc),
+                    Err(status) => {
+                        *noted.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+                        None
+                    }
+                })
+            });
         let answers = self.node.raft.stream_append(requests).map(|answer| {
             let result = answer.map_err(stopped)?;
             let data = codec::encode(&result).map_err(|e| Status::internal(e.to_string()))?;
             Ok(Payload { data })
         });
         let refusal = futures::stream::once(async move {
-            let reason = undecodable.lock().unwrap_or_else(|p| p.into_inner()).take();
-            reason.map(|reason| {
-                tracing::warn!(%reason, "ending a replication stream");
-                Err(Status::invalid_argument(reason))
+            let status = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
+            status.map(|status| {
+                tracing::debug!(%status, "ending a replication stream");
+                Err(status)
             })
         })
         .filter_map(futures::future::ready);
@@ -113,7 +237,8 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc = decode(request.get_ref())?;
+        let rpc: VoteRequest = decode(request.get_ref())?;
+        self.check_vote("Vote", &rpc)?;
         if let Some(left) = self.node.vote_held() {
             return self.refuse_held_vote(left).await;
         }
@@ -122,7 +247,8 @@ impl RaftRpc for RaftService {
     }
 
     async fn pre_vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc = decode(request.get_ref())?;
+        let rpc: VoteRequest = decode(request.get_ref())?;
+        self.check_vote("PreVote", &rpc)?;
         if let Some(left) = self.node.vote_held() {
             return self.refuse_held_vote(left).await;
         }
@@ -130,18 +256,23 @@ impl RaftRpc for RaftService {
         reply(&resp)
     }
 
+    /// Refused: raftkv never transfers leadership, and openraft acts on a TransferLeader before it
+    /// checks anything (a follower drops its leader lease at once), so only a forgery gets here.
     async fn transfer_leader(
         &self,
         request: Request<Payload>,
     ) -> Result<Response<Payload>, Status> {
-        let rpc = decode(request.get_ref())?;
-        let resp = self
-            .node
-            .raft
-            .handle_transfer_leader(rpc)
-            .await
-            .map_err(stopped)?;
-        reply(&resp)
+        let rpc: openraft::raft::TransferLeaderRequest<TypeConfig> = decode(request.get_ref())?;
+        let from = sender(rpc.from_leader());
+        self.check_member("TransferLeader", from)?;
+        self.refusals.note(
+            "TransferLeader",
+            from,
+            "raftkv does not transfer leadership",
+        );
+        Err(Status::failed_precondition(
+            "raftkv does not transfer leadership",
+        ))
     }
 
     async fn install_snapshot(
@@ -155,10 +286,33 @@ impl RaftRpc for RaftService {
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let (vote, meta): (Vote, SnapshotMeta) = codec::decode(&first.header)
             .map_err(|e| Status::invalid_argument(format!("undecodable snapshot header: {e}")))?;
-        let mut data = first.data;
-        while let Some(chunk) = stream.next().await {
-            data.extend_from_slice(&chunk?.data);
+        self.check_member("InstallSnapshot", sender(&vote))?;
+        let cap = self.node.max_snapshot_bytes;
+        let mut data = Vec::new();
+        let mut chunk = first.data;
+        loop {
+            if chunk.len() > SNAPSHOT_CHUNK_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "snapshot chunk of {} bytes; chunks are at most {SNAPSHOT_CHUNK_BYTES} bytes",
+                    chunk.len()
+                )));
+            }
+            if data.len() + chunk.len() > cap {
+                tracing::warn!(cap, "refused a snapshot larger than --max-snapshot-bytes");
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot exceeds {cap} bytes (--max-snapshot-bytes)"
+                )));
+            }
+            data.extend_from_slice(&chunk);
+            match stream.next().await {
+                Some(next) => chunk = next?.data,
+                None => break,
+            }
         }
+        // A snapshot openraft cannot install is a storage error to it, and storage errors stop Raft:
+        // checked here, a malformed image is only a refused request.
+        crate::store::snapshot::check_image(&data)
+            .map_err(|e| Status::invalid_argument(format!("undecodable snapshot image: {e}")))?;
         tracing::info!(?meta.last_log_id, bytes = data.len(), "received snapshot");
         let snapshot = Snapshot {
             meta,
@@ -211,19 +365,6 @@ impl RaftRpc for RaftService {
         }))
     }
 
-    async fn propose(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let deadline = self
-            .node
-            .deadline(crate::api::grpc_timeout(request.metadata()));
-        let cmd: Command = decode(request.get_ref())?;
-        let applied = self
-            .node
-            .write(cmd, deadline, false)
-            .await
-            .map_err(|e| e.into_status(self.node.id))?;
-        reply(&applied)
-    }
-
     async fn propose_batch(
         &self,
         request: Request<ProposeBatchRequest>,
@@ -237,10 +378,15 @@ impl RaftRpc for RaftService {
                     Err(e) => Err(Status::invalid_argument(format!(
                         "undecodable forwarded write: {e}"
                     ))),
-                    Ok(cmd) => node
-                        .write(cmd, deadline, false)
-                        .await
-                        .map_err(|e| e.into_status(node.id)),
+                    // The same rules as a write that arrives on the public API: a follower has
+                    // checked it already, but anyone can send this.
+                    Ok(cmd) => match crate::api::validate::command(&node.limits, &cmd) {
+                        Err(e) => Err(e.into_status(node.id)),
+                        Ok(()) => node
+                            .write(cmd, deadline, false)
+                            .await
+                            .map_err(|e| e.into_status(node.id)),
+                    },
                 };
                 crate::forward::to_outcome(result)
             },

@@ -113,10 +113,6 @@ impl RaftRpc for Peer {
         not_here()
     }
 
-    async fn propose(&self, _: Request<Payload>) -> Result<Response<Payload>, Status> {
-        not_here()
-    }
-
     async fn propose_batch(
         &self,
         _: Request<ProposeBatchRequest>,

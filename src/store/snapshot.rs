@@ -153,6 +153,17 @@ async fn store_unless_older(sm: &StateMachineStore, stored: &StoredSnapshot) -> 
     Ok(true)
 }
 
+/// Whether `data` is a snapshot image this node can install: checked before a received snapshot reaches
+/// openraft, which treats a failed install as a storage error and stops.
+pub fn check_image(data: &[u8]) -> Result<(), codec::CodecError> {
+    codec::decode::<Image>(data).map(|_| ())
+}
+
+/// Whether `bytes` decode as a stored snapshot (for the decoder property tests).
+pub fn check_stored(bytes: &[u8]) -> Result<(), codec::CodecError> {
+    codec::decode::<StoredSnapshot>(bytes).map(|_| ())
+}
+
 /// Replaces the whole state with the snapshot's (never merges: a merge would resurrect deleted keys).
 pub(super) async fn install(
     sm: &StateMachineStore,

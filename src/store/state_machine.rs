@@ -466,7 +466,17 @@ impl StateMachineStore {
         while let Some((entry, responder)) = entries.try_next().await? {
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::None,
-                EntryPayload::Normal(cmd) => execute(cmd, entry.log_id.index, &mut view)?,
+                EntryPayload::Normal(cmd) => match crate::api::validate::applicable(&cmd) {
+                    Ok(()) => execute(cmd, entry.log_id.index, &mut view)?,
+                    // Every replica decides the same (the rules are fixed), so skipping keeps them
+                    // identical; the entry stays in the log and counts as applied.
+                    Err(e) => {
+                        tracing::warn!(index = entry.log_id.index, %cmd, reason = %e, "not applying a committed entry");
+                        CommandResponse::Rejected {
+                            reason: e.to_string(),
+                        }
+                    }
+                },
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     CommandResponse::None

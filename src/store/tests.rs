@@ -739,3 +739,54 @@ async fn flipped_bytes_in_a_closed_directory_are_found() {
         report.checked
     );
 }
+
+/// A committed entry the public API would have refused (here: forged before validation existed on the
+/// peer port) is not applied, so no replica ever holds a key that cannot be read or deleted. The
+/// entries after it still apply, and revisions stay log indexes.
+#[tokio::test]
+async fn entries_validation_would_reject_are_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_l, mut sm) = open(dir.path(), 1).unwrap();
+    let entry = |index: u64, cmd: Command| Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(cmd),
+    };
+    let put_key = |key: Vec<u8>| Command::Put {
+        key,
+        value: b"v".to_vec(),
+        prev_kv: false,
+    };
+    sm.apply(stream::iter(vec![
+        Ok((entry(1, put_key(vec![])), None)),
+        Ok((entry(2, put_key(vec![b'x'; 100_000])), None)),
+        Ok((
+            entry(
+                3,
+                Command::Txn(crate::types::Txn {
+                    compare: vec![],
+                    success: (0..129)
+                        .map(|i| crate::types::TxnOp::Get {
+                            key: format!("k{i}").into_bytes(),
+                        })
+                        .collect(),
+                    failure: vec![],
+                }),
+            ),
+            None,
+        )),
+        Ok((entry(4, put_key(b"ok".to_vec())), None)),
+    ]))
+    .await
+    .unwrap();
+    let (kvs, _) = sm.scan(b"", b"", 100, usize::MAX, 0).unwrap();
+    assert_eq!(
+        kvs.iter().map(|k| k.key.clone()).collect::<Vec<_>>(),
+        vec![b"ok".to_vec()]
+    );
+    assert_eq!(kvs[0].mod_revision, 4);
+    assert_eq!(
+        sm.applied_state().await.unwrap().0,
+        Some(log_id(1, 4)),
+        "refused entries still count as applied"
+    );
+}

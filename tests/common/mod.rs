@@ -27,11 +27,17 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     peers: String,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
     /// Starts `n` nodes (ids 1..=n) with the given extra server flags.
     pub fn start(n: u64, extra: &[&str]) -> Cluster {
+        Cluster::start_with_env(n, extra, &[])
+    }
+
+    /// Starts `n` nodes with extra server flags and environment variables.
+    pub fn start_with_env(n: u64, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let nodes: Vec<Node> = (1..=n)
             .map(|id| {
@@ -55,6 +61,10 @@ impl Cluster {
             nodes,
             peers,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         for id in 1..=n {
             cluster.spawn(id);
@@ -73,6 +83,7 @@ impl Cluster {
     fn spawn(&mut self, id: u64) {
         let peers = self.peers.clone();
         let extra = self.extra.clone();
+        let env = self.env.clone();
         let node = self.node_mut(id);
         assert!(node.child.is_none(), "node {id} is already running");
         let log = std::fs::OpenOptions::new()
@@ -94,6 +105,7 @@ impl Cluster {
             .arg(&node.data_dir)
             .args(&extra)
             .env("RAFTKV_LOG", "info,openraft=warn")
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
