@@ -222,13 +222,13 @@ async fn a_restarted_leader_does_not_resume_its_old_term() {
     panic!("no new term after the leader restarted (answered: {answered})");
 }
 
-/// A vote or pre-vote from a stranger (node 99, term 1, empty log): no node grants it, and nothing
-/// changes on a node that weighs it (its term is higher). Returns the answer and, if the node refused it
+/// A vote or pre-vote in member 1's name at term 1 with an empty log (a stranger's id is refused before
+/// it is weighed): no node grants it, and nothing changes on a node that weighs it (its term is higher). Returns the answer and, if the node refused it
 /// because of its vote hold, the milliseconds the hold has left. `None` while the node is not listening.
 async fn vote_probe(addr: &str, pre_vote: bool) -> Option<(VoteResponse, Option<u64>)> {
     use raftkv::pb::internal::{Payload, raft_client::RaftClient};
     let mut client = RaftClient::new(common::channel(addr));
-    let probe = VoteRequest::new(Vote::new(1, 99), None);
+    let probe = VoteRequest::new(Vote::new(1, 1), None);
     let request = req(
         Payload {
             data: raftkv::codec::encode(&probe).unwrap(),
