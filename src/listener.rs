@@ -177,22 +177,22 @@ impl AsyncRead for LimitedConnection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
-        let Some((deadline, first)) = this.handshake.as_mut() else {
-            return polled;
-        };
-        if let Poll::Ready(Ok(())) = &polled {
-            if first.feed(&buf.filled()[before..]) {
-                this.handshake = None;
-            }
-            return polled;
-        }
-        if polled.is_pending() && deadline.as_mut().poll(cx).is_ready() {
+        // Checked before every read, not only when the peer is quiet: a client that keeps sending
+        // frames other than a request (pings, settings) must not hold its slot past the deadline.
+        if let Some((deadline, _)) = this.handshake.as_mut()
+            && deadline.as_mut().poll(cx).is_ready()
+        {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "no request within the handshake timeout",
             )));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let (Some((_, first)), Poll::Ready(Ok(()))) = (this.handshake.as_mut(), &polled)
+            && first.feed(&buf.filled()[before..])
+        {
+            this.handshake = None;
         }
         polled
     }
@@ -353,6 +353,50 @@ mod tests {
         // A payload that looks like a HEADERS frame header is skipped as payload.
         assert!(!f.feed(&frame(0x6, &[0, 0, 0, HEADERS_FRAME, 0, 0, 0, 0])));
         assert!(!f.feed(&[]));
+    }
+
+    /// A client that keeps sending frames other than a request (here PINGs, back to back, so the
+    /// server's reads never wait) is cut off at the handshake deadline like a silent one; before, the
+    /// deadline was checked only while a read waited, so such a client held its slot for good.
+    #[tokio::test]
+    async fn a_client_that_chatters_without_a_request_is_cut_off_at_the_deadline() {
+        use futures::StreamExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            handshake_timeout: Duration::from_millis(200),
+        };
+        let mut incoming = Box::pin(limited_incoming(listener, limits, "test"));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut server = incoming.next().await.unwrap().unwrap();
+        let chatter = tokio::spawn(async move {
+            let _ = client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+            let pings: Vec<u8> = (0..64).flat_map(|_| frame(0x6, &[0; 8])).collect();
+            for _ in 0..100_000 {
+                if client.write_all(&pings).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 1024];
+        let ended = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match server.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .expect("the connection is cut off well before the chatter ends");
+        assert_eq!(ended.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        chatter.abort();
     }
 
     #[test]
