@@ -13,19 +13,20 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{
     ClientWriteError, Fatal, ForwardReason, InitializeError, LinearizableReadError, RaftError,
 };
-use openraft::{BasicNode, Instant as _, LinearizerOption, ServerState};
+use openraft::{Instant as _, LinearizerOption, ServerState};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::api::error::{ApiError, LeaderHint, certainly_not_proposed};
 use crate::config::{Limits, ServerArgs};
 use crate::forward::Forwarder;
-use crate::network::client::{NetworkFactory, raft_client};
+use crate::network::client::NetworkFactory;
+use crate::network::identity::{ClusterId, PeerIdentity};
 use crate::network::{PeerChannels, Purpose};
 use crate::pb::internal::ReadIndexRequest;
 use crate::pb::v1::ResponseHeader;
 use crate::store::{self, StateMachineStore};
-use crate::types::{Command, CommandResponse, NodeId, Raft, TypeConfig, VoteResponse};
+use crate::types::{Command, CommandResponse, Member, NodeId, Raft, TypeConfig, VoteResponse};
 
 /// How long a write waits on a leader that has just taken office for its first quorum acknowledgement
 /// (see `Node::taking_office`); normally one round trip. Well under a forwarded write's deadline.
@@ -42,6 +43,8 @@ pub struct Applied {
 
 pub struct Node {
     pub id: NodeId,
+    /// The cluster this node belongs to; peer requests from any other are refused.
+    pub cluster: ClusterId,
     pub raft: Raft,
     pub sm: StateMachineStore,
     pub channels: PeerChannels,
@@ -51,8 +54,8 @@ pub struct Node {
     pub max_snapshot_bytes: usize,
     /// The initial voters' addresses: a node that has not yet received the membership (a fresh or
     /// wiped one) still knows where its peers are.
-    pub peers: BTreeMap<NodeId, String>,
-    /// `--dial` overrides: where to reach a peer when it is not at its membership address.
+    pub peers: BTreeMap<NodeId, Member>,
+    /// `--dial` overrides: where to reach a peer when it is not at its membership peer address.
     pub routes: Arc<BTreeMap<NodeId, String>>,
     /// Strong reads on a follower waiting for a read index from the leader.
     read_rounds: Arc<ReadIndexRounds>,
@@ -73,8 +76,9 @@ pub struct Node {
 /// What this node currently knows about leadership, read once from the metrics.
 struct View {
     leader: Option<NodeId>,
+    /// The leader's client address, for hints to clients.
     leader_addr: Option<String>,
-    /// Where this node itself reaches the leader: `leader_addr` unless `--dial` reroutes it.
+    /// Where this node itself reaches the leader: its peer address unless `--dial` reroutes it.
     leader_dial: Option<String>,
 }
 
@@ -99,7 +103,16 @@ impl Node {
             args.scrub_bytes_per_sec,
             Duration::from_secs(args.scrub_interval_secs),
         )?;
-        let channels = PeerChannels::default();
+        let derived = ClusterId::derive(&args.cluster_token, &args.peers);
+        let cluster = ClusterId(store::cluster_id(sm.db(), derived.0)?);
+        if cluster != derived {
+            // Expected after a membership change; worth a line when it is a different --peers or token.
+            tracing::info!(%cluster, from_flags = %derived, "using the cluster id stored at the first start");
+        }
+        let channels = PeerChannels::new(PeerIdentity {
+            cluster,
+            node: args.id,
+        });
         let routes = Arc::new(args.dial.clone().unwrap_or_default());
         let network = NetworkFactory {
             id: args.id,
@@ -109,6 +122,7 @@ impl Node {
         let raft = Raft::new(args.id, config, network, log, sm.clone()).await?;
         let node = Arc::new(Node {
             id: args.id,
+            cluster,
             raft,
             sm,
             channels: channels.clone(),
@@ -136,7 +150,7 @@ impl Node {
     /// everywhere: if every node initialized, each would write that entry under its own id, and a node
     /// that later lost its disk would hold a conflicting first entry that replication cannot repair.
     /// A node with any Raft state never initializes again, and a wiped non-initializer simply rejoins.
-    async fn bootstrap(&self, peers: &BTreeMap<NodeId, String>) -> anyhow::Result<()> {
+    async fn bootstrap(&self, peers: &BTreeMap<NodeId, Member>) -> anyhow::Result<()> {
         if self.raft.is_initialized().await? {
             tracing::info!("existing Raft state found; not bootstrapping");
             return Ok(());
@@ -155,12 +169,12 @@ impl Node {
             );
             return Ok(());
         }
-        let members: BTreeMap<NodeId, BasicNode> = peers
-            .iter()
-            .map(|(id, addr)| (*id, BasicNode::new(addr)))
-            .collect();
-        match self.raft.initialize(members).await {
-            Ok(()) => tracing::info!(voters = ?peers, "bootstrapped a new cluster"),
+        match self.raft.initialize(peers.clone()).await {
+            Ok(()) => tracing::info!(
+                voters = ?peers,
+                cluster = %self.cluster,
+                "bootstrapped a new cluster"
+            ),
             Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
                 tracing::info!(reason = %e, "already initialized")
             }
@@ -173,16 +187,17 @@ impl Node {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
         let leader = m.current_leader;
-        let leader_addr = leader.and_then(|l| {
+        let member = leader.and_then(|l| {
             m.membership_config
                 .membership()
                 .get_node(&l)
-                .map(|n| n.addr.clone())
-                .or_else(|| self.peers.get(&l).cloned())
+                .or_else(|| self.peers.get(&l))
+                .cloned()
         });
         let leader_dial = leader
             .and_then(|l| self.routes.get(&l).cloned())
-            .or_else(|| leader_addr.clone());
+            .or_else(|| member.as_ref().map(|m| m.peer_addr.clone()));
+        let leader_addr = member.map(|m| m.addr);
         View {
             leader,
             leader_addr,
@@ -602,12 +617,12 @@ async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
         let Some(addr) = node.view().leader_dial else {
             continue;
         };
-        let Ok(channel) = node.channels.get(&addr, Purpose::Client) else {
+        let Ok(mut client) = node.channels.client(&addr, Purpose::Client) else {
             continue;
         };
         let mut request = tonic::Request::new(ReadIndexRequest {});
         request.set_timeout(Duration::from_secs(2));
-        match raft_client(channel).write_blank(request).await {
+        match client.write_blank(request).await {
             Ok(_) => tracing::info!(
                 last_log,
                 committed,
@@ -681,12 +696,12 @@ async fn one_read_index(
     addr: &str,
     deadline: Instant,
 ) -> Result<u64, RoundError> {
-    let channel = channels
-        .get(addr, Purpose::Client)
+    let mut client = channels
+        .client(addr, Purpose::Client)
         .map_err(|e| RoundError::Failed(format!("bad leader address {addr}: {e}")))?;
     let mut request = tonic::Request::new(ReadIndexRequest {});
     request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-    match raft_client(channel).read_index(request).await {
+    match client.read_index(request).await {
         Ok(r) => Ok(r.into_inner().index),
         Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
             Err(RoundError::Deadline(s.message().to_string()))

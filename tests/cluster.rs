@@ -225,9 +225,13 @@ async fn a_restarted_leader_does_not_resume_its_old_term() {
 /// A vote or pre-vote in member 1's name at term 1 with an empty log (a stranger's id is refused before
 /// it is weighed): no node grants it, and nothing changes on a node that weighs it (its term is higher). Returns the answer and, if the node refused it
 /// because of its vote hold, the milliseconds the hold has left. `None` while the node is not listening.
-async fn vote_probe(addr: &str, pre_vote: bool) -> Option<(VoteResponse, Option<u64>)> {
-    use raftkv::pb::internal::{Payload, raft_client::RaftClient};
-    let mut client = RaftClient::new(common::channel(addr));
+async fn vote_probe(
+    cluster: &Cluster,
+    id: u64,
+    pre_vote: bool,
+) -> Option<(VoteResponse, Option<u64>)> {
+    use raftkv::pb::internal::Payload;
+    let mut client = cluster.peer_client(id, 1);
     let probe = VoteRequest::new(Vote::new(1, 1), None);
     let request = req(
         Payload {
@@ -258,15 +262,19 @@ async fn vote_probe(addr: &str, pre_vote: bool) -> Option<(VoteResponse, Option<
 }
 
 /// The first answer a node gives to [`vote_probe`], within `timeout`.
-async fn first_vote_answer(addr: &str, timeout: Duration) -> (VoteResponse, Option<u64>) {
+async fn first_vote_answer(
+    cluster: &Cluster,
+    id: u64,
+    timeout: Duration,
+) -> (VoteResponse, Option<u64>) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Some(answer) = vote_probe(addr, true).await {
+        if let Some(answer) = vote_probe(cluster, id, true).await {
             return answer;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{addr} never answered a pre-vote within {timeout:?}");
+    panic!("node {id} never answered a pre-vote within {timeout:?}");
 }
 
 /// With leased strong reads the leader counts on each node that acknowledged it not to help elect
@@ -279,18 +287,17 @@ async fn a_restarted_node_holds_its_vote_while_a_read_lease_may_count_on_it() {
     let slow = ["--election-min-ms", "1500", "--election-max-ms", "3000"];
     let mut c = Cluster::start(3, &slow);
     c.wait_leader(&c.ids(), 30 * SECOND).await;
-    let addr = c.addr(2);
-    let (_, held) = first_vote_answer(&addr, 5 * SECOND).await;
+    let (_, held) = first_vote_answer(&c, 2, 5 * SECOND).await;
     assert_eq!(held, None, "a settled node weighs votes");
     let term = c.status(2).await.expect("status").term;
 
     c.restart(2);
-    let (refusal, held) = first_vote_answer(&addr, 10 * SECOND).await;
+    let (refusal, held) = first_vote_answer(&c, 2, 10 * SECOND).await;
     assert!(
         held.is_some(),
         "a restarted node weighed a pre-vote at once"
     );
-    let (_, held) = vote_probe(&addr, false).await.expect("answers");
+    let (_, held) = vote_probe(&c, 2, false).await.expect("answers");
     assert!(held.is_some(), "a restarted node weighed a vote at once");
     // The refusal carries the node's own vote, so a candidate behind it learns the term it missed.
     assert!(
@@ -300,7 +307,7 @@ async fn a_restarted_node_holds_its_vote_while_a_read_lease_may_count_on_it() {
     // And the hold ends.
     let deadline = Instant::now() + 10 * SECOND;
     loop {
-        let (answer, held) = first_vote_answer(&addr, 5 * SECOND).await;
+        let (answer, held) = first_vote_answer(&c, 2, 5 * SECOND).await;
         if held.is_none() {
             break;
         }
@@ -317,7 +324,7 @@ async fn a_restarted_node_holds_its_vote_while_a_read_lease_may_count_on_it() {
     solo.wait_leader(&[1], 30 * SECOND).await;
     let restarted = Instant::now();
     solo.restart(1);
-    let (first, held) = first_vote_answer(&solo.addr(1), 10 * SECOND).await;
+    let (first, held) = first_vote_answer(&solo, 1, 10 * SECOND).await;
     assert!(held.is_some(), "{first:?}");
     solo.wait_leader(&[1], 30 * SECOND).await;
     assert!(

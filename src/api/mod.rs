@@ -1,5 +1,5 @@
-//! The public gRPC surface: `raftkv.v1.KV`, `raftkv.v1.Cluster`, health and reflection, served on the
-//! same port as node-to-node Raft traffic.
+//! The public gRPC surface: `raftkv.v1.KV`, `raftkv.v1.Cluster`, health and reflection. Node-to-node
+//! Raft traffic has a port of its own (`network::server`), so nothing here can reach it.
 
 pub mod cluster;
 pub mod error;
@@ -12,32 +12,10 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataMap;
-use tonic::transport::Server;
 
 use crate::listener::{ConnectionLimits, limited_incoming};
-use crate::network::MAX_PEER_MESSAGE_BYTES;
-use crate::network::server::RaftService;
 use crate::node::Node;
 use crate::pb;
-
-/// Streams a client opened and then reset before this node accepted them, allowed in the queue at
-/// once on one connection before h2 closes the whole connection with GOAWAY (h2's default is 20).
-/// Legitimate clients reach it when this node stalls (a SIGSTOP, a starved CPU) while their calls
-/// time out: every timed-out call resets its stream, and the resets wait in the queue until the node
-/// runs again; at 20, one stall failed every other call on the connection. The count is of streams
-/// queued now, not of resets over time, so a rapid-reset attacker (CVE-2023-44487) still gets GOAWAY
-/// as soon as it outruns the accept loop by this many; each queued stream costs only its headers
-/// (bounded by h2's header-list limit), and the connection limit bounds the connections.
-const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 256;
-
-/// Streams this node may reset for a client's protocol errors before it closes the connection:
-/// hyper's default, set here so a change of that default cannot remove the bound on the
-/// "MadeYouReset" attack (CVE-2025-8671), where a client makes the server do the resetting.
-const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
-
-/// How a client that stopped answering is noticed on a connection that has made a request.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves every service until the listener fails or the caller drops the future (how a node stops:
 /// see server.rs).
@@ -53,9 +31,6 @@ pub async fn serve(
         .max_encoding_message_size(usize::MAX);
     let cluster =
         pb::v1::cluster_server::ClusterServer::new(cluster::ClusterService { node: node.clone() });
-    let raft = pb::internal::raft_server::RaftServer::new(RaftService::new(node.clone()))
-        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     // NOT_SERVING until the first probe confirms a strong read would work (see `health`).
@@ -76,18 +51,12 @@ pub async fn serve(
     // future is dropped rather than finished (as server.rs does on a signal or a fatal error).
     let mut background = tokio::task::JoinSet::new();
     background.spawn(health::keep_reporting(node.clone(), health_reporter));
-    let served = Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .max_concurrent_streams(Some(max_concurrent_streams))
-        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
-        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+    let served = crate::listener::bounded_server(max_concurrent_streams)
         .layer(tower::util::MapResponseLayer::new(
             oversize_is_resource_exhausted,
         ))
         .add_service(kv)
         .add_service(cluster)
-        .add_service(raft)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -98,8 +67,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// Reflection lists the public services only. The node-to-node Raft service shares the port and the
-/// descriptor set, but it is not an API: calling it by hand can only disturb the cluster.
+/// Reflection lists the public services only. The node-to-node Raft service shares the descriptor
+/// set but is not served here.
 fn reflection() -> tonic_reflection::server::Builder<'static> {
     let public = [
         <pb::v1::kv_server::KvServer<kv::KvService> as tonic::server::NamedService>::NAME,
