@@ -31,7 +31,8 @@ pub struct ServerArgs {
     #[arg(long, env = "RAFTKV_DATA_DIR")]
     pub data_dir: PathBuf,
     /// The initial voters, `ID=CLIENT_ADDR/PEER_ADDR,...`, e.g. `1=10.0.0.1:7001/10.0.0.1:7101`. A
-    /// fresh cluster bootstraps from this once; after that the membership lives in the log.
+    /// fresh cluster bootstraps from this once; after that the membership lives in the log. The same
+    /// list on every initial voter: the cluster id is derived from it.
     #[arg(long, env = "RAFTKV_PEERS", value_parser = parse_peers)]
     pub peers: BTreeMap<NodeId, Member>,
     /// Mixed into the cluster id at bootstrap, so two clusters bootstrapped with the same --peers

@@ -191,25 +191,29 @@ fn check_sender(
     check_member(node, refusals, rpc, from)
 }
 
-/// PERMISSION_DENIED unless `from` is a voter or learner of the membership this node knows, or one of
-/// its bootstrap `--peers`: a node that has not yet applied the membership entry still hears from the
-/// initial voters.
+/// PERMISSION_DENIED unless `from` is a voter or learner of the membership this node knows. A node
+/// that knows no membership yet (fresh or wiped, waiting for the first entry) hears from its bootstrap
+/// `--peers` instead; once it has one, the flags no longer count, so a member removed later is
+/// refused even if it was an initial voter.
 fn check_member(
     node: &Node,
     refusals: &Refusals,
     rpc: &'static str,
     from: NodeId,
 ) -> Result<(), Status> {
-    if from == node.id || node.peers.contains_key(&from) {
+    if from == node.id {
         return Ok(());
     }
-    let metrics = node.raft.metrics();
-    let known = metrics
-        .borrow_watched()
-        .membership_config
-        .membership()
-        .get_node(&from)
-        .is_some();
+    let known = {
+        let metrics = node.raft.metrics();
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        if membership.voter_ids().next().is_none() {
+            node.peers.contains_key(&from)
+        } else {
+            membership.get_node(&from).is_some()
+        }
+    };
     if known {
         return Ok(());
     }
