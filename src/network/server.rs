@@ -98,7 +98,14 @@ impl tonic::service::Interceptor for Identify {
                     identity::IdentityError::Missing => "no cluster id or sender",
                     identity::IdentityError::OtherCluster { .. } => "another cluster",
                 };
-                self.refusals.note("any", 0, why);
+                // The claimed sender, for the log line only (0: none that parses).
+                let claimed = request
+                    .metadata()
+                    .get(identity::FROM_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                self.refusals.note("any", claimed, why);
                 Err(Status::failed_precondition(e.to_string()))
             }
         }
