@@ -103,7 +103,8 @@ pub struct ServerArgs {
     #[arg(long, env = "RAFTKV_MAX_RESPONSE_BYTES", default_value_t = 3 * 1024 * 1024)]
     pub max_response_bytes: usize,
     /// Reads that may wait at once for this node to apply a revision (`min_revision`, or a strong read
-    /// catching up); more are refused with RESOURCE_EXHAUSTED rather than queued without bound.
+    /// catching up), and, as a separate count, strong reads on a follower waiting for a read index
+    /// from the leader; more are refused with RESOURCE_EXHAUSTED rather than queued without bound.
     #[arg(long, env = "RAFTKV_MAX_APPLY_WAITERS", default_value_t = 4096)]
     pub max_apply_waiters: usize,
     /// Background scrub: read and decode every stored value (log, data, snapshot) at most this fast,

@@ -959,3 +959,60 @@ async fn kv_health_follows_the_quorum() {
     }
     wait_health(&at, KV, Serving, Duration::from_secs(20)).await;
 }
+
+/// A call whose deadline passes before raftkv's handler can answer (here: its request body never
+/// comes, so no handler runs) ends in DEADLINE_EXCEEDED from the node, not in the `CANCELLED:
+/// Timeout expired` that tonic's server answers on its own when the client's `grpc-timeout` runs out.
+/// A bare HTTP/2 client, because tonic's client enforces the same header itself and would answer
+/// first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passes_in_the_server_is_deadline_exceeded() {
+    let c = Cluster::start(1, &[]);
+    eventually(10 * SECOND, "first put", || async {
+        c.kv(1).put(req(put("k", "v"), 2 * SECOND)).await
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(c.addr(1)).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.expect("h2 ready");
+    let request = http::Request::post(format!("http://{}/raftkv.v1.KV/Get", c.addr(1)))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(())
+        .unwrap();
+    let started = Instant::now();
+    // The body stays open and empty: the handler waits for a message that never comes.
+    let (response, _body) = h2.send_request(request, false).expect("send");
+    let response = tokio::time::timeout(5 * SECOND, response)
+        .await
+        .expect("an answer by the deadline, not a hang")
+        .expect("a response");
+    let elapsed = started.elapsed();
+    let (parts, mut body) = response.into_parts();
+    // Trailers-only (the status in the headers), or headers followed by trailers.
+    let trailers = match parts.headers.get("grpc-status") {
+        Some(_) => parts.headers,
+        None => tokio::time::timeout(5 * SECOND, body.trailers())
+            .await
+            .expect("trailers in time")
+            .expect("trailers")
+            .expect("a status in the trailers"),
+    };
+    let status = trailers.get("grpc-status").and_then(|v| v.to_str().ok());
+    let message = trailers.get("grpc-message").and_then(|v| v.to_str().ok());
+    assert_eq!(
+        status,
+        Some("4"),
+        "want DEADLINE_EXCEEDED (4), got {status:?}: {message:?}"
+    );
+    assert!(
+        trailers.contains_key("raftkv-node-id"),
+        "the node's own answer: {trailers:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < 3 * SECOND,
+        "answered after {elapsed:?} for a 300 ms deadline"
+    );
+}

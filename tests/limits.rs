@@ -331,3 +331,83 @@ async fn a_flooded_public_port_leaves_the_peer_port_open() {
     }
     drop(idle);
 }
+
+/// Strong reads on a follower wait for a read index from the leader; with the leader frozen they
+/// pile up. Beyond `--max-apply-waiters` of them a read is refused with RESOURCE_EXHAUSTED at once
+/// instead of queued without bound, and the follower stays up and serves once the leader is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_bounds_reads_waiting_for_a_read_index() {
+    const LIMIT: usize = 4;
+    const READS: usize = 40;
+    let mut c = Cluster::start(3, &["--max-apply-waiters", &LIMIT.to_string()]);
+    let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let follower = c.ids().into_iter().find(|&i| i != leader).unwrap();
+    eventually(10 * SECOND, "first put", || async {
+        c.kv(leader).put(req(put("k", "v"), 2 * SECOND)).await
+    })
+    .await;
+    eventually(10 * SECOND, "a strong read on the follower", || async {
+        c.kv(follower)
+            .get(req(get("k", pb::Consistency::Strong), 2 * SECOND))
+            .await
+    })
+    .await;
+
+    c.pause(leader);
+    let kv = c.kv(follower);
+    let reads = (0..READS).map(|_| {
+        let mut kv = kv.clone();
+        async move {
+            kv.get(req(get("k", pb::Consistency::Strong), 2 * SECOND))
+                .await
+                .map(|_| ())
+        }
+    });
+    let results = futures::future::join_all(reads).await;
+    c.resume(leader);
+
+    let refused: Vec<&tonic::Status> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .filter(|s| s.code() == tonic::Code::ResourceExhausted)
+        .collect();
+    eprintln!(
+        "{} of {READS} strong reads refused: {:?}",
+        refused.len(),
+        refused.first()
+    );
+    let codes: Vec<tonic::Code> = results
+        .iter()
+        .map(|r| r.as_ref().err().map_or(tonic::Code::Ok, |s| s.code()))
+        .collect();
+    assert!(
+        refused.len() >= READS - 2 * LIMIT,
+        "only {} of {READS} reads refused with a limit of {LIMIT}: {codes:?}",
+        refused.len()
+    );
+    // The reads that waited were answered by the node, with the reason: no leader confirmed them
+    // (or a new leader did, in time).
+    assert!(
+        codes.iter().all(|c| matches!(
+            c,
+            tonic::Code::ResourceExhausted | tonic::Code::Unavailable | tonic::Code::Ok
+        )),
+        "{codes:?}"
+    );
+    assert!(
+        refused[0].message().contains("--max-apply-waiters"),
+        "{:?}",
+        refused[0]
+    );
+    assert!(c.alive(follower), "the follower died");
+    eventually(
+        10 * SECOND,
+        "a strong read on the follower afterwards",
+        || async {
+            c.kv(follower)
+                .get(req(get("k", pb::Consistency::Strong), 2 * SECOND))
+                .await
+        },
+    )
+    .await;
+}

@@ -16,6 +16,8 @@ use tonic::metadata::MetadataMap;
 use crate::listener::{ConnectionLimits, limited_incoming};
 use crate::node::Node;
 use crate::pb;
+use crate::types::NodeId;
+use error::ApiError;
 
 /// Serves every service until the listener fails or the caller drops the future (how a node stops:
 /// see server.rs).
@@ -52,6 +54,7 @@ pub async fn serve(
     let mut background = tokio::task::JoinSet::new();
     background.spawn(health::keep_reporting(node.clone(), health_reporter));
     let served = crate::listener::bounded_server(max_concurrent_streams)
+        .layer(AnswerByDeadlineLayer { node_id: node.id })
         .layer(tower::util::MapResponseLayer::new(
             oversize_is_resource_exhausted,
         ))
@@ -99,9 +102,86 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
     response
 }
 
+/// tonic's server enforces the client's `grpc-timeout` itself: when it runs out before the handler
+/// answers, tonic answers `CANCELLED: Timeout expired` (its `GrpcTimeout`, which wraps every layer given
+/// to the builder, so no response-rewriting layer sees that answer). gRPC calls an expired deadline
+/// DEADLINE_EXCEEDED, and a client that reads CANCELLED may think it cancelled the call itself.
+/// raftkv's handlers answer a little before the deadline on their own (see `Node::deadline`); this
+/// layer answers for a call whose handler cannot (its request body never came, the process was
+/// stopped or starved). It wins the race with tonic's timer: tonic calls it before starting that
+/// timer, so its deadline is no later, and tonic polls the service before its timer.
+#[derive(Clone, Copy)]
+struct AnswerByDeadlineLayer {
+    node_id: NodeId,
+}
+
+impl<S> tower::Layer<S> for AnswerByDeadlineLayer {
+    type Service = AnswerByDeadline<S>;
+
+    fn layer(&self, inner: S) -> AnswerByDeadline<S> {
+        AnswerByDeadline {
+            inner,
+            node_id: self.node_id,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AnswerByDeadline<S> {
+    inner: S,
+    node_id: NodeId,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AnswerByDeadline<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Default,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let timeout = request
+            .headers()
+            .get(GRPC_TIMEOUT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let Some(timeout) = timeout else {
+            return Box::pin(self.inner.call(request));
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let node_id = self.node_id;
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline, answer).await {
+                Ok(response) => response,
+                Err(_) => Ok(ApiError::DeadlineExceeded(format!(
+                    "the request's deadline ({timeout:?}) passed before node {node_id} could answer"
+                ))
+                .into_status(node_id)
+                .into_http()),
+            }
+        })
+    }
+}
+
+const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
+
 /// The client's deadline from the `grpc-timeout` header (e.g. `500m`, `5S`), if it sent one.
 pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(metadata.get(GRPC_TIMEOUT_HEADER)?.to_str().ok()?)
+}
+
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 {
         return None;
     }
@@ -137,6 +217,43 @@ mod tests {
         }
         md.insert("grpc-timeout", "5x".parse().unwrap());
         assert_eq!(grpc_timeout(&md), None);
+    }
+
+    /// A handler that has not answered by the client's deadline: DEADLINE_EXCEEDED from the node.
+    /// One that answers in time, or a call without a deadline, passes through untouched.
+    #[tokio::test]
+    async fn a_call_past_its_deadline_is_deadline_exceeded() {
+        use tower::{Layer, ServiceExt};
+        let slow = tower::service_fn(|r: http::Request<()>| async move {
+            let wait = r.headers().get("wait-ms").and_then(|v| v.to_str().ok());
+            let wait: u64 = wait.and_then(|v| v.parse().ok()).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .header("grpc-status", "0")
+                    .body(tonic::body::Body::empty())
+                    .unwrap(),
+            )
+        });
+        let layer = AnswerByDeadlineLayer { node_id: 7 };
+        let call = |timeout: Option<&str>, wait_ms: u64| {
+            let mut r = http::Request::builder().header("wait-ms", wait_ms.to_string());
+            if let Some(t) = timeout {
+                r = r.header("grpc-timeout", t);
+            }
+            layer.layer(slow).oneshot(r.body(()).unwrap())
+        };
+
+        let late = call(Some("50m"), 10_000).await.unwrap();
+        let status = tonic::Status::from_header_map(late.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(status.message().contains("node 7"), "{status:?}");
+        assert_eq!(status.metadata().get("raftkv-node-id").unwrap(), "7");
+
+        for (timeout, wait_ms) in [(Some("500m"), 10), (None, 100)] {
+            let r = call(timeout, wait_ms).await.unwrap();
+            assert_eq!(r.headers()["grpc-status"], "0", "{timeout:?} {wait_ms}");
+        }
     }
 
     #[test]
