@@ -32,6 +32,9 @@ use crate::types::{Command, CommandResponse, Member, NodeId, Raft, TypeConfig, V
 /// (see `Node::taking_office`); normally one round trip. Well under a forwarded write's deadline.
 const MAX_OFFICE_WAIT: Duration = Duration::from_millis(100);
 
+/// How long a start waits for the replay of the committed log before serving anyway (with a WARN).
+const MAX_REPLAY_WAIT: Duration = Duration::from_secs(60);
+
 type QuorumAcked = openraft::metrics::SerdeInstant<openraft::alias::InstantOf<TypeConfig>>;
 
 /// A write that has been committed by a quorum, made durable and applied.
@@ -119,7 +122,20 @@ impl Node {
             channels: channels.clone(),
             routes: routes.clone(),
         };
+        // Where openraft's replay of the committed log will reach (see `store::state_machine`).
+        let replay_to = {
+            use openraft::storage::RaftLogStorage;
+            log.clone().read_committed().await?
+        };
         let raft = Raft::new(args.id, config, network, log, sm.clone()).await?;
+        // Not served before the replay: an eventual read would otherwise see this node go back in
+        // time after a crash, to its last snapshot, for as long as the replay takes.
+        if let Some(to) = replay_to {
+            let wait = raft.wait(Some(MAX_REPLAY_WAIT));
+            if let Err(e) = wait.applied_index_at_least(Some(to.index), "replay").await {
+                tracing::warn!(error = %e, to = to.index, "serving before the committed log is replayed");
+            }
+        }
         let node = Arc::new(Node {
             id: args.id,
             cluster,
