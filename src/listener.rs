@@ -6,6 +6,11 @@
 //! its first HTTP/2 request within the handshake timeout is closed too, so connections that only hold
 //! a slot cannot lock real clients out for long. [`limited_incoming`] wraps any listener, so a second
 //! listener (peers) gets the same bounds with a limit of its own.
+//!
+//! With TLS the listener does the TLS handshake itself, inside the same deadline, and watches for the
+//! first request in the decrypted stream: on ciphertext it could not see one. Handshakes run side by
+//! side in the accept stream (each holding its slot), so a client that stalls its handshake delays
+//! no one else's.
 
 use std::future::Future;
 use std::io;
@@ -14,11 +19,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::stream::FuturesUnordered;
+use futures::{Stream, StreamExt};
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::either::Either;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::tls::ServerTls;
 
 /// File descriptors kept free of client connections: the database, the log, peer connections and
 /// whatever else the process opens must not fail because clients took every descriptor.
@@ -35,31 +45,115 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub struct ConnectionLimits {
     /// Connections open at once; beyond it new ones are closed as they arrive.
     pub max_connections: usize,
-    /// How long a connection may stay open before it sends its first request.
+    /// How long a connection may stay open before it sends its first request (with TLS, the
+    /// handshake included).
     pub handshake_timeout: Duration,
 }
 
 /// Accepted connections, each holding one of `limits.max_connections` slots until it closes. `name`
-/// says which listener a log line is about. Accept errors are logged here (rate-limited) and never
+/// says which listener a log line is about. With `tls`, a connection is yielded once its TLS
+/// handshake has completed; one whose handshake fails or outlasts the handshake timeout is closed
+/// (a rate-limited WARN) and its slot freed. Accept errors are logged here (rate-limited) and never
 /// yielded: tonic only traces them, and an error the stream returned at once on every poll (out of
 /// descriptors) would spin its accept loop.
 pub fn limited_incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
     name: &'static str,
+    tls: Option<Arc<ServerTls>>,
 ) -> impl Stream<Item = io::Result<LimitedConnection>> + Send + 'static {
-    let state = Accepting {
-        listener,
-        slots: Arc::new(Semaphore::new(limits.max_connections)),
-        limits,
-        name,
-        refused: RateLimited::default(),
-        errors: RateLimited::default(),
+    let state = Incoming {
+        accepting: Accepting {
+            listener,
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            name,
+            refused: RateLimited::default(),
+            errors: RateLimited::default(),
+        },
+        tls,
+        handshakes: FuturesUnordered::new(),
+        failed_handshakes: RateLimited::default(),
     };
     futures::stream::unfold(state, |mut s| async move {
-        let conn = s.accept().await;
+        let conn = s.next().await;
         Some((Ok(conn), s))
     })
+}
+
+type Handshake =
+    Pin<Box<dyn Future<Output = Result<LimitedConnection, (io::Error, TcpConnectInfo)>> + Send>>;
+
+struct Incoming {
+    accepting: Accepting,
+    tls: Option<Arc<ServerTls>>,
+    /// TLS handshakes under way; at most one per slot, since each holds its slot.
+    handshakes: FuturesUnordered<Handshake>,
+    failed_handshakes: RateLimited,
+}
+
+impl Incoming {
+    async fn next(&mut self) -> LimitedConnection {
+        loop {
+            tokio::select! {
+                (stream, slot, accepted) = self.accepting.accept() => {
+                    let deadline = accepted + self.accepting.limits.handshake_timeout;
+                    match &self.tls {
+                        None => return LimitedConnection::new(Either::Left(stream), slot, deadline, None),
+                        Some(tls) => self.handshakes.push(Box::pin(handshake(tls.acceptor(), stream, slot, deadline))),
+                    }
+                }
+                Some(done) = self.handshakes.next(), if !self.handshakes.is_empty() => match done {
+                    Ok(conn) => return conn,
+                    Err((e, info)) => {
+                        if let Some(suppressed) = self.failed_handshakes.due() {
+                            tracing::warn!(
+                                listener = self.accepting.name,
+                                peer = ?info.remote_addr,
+                                error = %e,
+                                failed_since_last_report = suppressed,
+                                "TLS handshake failed; connection closed"
+                            );
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// The server side of a TLS handshake, cut off at `deadline`. On failure the stream and its slot are
+/// dropped here, which closes the connection and frees the slot.
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    slot: OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
+) -> Result<LimitedConnection, (io::Error, TcpConnectInfo)> {
+    let info = stream.connect_info();
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let certs = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|certs| Arc::new(certs.to_vec()));
+            Ok(LimitedConnection::new(
+                Either::Right(Box::new(tls)),
+                slot,
+                deadline,
+                certs,
+            ))
+        }
+        Ok(Err(e)) => Err((e, info)),
+        Err(_) => Err((
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no TLS handshake within the handshake timeout",
+            ),
+            info,
+        )),
+    }
 }
 
 struct Accepting {
@@ -72,7 +166,9 @@ struct Accepting {
 }
 
 impl Accepting {
-    async fn accept(&mut self) -> LimitedConnection {
+    /// The next connection inside the limit, its slot and when it was accepted. Cancel-safe: a
+    /// connection is accepted only in the poll that returns it.
+    async fn accept(&mut self) -> (TcpStream, OwnedSemaphorePermit, tokio::time::Instant) {
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -93,7 +189,7 @@ impl Accepting {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "TCP_NODELAY");
                     }
-                    return LimitedConnection::new(stream, permit, self.limits.handshake_timeout);
+                    return (stream, permit, tokio::time::Instant::now());
                 }
                 Err(_) => {
                     drop(stream);
@@ -140,22 +236,42 @@ impl RateLimited {
     }
 }
 
-/// A TCP connection that holds a slot until it is dropped, and fails its reads once the handshake
-/// timeout passes before the client's first request.
+/// A connection, plaintext or TLS, that holds a slot until it is dropped, and fails its reads once
+/// the handshake timeout passes before the client's first request.
 pub struct LimitedConnection {
-    stream: TcpStream,
+    stream: Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>,
+    info: ConnectionInfo,
     _slot: OwnedSemaphorePermit,
-    /// Until the first request: its deadline, and where the reader is in the byte stream.
+    /// Until the first request: its deadline, and where the reader is in the (decrypted) byte stream.
     handshake: Option<(Pin<Box<tokio::time::Sleep>>, FirstRequest)>,
 }
 
+/// What a request handler can learn about its connection (a request extension).
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    pub tcp: TcpConnectInfo,
+    /// The client's certificate chain, leaf first, when it showed one over TLS; the TLS layer has
+    /// verified it against the listener's CA.
+    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
 impl LimitedConnection {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, timeout: Duration) -> Self {
+    fn new(
+        stream: Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>,
+        slot: OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+        peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    ) -> Self {
+        let tcp = match &stream {
+            Either::Left(tcp) => tcp.connect_info(),
+            Either::Right(tls) => tls.get_ref().0.connect_info(),
+        };
         LimitedConnection {
             stream,
+            info: ConnectionInfo { tcp, peer_certs },
             _slot: slot,
             handshake: Some((
-                Box::pin(tokio::time::sleep(timeout)),
+                Box::pin(tokio::time::sleep_until(deadline)),
                 FirstRequest::default(),
             )),
         }
@@ -163,10 +279,10 @@ impl LimitedConnection {
 }
 
 impl Connected for LimitedConnection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnectionInfo {
+        self.info.clone()
     }
 }
 
@@ -224,7 +340,7 @@ impl AsyncWrite for LimitedConnection {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        AsyncWrite::is_write_vectored(&self.stream)
     }
 }
 
@@ -369,7 +485,7 @@ mod tests {
             max_connections: 4,
             handshake_timeout: Duration::from_millis(200),
         };
-        let mut incoming = Box::pin(limited_incoming(listener, limits, "test"));
+        let mut incoming = Box::pin(limited_incoming(listener, limits, "test", None));
         let mut client = TcpStream::connect(addr).await.unwrap();
         let mut server = incoming.next().await.unwrap().unwrap();
         let chatter = tokio::spawn(async move {
@@ -417,7 +533,7 @@ mod tests {
             max_connections: 2,
             handshake_timeout: Duration::from_millis(200),
         };
-        let mut incoming = Box::pin(limited_incoming(listener, limits, "test"));
+        let mut incoming = Box::pin(limited_incoming(listener, limits, "test", None));
         let mut clients = Vec::new();
         for _ in 0..3 {
             clients.push(TcpStream::connect(addr).await.unwrap());

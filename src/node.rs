@@ -99,7 +99,7 @@ impl Node {
             args.scrub_bytes_per_sec,
             Duration::from_secs(args.scrub_interval_secs),
         )?;
-        let channels = PeerChannels::default();
+        let channels = PeerChannels::with_tls(args.peer_tls()?.map(|tls| tls.client));
         let routes = Arc::new(args.dial.clone().unwrap_or_default());
         let network = NetworkFactory {
             id: args.id,

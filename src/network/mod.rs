@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use backoff::PeerHealth;
 
@@ -30,6 +30,8 @@ pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<(String, Purpose), Channel>>>,
     /// One per peer address, whatever the purpose: a peer that is down is down for all of them.
     health: Arc<Mutex<HashMap<String, Arc<PeerHealth>>>>,
+    /// With peer TLS: peers are dialed over https and shown this node's certificate.
+    tls: Option<ClientTlsConfig>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -43,6 +45,13 @@ pub enum Purpose {
 }
 
 impl PeerChannels {
+    pub fn with_tls(tls: Option<ClientTlsConfig>) -> Self {
+        PeerChannels {
+            tls,
+            ..Default::default()
+        }
+    }
+
     pub fn health(&self, addr: &str) -> Arc<PeerHealth> {
         let mut map = self
             .health
@@ -60,20 +69,33 @@ impl PeerChannels {
         if let Some(ch) = map.get(&key) {
             return Ok(ch.clone());
         }
-        let channel = endpoint(addr)?.connect_lazy();
+        let channel = endpoint(addr, self.tls.as_ref())?.connect_lazy();
         map.insert(key, channel.clone());
         Ok(channel)
     }
 }
 
-/// The connection settings every raftkv-to-raftkv (and CLI-to-raftkv) connection uses.
-pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+/// How long a TLS handshake with a node may take before the connection attempt fails.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection settings every raftkv-to-raftkv (and CLI-to-raftkv) connection uses. With `tls`
+/// the address is dialed over https (whatever scheme it was written with), and the server's
+/// certificate must be valid for the address' host.
+pub fn endpoint(
+    addr: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Endpoint, tonic::transport::Error> {
+    let uri = match (addr.split_once("://"), tls) {
+        (Some((_, rest)), Some(_)) => format!("https://{rest}"),
+        (Some(_), None) => addr.to_string(),
+        (None, Some(_)) => format!("https://{addr}"),
+        (None, None) => format!("http://{addr}"),
     };
-    Ok(Endpoint::from_shared(uri)?
+    let mut endpoint = Endpoint::from_shared(uri)?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone().timeout(TLS_HANDSHAKE_TIMEOUT))?;
+    }
+    Ok(endpoint
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))

@@ -334,7 +334,7 @@ pub fn cpu_time(pid: u32) -> Duration {
 }
 
 pub fn channel(addr: &str) -> Channel {
-    raftkv::network::endpoint(addr)
+    raftkv::network::endpoint(addr, None)
         .expect("endpoint")
         .connect_lazy()
 }
