@@ -57,14 +57,15 @@ trap cleanup EXIT
 rk_addr() { echo "$HOST:$((PORT_BASE + $1))"; }
 etcd_addr() { echo "$HOST:$((PORT_BASE + 10 + $1))"; }
 etcd_peer() { echo "http://$HOST:$((PORT_BASE + 20 + $1))"; }
+rk_peer() { echo "$HOST:$((PORT_BASE + 30 + $1))"; }
 RK_ENDPOINTS="$(rk_addr 1),$(rk_addr 2),$(rk_addr 3)"
 ETCD_ENDPOINTS="$(etcd_addr 1),$(etcd_addr 2),$(etcd_addr 3)"
-RK_PEERS="1=$(rk_addr 1),2=$(rk_addr 2),3=$(rk_addr 3)"
+RK_PEERS="1=$(rk_addr 1)/$(rk_peer 1),2=$(rk_addr 2)/$(rk_peer 2),3=$(rk_addr 3)/$(rk_peer 3)"
 ETCD_CLUSTER="e1=$(etcd_peer 1),e2=$(etcd_peer 2),e3=$(etcd_peer 3)"
 
 start_raftkv() {
     local n=$1
-    "$BIN" server --id "$n" --listen "$(rk_addr "$n")" --peers "$RK_PEERS" \
+    "$BIN" server --id "$n" --listen "$(rk_addr "$n")" --peer-listen "$(rk_peer "$n")" --peers "$RK_PEERS" \
         --data-dir "$WORK/raftkv$n" >>"$WORK/raftkv$n.log" 2>&1 &
     PIDS[raftkv$n]=$!
 }

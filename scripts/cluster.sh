@@ -18,7 +18,8 @@ usage() {
     cat <<EOF
 Usage: scripts/cluster.sh COMMAND
 
-Runs a three-node raftkv cluster on this machine (node N serves on \$RAFTKV_HOST:\$((RAFTKV_PORT_BASE+N))).
+Runs a three-node raftkv cluster on this machine (node N serves clients on
+\$RAFTKV_HOST:\$((RAFTKV_PORT_BASE+N)) and its peers on \$RAFTKV_HOST:\$((RAFTKV_PORT_BASE+100+N))).
 
 Commands:
   start        Start whichever of the three nodes are not running (builds the release binary first;
@@ -36,7 +37,8 @@ Environment:
   RAFTKV_DATA_DIR       data root (default: <repo>/data); node N keeps its database in
                         \$RAFTKV_DATA_DIR/nN, its log in nN.log and its pid in nN.pid there
   RAFTKV_HOST           address the nodes listen on (default: 127.0.0.1)
-  RAFTKV_PORT_BASE      node N listens on port RAFTKV_PORT_BASE+N (default: 7000, so 7001-7003)
+  RAFTKV_PORT_BASE      node N serves clients on port RAFTKV_PORT_BASE+N and peers on
+                        RAFTKV_PORT_BASE+100+N (default: 7000, so 7001-7003 and 7101-7103)
   RAFTKV_BIN            raftkv binary to run (default: <repo>/target/release/raftkv, built with
                         'cargo build --release'; when set, nothing is built)
   RAFTKV_START_TIMEOUT  seconds 'start' and 'restart' wait for the cluster (default: 20)
@@ -52,6 +54,8 @@ die() {
 
 port_of() { echo $((PORT_BASE + $1)); }
 addr_of() { echo "$HOST:$(port_of "$1")"; }
+# Raft traffic has a port of its own, 100 above the client port (7101-7103 by default).
+peer_addr_of() { echo "$HOST:$((PORT_BASE + 100 + $1))"; }
 node_dir() { echo "$DATA_ROOT/n$1"; }
 log_of() { echo "$DATA_ROOT/n$1.log"; }
 pidfile_of() { echo "$DATA_ROOT/n$1.pid"; }
@@ -64,7 +68,7 @@ endpoints() {
 
 peers() {
     local out="" n
-    for n in "${NODES[@]}"; do out+="${out:+,}$n=$(addr_of "$n")"; done
+    for n in "${NODES[@]}"; do out+="${out:+,}$n=$(addr_of "$n")/$(peer_addr_of "$n")"; done
     echo "$out"
 }
 
@@ -168,7 +172,8 @@ spawn_node() {
     command -v setsid >/dev/null 2>&1 && detach=(setsid)
     # shellcheck disable=SC2016 # $$ and $1 are the inner shell's.
     NO_COLOR=1 "${detach[@]}" bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$(pidfile_of "$n")" \
-        "$BIN" server --id "$n" --listen "$(addr_of "$n")" --peers "$(peers)" --data-dir "$(node_dir "$n")" \
+        "$BIN" server --id "$n" --listen "$(addr_of "$n")" --peer-listen "$(peer_addr_of "$n")" \
+        --peers "$(peers)" --data-dir "$(node_dir "$n")" \
         </dev/null >>"$log" 2>&1 &
     # Wait (briefly) until the inner shell has written the pid file and become the server, so that
     # nothing mistakes the moment before its exec for a dead node.

@@ -12,11 +12,15 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::{Channel, ClientTlsConfig};
 
-use crate::api::error::LEADER_ADDR_HEADER;
+use crate::api::error::{LEADER_ADDR_HEADER, NODE_ID_HEADER};
 use crate::network::endpoint;
 use crate::pb::v1 as pb;
 use crate::pb::v1::cluster_client::ClusterClient;
 use crate::pb::v1::kv_client::KvClient;
+
+/// The least time left worth another attempt after a refusal: a node answers a little before the
+/// deadline it is given (see `Node::deadline`), and needs a round trip and a moment's work to do so.
+const MIN_ATTEMPT: Duration = Duration::from_millis(20);
 
 pub struct Client {
     nodes: Mutex<Vec<(String, Channel)>>,
@@ -92,27 +96,39 @@ impl Client {
     {
         let deadline = Instant::now() + self.timeout;
         let mut attempt = 0;
+        // The most telling refusal so far: a node's own answer (it says why: no quorum, no leader)
+        // outranks a transport's connect error.
+        let mut refused: Option<tonic::Status> = None;
         loop {
             let (i, channel) = self.pick(attempt);
             let remaining = deadline.saturating_duration_since(Instant::now());
-            match f(KvClient::new(channel), remaining).await {
+            let last = match f(KvClient::new(channel), remaining).await {
                 Ok(v) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Err(s)
-                    if crate::api::error::certainly_not_proposed(&s)
-                        && Instant::now() < deadline =>
-                {
-                    if self.follow_hint(&s) {
-                        attempt = 0;
-                    } else {
-                        attempt += 1;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20 * attempt.min(10) as u64)).await;
-                }
+                Err(s) if crate::api::error::certainly_not_proposed(&s) => s,
                 Err(s) => return Err(own_timeout_is_deadline_exceeded(s)),
+            };
+            if self.follow_hint(&last) {
+                attempt = 0;
+            } else {
+                attempt += 1;
             }
+            let own = |s: &tonic::Status| s.metadata().contains_key(NODE_ID_HEADER);
+            let best = match refused.take() {
+                Some(earlier) if own(&earlier) && !own(&last) => earlier,
+                _ => last,
+            };
+            let backoff = Duration::from_millis(20 * attempt.min(10) as u64);
+            tokio::time::sleep_until((Instant::now() + backoff).min(deadline)).await;
+            // An attempt with less time than this left could only end in this client's own timeout,
+            // which says less than the refusal in hand, and for a write would turn "not applied"
+            // into "unknown".
+            if deadline.saturating_duration_since(Instant::now()) < MIN_ATTEMPT {
+                return Err(best);
+            }
+            refused = Some(best);
         }
     }
 

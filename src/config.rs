@@ -7,30 +7,43 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::tls::{ServerTlsFiles, TlsError};
-use crate::types::NodeId;
+use crate::types::{Member, NodeId};
 
 #[derive(Args, Debug, Clone)]
 pub struct ServerArgs {
     /// This node's id: a small integer, never reused for another node.
     #[arg(long, env = "RAFTKV_ID")]
     pub id: NodeId,
-    /// Address to serve the public API and Raft traffic on.
+    /// Address to serve the public API on: KV, Cluster, health and reflection, never Raft traffic.
     #[arg(long, env = "RAFTKV_LISTEN")]
     pub listen: String,
-    /// Address other nodes and clients reach this node at (default: this node's entry in --peers).
+    /// Address to serve Raft traffic from the other nodes on. Only they need to reach it.
+    #[arg(long, env = "RAFTKV_PEER_LISTEN")]
+    pub peer_listen: String,
+    /// Address clients reach this node at (default: the client address of this node's entry in
+    /// --peers, else --listen).
     #[arg(long, env = "RAFTKV_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Address the other nodes reach this node at (default: the peer address of this node's entry in
+    /// --peers, else --peer-listen).
+    #[arg(long, env = "RAFTKV_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
     /// Where this node keeps its sled database.
     #[arg(long, env = "RAFTKV_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// The initial voters, `1=HOST:PORT,2=HOST:PORT,3=HOST:PORT`. A fresh cluster bootstraps from this
-    /// once; after that the membership lives in the log.
+    /// The initial voters, `ID=CLIENT_ADDR/PEER_ADDR,...`, e.g. `1=10.0.0.1:7001/10.0.0.1:7101`. A
+    /// fresh cluster bootstraps from this once; after that the membership lives in the log. The same
+    /// list on every initial voter: the cluster id is derived from it.
     #[arg(long, env = "RAFTKV_PEERS", value_parser = parse_peers)]
-    pub peers: BTreeMap<NodeId, String>,
-    /// Reach peer ID at ADDR instead of the address recorded in the membership (`2=HOST:PORT,...`).
-    /// For fault-injection harnesses that put a cuttable proxy on every link (`raftkv jepsen`
-    /// without root); a production cluster never needs it.
-    #[arg(long, env = "RAFTKV_DIAL", value_parser = parse_peers, hide = true)]
+    pub peers: BTreeMap<NodeId, Member>,
+    /// Mixed into the cluster id at bootstrap, so two clusters bootstrapped with the same --peers
+    /// still refuse each other's traffic. Give every cluster its own.
+    #[arg(long, env = "RAFTKV_CLUSTER_TOKEN", default_value = "raftkv")]
+    pub cluster_token: String,
+    /// Reach peer ID at ADDR instead of the peer address recorded in the membership
+    /// (`2=HOST:PORT,...`). For fault-injection harnesses that put a cuttable proxy on every link
+    /// (`raftkv jepsen` without root); a production cluster never needs it.
+    #[arg(long, env = "RAFTKV_DIAL", value_parser = parse_addresses, hide = true)]
     pub dial: Option<BTreeMap<NodeId, String>>,
     /// Leader heartbeat interval.
     #[arg(long, env = "RAFTKV_HEARTBEAT_MS", default_value_t = 30)]
@@ -72,6 +85,11 @@ pub struct ServerArgs {
     #[arg(long, env = "RAFTKV_MAX_CONNECTIONS", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
+    /// TCP connections open at once on the peer port, counted apart from clients' so that a flood of
+    /// clients never locks out the other nodes.
+    #[arg(long, env = "RAFTKV_MAX_PEER_CONNECTIONS", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_peer_connections: u64,
     /// A connection that has not sent its first request this long after it was accepted is closed.
     #[arg(long, env = "RAFTKV_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -86,7 +104,8 @@ pub struct ServerArgs {
     #[arg(long, env = "RAFTKV_MAX_RESPONSE_BYTES", default_value_t = 3 * 1024 * 1024)]
     pub max_response_bytes: usize,
     /// Reads that may wait at once for this node to apply a revision (`min_revision`, or a strong read
-    /// catching up); more are refused with RESOURCE_EXHAUSTED rather than queued without bound.
+    /// catching up), and, as a separate count, strong reads on a follower waiting for a read index
+    /// from the leader; more are refused with RESOURCE_EXHAUSTED rather than queued without bound.
     #[arg(long, env = "RAFTKV_MAX_APPLY_WAITERS", default_value_t = 4096)]
     pub max_apply_waiters: usize,
     /// Background scrub: read and decode every stored value (log, data, snapshot) at most this fast,
@@ -128,11 +147,21 @@ pub struct PeerTls {
 }
 
 impl ServerArgs {
-    pub fn advertise_addr(&self) -> String {
-        self.advertise
-            .clone()
-            .or_else(|| self.peers.get(&self.id).cloned())
-            .unwrap_or_else(|| self.listen.clone())
+    /// This node as the membership should record it.
+    pub fn member(&self) -> Member {
+        let listed = self.peers.get(&self.id);
+        Member {
+            addr: self
+                .advertise
+                .clone()
+                .or_else(|| listed.map(|m| m.addr.clone()))
+                .unwrap_or_else(|| self.listen.clone()),
+            peer_addr: self
+                .peer_advertise
+                .clone()
+                .or_else(|| listed.map(|m| m.peer_addr.clone()))
+                .unwrap_or_else(|| self.peer_listen.clone()),
+        }
     }
 
     pub fn request_timeout(&self) -> Duration {
@@ -308,12 +337,39 @@ pub struct Limits {
     pub max_response_bytes: usize,
 }
 
-pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
+/// `ID=CLIENT_ADDR/PEER_ADDR,...` (`--peers`).
+pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, Member>, String> {
     let mut peers = BTreeMap::new();
+    for (id, addrs) in parse_pairs(s, "ID=CLIENT_ADDR/PEER_ADDR")? {
+        let (addr, peer_addr) = addrs.split_once('/').ok_or_else(|| {
+            format!("peer {id} {addrs:?} is not CLIENT_ADDR/PEER_ADDR (both addresses are needed)")
+        })?;
+        let addr = host_port(id, addr.trim())?;
+        let peer_addr = host_port(id, peer_addr.trim())?;
+        if addr == peer_addr {
+            return Err(format!(
+                "peer {id}: the client and peer addresses are the same; Raft has a port of its own"
+            ));
+        }
+        peers.insert(id, Member { addr, peer_addr });
+    }
+    Ok(peers)
+}
+
+/// `ID=HOST:PORT,...` (`--dial`).
+pub fn parse_addresses(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
+    parse_pairs(s, "ID=HOST:PORT")?
+        .into_iter()
+        .map(|(id, addr)| Ok((id, host_port(id, addr.trim())?)))
+        .collect()
+}
+
+fn parse_pairs<'a>(s: &'a str, form: &str) -> Result<BTreeMap<NodeId, &'a str>, String> {
+    let mut pairs = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part
+        let (id, rest) = part
             .split_once('=')
-            .ok_or_else(|| format!("peer {part:?} is not ID=HOST:PORT"))?;
+            .ok_or_else(|| format!("peer {part:?} is not {form}"))?;
         let id: NodeId = id
             .trim()
             .parse()
@@ -321,18 +377,22 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, String>, String> {
         if id == 0 {
             return Err("node id 0 is reserved (it means 'no leader')".into());
         }
-        let addr = addr.trim();
-        if addr.is_empty() || !addr.contains(':') {
-            return Err(format!("peer {id} address {addr:?} is not HOST:PORT"));
-        }
-        if peers.insert(id, addr.to_string()).is_some() {
+        if pairs.insert(id, rest).is_some() {
             return Err(format!("peer {id} listed twice"));
         }
     }
-    if peers.is_empty() {
+    if pairs.is_empty() {
         return Err("no peers given".into());
     }
-    Ok(peers)
+    Ok(pairs)
+}
+
+/// A `HOST:PORT`; a scheme is not part of it (TLS settings decide http or https).
+fn host_port(id: NodeId, addr: &str) -> Result<String, String> {
+    if addr.is_empty() || !addr.contains(':') || addr.contains('/') {
+        return Err(format!("peer {id} address {addr:?} is not HOST:PORT"));
+    }
+    Ok(addr.to_string())
 }
 
 #[cfg(test)]
@@ -341,12 +401,26 @@ mod tests {
 
     #[test]
     fn peers_parse_and_reject_garbage() {
-        let p = parse_peers("1=127.0.0.1:7001, 2=127.0.0.1:7002,3=h:1").unwrap();
+        let p =
+            parse_peers("1=127.0.0.1:7001/127.0.0.1:7101, 2=h:2/h:3,3=[::1]:1/[::1]:2").unwrap();
         assert_eq!(p.len(), 3);
-        assert_eq!(p[&2], "127.0.0.1:7002");
-        for bad in ["", "1", "x=a:1", "0=a:1", "1=a:1,1=b:2", "1=nohost"] {
+        assert_eq!(p[&2], Member::new("h:2", "h:3"));
+        assert_eq!(p[&3], Member::new("[::1]:1", "[::1]:2"));
+        for bad in [
+            "",
+            "1",
+            "x=a:1/a:2",
+            "0=a:1/a:2",
+            "1=a:1/a:2,1=b:1/b:2",
+            "1=nohost/a:2",
+            // One address for both is the layout before the peer port: refused, not guessed at.
+            "1=a:1",
+            "1=a:1/a:1",
+            "1=http://a:1/a:2",
+        ] {
             assert!(parse_peers(bad).is_err(), "{bad:?} should be rejected");
         }
+        assert_eq!(parse_addresses("2=h:9").unwrap()[&2], "h:9");
     }
 
     fn server_args(extra: &[&str]) -> ServerArgs {
@@ -362,10 +436,12 @@ mod tests {
             "1",
             "--listen",
             "127.0.0.1:1",
+            "--peer-listen",
+            "127.0.0.1:2",
             "--data-dir",
             "d",
             "--peers",
-            "1=127.0.0.1:1",
+            "1=127.0.0.1:1/127.0.0.1:2",
         ];
         argv.extend_from_slice(extra);
         Cli::parse_from(argv).server

@@ -21,7 +21,6 @@ use tonic::metadata::MetadataValue;
 
 use crate::api::error::{ApiError, LeaderHint, NODE_ID_HEADER};
 use crate::codec;
-use crate::network::client::raft_client;
 use crate::network::{MAX_PEER_MESSAGE_BYTES, PeerChannels, Purpose};
 use crate::node::Applied;
 use crate::pb::internal::{ForwardedWrite, ProposeBatchRequest, WriteOutcome};
@@ -174,14 +173,14 @@ async fn send_batch(
         });
         replies.push(job.reply);
     }
-    let result = match channels.get(&addr, Purpose::Client) {
+    let result = match channels.client(&addr, Purpose::Client) {
         Err(e) => Err(tonic::Status::unavailable(format!(
             "bad leader address {addr}: {e}"
         ))),
-        Ok(channel) => {
+        Ok(mut client) => {
             let mut request = tonic::Request::new(ProposeBatchRequest { writes });
             request.set_timeout(timeout);
-            raft_client(channel)
+            client
                 .propose_batch(request)
                 .await
                 .map(|r| r.into_inner().outcomes)

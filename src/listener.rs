@@ -419,6 +419,35 @@ pub fn fit_to_fd_limit(wanted: usize, fd_limit: u64) -> usize {
     wanted
 }
 
+/// Streams a client opened and then reset before this node accepted them, allowed in the queue at
+/// once on one connection before h2 closes the whole connection with GOAWAY (h2's default is 20).
+/// Legitimate clients reach it when this node stalls (a SIGSTOP, a starved CPU) while their calls
+/// time out: every timed-out call resets its stream, and the resets wait in the queue until the node
+/// runs again; at 20, one stall failed every other call on the connection. The count is of streams
+/// queued now, not of resets over time, so a rapid-reset attacker (CVE-2023-44487) still gets GOAWAY
+/// as soon as it outruns the accept loop by this many; each queued stream costs only its headers
+/// (bounded by h2's header-list limit), and the connection limit bounds the connections.
+const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 256;
+
+/// Streams this node may reset for a client's protocol errors before it closes the connection:
+/// hyper's default, set here so a change of that default cannot remove the bound on the
+/// "MadeYouReset" attack (CVE-2025-8671), where a client makes the server do the resetting.
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+/// How a client that stopped answering is noticed on a connection that has made a request.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A tonic server with the HTTP/2 bounds every raftkv listener uses (public and peer alike).
+pub fn bounded_server(max_concurrent_streams: u32) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(max_concurrent_streams))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

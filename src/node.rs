@@ -13,23 +13,27 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::{
     ClientWriteError, Fatal, ForwardReason, InitializeError, LinearizableReadError, RaftError,
 };
-use openraft::{BasicNode, Instant as _, LinearizerOption, ServerState};
+use openraft::{Instant as _, LinearizerOption, ServerState};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::api::error::{ApiError, LeaderHint, certainly_not_proposed};
 use crate::config::{Limits, ServerArgs};
 use crate::forward::Forwarder;
-use crate::network::client::{NetworkFactory, raft_client};
+use crate::network::client::NetworkFactory;
+use crate::network::identity::{ClusterId, PeerIdentity};
 use crate::network::{PeerChannels, Purpose};
 use crate::pb::internal::ReadIndexRequest;
 use crate::pb::v1::ResponseHeader;
 use crate::store::{self, StateMachineStore};
-use crate::types::{Command, CommandResponse, NodeId, Raft, TypeConfig, VoteResponse};
+use crate::types::{Command, CommandResponse, Member, NodeId, Raft, TypeConfig, VoteResponse};
 
 /// How long a write waits on a leader that has just taken office for its first quorum acknowledgement
 /// (see `Node::taking_office`); normally one round trip. Well under a forwarded write's deadline.
 const MAX_OFFICE_WAIT: Duration = Duration::from_millis(100);
+
+/// How long a start waits for the replay of the committed log before serving anyway (with a WARN).
+const MAX_REPLAY_WAIT: Duration = Duration::from_secs(60);
 
 type QuorumAcked = openraft::metrics::SerdeInstant<openraft::alias::InstantOf<TypeConfig>>;
 
@@ -42,6 +46,8 @@ pub struct Applied {
 
 pub struct Node {
     pub id: NodeId,
+    /// The cluster this node belongs to; peer requests from any other are refused.
+    pub cluster: ClusterId,
     pub raft: Raft,
     pub sm: StateMachineStore,
     pub channels: PeerChannels,
@@ -51,8 +57,8 @@ pub struct Node {
     pub max_snapshot_bytes: usize,
     /// The initial voters' addresses: a node that has not yet received the membership (a fresh or
     /// wiped one) still knows where its peers are.
-    pub peers: BTreeMap<NodeId, String>,
-    /// `--dial` overrides: where to reach a peer when it is not at its membership address.
+    pub peers: BTreeMap<NodeId, Member>,
+    /// `--dial` overrides: where to reach a peer when it is not at its membership peer address.
     pub routes: Arc<BTreeMap<NodeId, String>>,
     /// Strong reads on a follower waiting for a read index from the leader.
     read_rounds: Arc<ReadIndexRounds>,
@@ -73,8 +79,9 @@ pub struct Node {
 /// What this node currently knows about leadership, read once from the metrics.
 struct View {
     leader: Option<NodeId>,
+    /// The leader's client address, for hints to clients.
     leader_addr: Option<String>,
-    /// Where this node itself reaches the leader: `leader_addr` unless `--dial` reroutes it.
+    /// Where this node itself reaches the leader: its peer address unless `--dial` reroutes it.
     leader_dial: Option<String>,
 }
 
@@ -99,16 +106,42 @@ impl Node {
             args.scrub_bytes_per_sec,
             Duration::from_secs(args.scrub_interval_secs),
         )?;
-        let channels = PeerChannels::with_tls(args.peer_tls()?.map(|tls| tls.client));
+        let derived = ClusterId::derive(&args.cluster_token, &args.peers);
+        let cluster = ClusterId(store::cluster_id(sm.db(), derived.0)?);
+        if cluster != derived {
+            // Expected after a membership change; worth a line when it is a different --peers or token.
+            tracing::info!(%cluster, from_flags = %derived, "using the cluster id stored at the first start");
+        }
+        let channels = PeerChannels::new(
+            PeerIdentity {
+                cluster,
+                node: args.id,
+            },
+            args.peer_tls()?.map(|tls| tls.client),
+        );
         let routes = Arc::new(args.dial.clone().unwrap_or_default());
         let network = NetworkFactory {
             id: args.id,
             channels: channels.clone(),
             routes: routes.clone(),
         };
+        // Where openraft's replay of the committed log will reach (see `store::state_machine`).
+        let replay_to = {
+            use openraft::storage::RaftLogStorage;
+            log.clone().read_committed().await?
+        };
         let raft = Raft::new(args.id, config, network, log, sm.clone()).await?;
+        // Not served before the replay: an eventual read would otherwise see this node go back in
+        // time after a crash, to its last snapshot, for as long as the replay takes.
+        if let Some(to) = replay_to {
+            let wait = raft.wait(Some(MAX_REPLAY_WAIT));
+            if let Err(e) = wait.applied_index_at_least(Some(to.index), "replay").await {
+                tracing::warn!(error = %e, to = to.index, "serving before the committed log is replayed");
+            }
+        }
         let node = Arc::new(Node {
             id: args.id,
+            cluster,
             raft,
             sm,
             channels: channels.clone(),
@@ -117,7 +150,7 @@ impl Node {
             max_snapshot_bytes: args.max_snapshot_bytes,
             peers: args.peers.clone(),
             routes,
-            read_rounds: Arc::default(),
+            read_rounds: Arc::new(ReadIndexRounds::new(args.max_apply_waiters)),
             apply_waiters: Arc::new(ApplyWaiters::new(args.max_apply_waiters)),
             forwarder: Forwarder::start(args.id, channels.clone()),
             // A round is still started at once when the acknowledgement is too old (or the lease is 0).
@@ -136,7 +169,7 @@ impl Node {
     /// everywhere: if every node initialized, each would write that entry under its own id, and a node
     /// that later lost its disk would hold a conflicting first entry that replication cannot repair.
     /// A node with any Raft state never initializes again, and a wiped non-initializer simply rejoins.
-    async fn bootstrap(&self, peers: &BTreeMap<NodeId, String>) -> anyhow::Result<()> {
+    async fn bootstrap(&self, peers: &BTreeMap<NodeId, Member>) -> anyhow::Result<()> {
         if self.raft.is_initialized().await? {
             tracing::info!("existing Raft state found; not bootstrapping");
             return Ok(());
@@ -155,12 +188,12 @@ impl Node {
             );
             return Ok(());
         }
-        let members: BTreeMap<NodeId, BasicNode> = peers
-            .iter()
-            .map(|(id, addr)| (*id, BasicNode::new(addr)))
-            .collect();
-        match self.raft.initialize(members).await {
-            Ok(()) => tracing::info!(voters = ?peers, "bootstrapped a new cluster"),
+        match self.raft.initialize(peers.clone()).await {
+            Ok(()) => tracing::info!(
+                voters = ?peers,
+                cluster = %self.cluster,
+                "bootstrapped a new cluster"
+            ),
             Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
                 tracing::info!(reason = %e, "already initialized")
             }
@@ -173,16 +206,17 @@ impl Node {
         let metrics = self.raft.metrics();
         let m = metrics.borrow_watched();
         let leader = m.current_leader;
-        let leader_addr = leader.and_then(|l| {
+        let member = leader.and_then(|l| {
             m.membership_config
                 .membership()
                 .get_node(&l)
-                .map(|n| n.addr.clone())
-                .or_else(|| self.peers.get(&l).cloned())
+                .or_else(|| self.peers.get(&l))
+                .cloned()
         });
         let leader_dial = leader
             .and_then(|l| self.routes.get(&l).cloned())
-            .or_else(|| leader_addr.clone());
+            .or_else(|| member.as_ref().map(|m| m.peer_addr.clone()));
+        let leader_addr = member.map(|m| m.addr);
         View {
             leader,
             leader_addr,
@@ -365,8 +399,12 @@ impl Node {
                             if !forward {
                                 return Err(ApiError::unavailable("not the leader", self.hint()));
                             }
-                            self.await_leader(Some(self.id), deadline, "lost leadership")
-                                .await?;
+                            let why = if f.reason == ForwardReason::LeaseExpired {
+                                "no quorum: no quorum has acknowledged this leader within its lease"
+                            } else {
+                                "lost leadership"
+                            };
+                            self.await_leader(Some(self.id), deadline, why).await?;
                         }
                         Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f)))) => {
                             return Err(ApiError::Unknown(format!(
@@ -408,6 +446,11 @@ impl Node {
 
     /// The leader's half of a linearizable read: confirm leadership with a quorum and return the index a
     /// reader must have applied. Never forwards.
+    ///
+    /// Running out of time here is UNAVAILABLE, not DEADLINE_EXCEEDED: this node's deadline ends a
+    /// little before the client's (see [`Node::deadline`]), so the client hears why its read was not
+    /// served, where its own expired deadline would have told it nothing. A node cannot tell a lost
+    /// quorum from a slow one, so the message names both; for a read both mean "safe to retry".
     pub async fn read_index(&self, deadline: Instant) -> Result<u64, ApiError> {
         let result = tokio::time::timeout_at(
             deadline,
@@ -415,8 +458,10 @@ impl Node {
         )
         .await;
         match result {
-            Err(_) => Err(ApiError::DeadlineExceeded(
-                "leadership not confirmed before the deadline".into(),
+            Err(_) => Err(ApiError::unavailable(
+                "no quorum: no quorum of voters confirmed this leader before the deadline \
+                 (they are down, cut off or slow)",
+                self.hint(),
             )),
             Ok(Ok(linearizer)) => Ok(linearizer.read_log_id().index()),
             Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_)))) => {
@@ -485,35 +530,31 @@ impl Node {
     }
 
     /// Asks the leader for a read index, sharing the round trip with every other strong read on this
-    /// node that is waiting for one when it is sent (see [`ReadIndexRounds`]).
+    /// node that is waiting for one when it is sent (see [`ReadIndexRounds`]). Every failure is
+    /// UNAVAILABLE, also running out of time: as on the leader (see [`Node::read_index`]), this node
+    /// answers before the client's deadline, and what it knows is that no leader confirmed the read.
     async fn remote_read_index(&self, addr: &str, deadline: Instant) -> Result<u64, ApiError> {
-        let (tx, rx) = oneshot::channel();
-        let start = {
-            let mut state = self.read_rounds.lock();
-            state.waiting.push((deadline, tx));
-            state.addr = addr.to_string();
-            !std::mem::replace(&mut state.running, true)
+        let rx = match self.read_rounds.join(addr, deadline) {
+            Joined::Queued(rx) => rx,
+            Joined::Started(rx) => {
+                tokio::spawn(self.read_rounds.clone().run(self.channels.clone()));
+                rx
+            }
+            Joined::Full(max) => {
+                return Err(ApiError::TooLarge(format!(
+                    "{max} strong reads are already waiting for a read index from the leader on \
+                     node {} (--max-apply-waiters); retry later",
+                    self.id
+                )));
+            }
         };
-        if start {
-            tokio::spawn(self.read_rounds.clone().run(self.channels.clone()));
-        }
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(Ok(index))) => Ok(index),
-            Ok(Ok(Err(RoundError::Deadline(m)))) => Err(ApiError::DeadlineExceeded(format!(
-                "leader did not confirm a read index in time: {m}"
-            ))),
-            Err(_) => Err(ApiError::DeadlineExceeded(
-                "leader did not confirm a read index in time".into(),
-            )),
-            Ok(Ok(Err(RoundError::Failed(m)))) => Err(ApiError::unavailable(
-                format!("read index from leader failed: {m}"),
-                self.hint(),
-            )),
-            Ok(Err(_)) => Err(ApiError::unavailable(
-                "read-index round abandoned",
-                self.hint(),
-            )),
-        }
+        let reason = match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(index))) => return Ok(index),
+            Ok(Ok(Err(m))) => format!("no leader confirmed a read index: {m}"),
+            Err(_) => "no leader confirmed a read index before the deadline".to_string(),
+            Ok(Err(_)) => "read-index round abandoned".to_string(),
+        };
+        Err(ApiError::unavailable(reason, self.hint()))
     }
 
     /// Waits until the local state machine has applied `index` (read-your-writes and strong reads).
@@ -602,12 +643,12 @@ async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
         let Some(addr) = node.view().leader_dial else {
             continue;
         };
-        let Ok(channel) = node.channels.get(&addr, Purpose::Client) else {
+        let Ok(mut client) = node.channels.client(&addr, Purpose::Client) else {
             continue;
         };
         let mut request = tonic::Request::new(ReadIndexRequest {});
         request.set_timeout(Duration::from_secs(2));
-        match raft_client(channel).write_blank(request).await {
+        match client.write_blank(request).await {
             Ok(_) => tracing::info!(
                 last_log,
                 committed,
@@ -625,15 +666,34 @@ async fn catch_up_watchdog(node: std::sync::Weak<Node>) {
 /// round is in flight waits for the next one. So every read gets an index from a request sent after it
 /// arrived, exactly as if it had sent its own, and N concurrent reads cost one RPC per round instead of
 /// N (the leader's openraft already answers many queued read-index requests with one heartbeat round).
-#[derive(Default)]
+///
+/// The reads queued and in flight together are capped (`--max-apply-waiters`, the cap on the other
+/// queue a strong read may wait in): a leader that stops answering without closing its connections
+/// (a pause, a partition) would otherwise let every read a client sends pile up until its deadline.
 pub struct ReadIndexRounds {
     state: std::sync::Mutex<RoundState>,
+    max: usize,
 }
+
+/// Where a read's answer comes from, or that there is no room for it.
+enum Joined {
+    /// Taken by the round task that is running.
+    Queued(RoundReceiver),
+    /// No round task was running: the caller starts one.
+    Started(RoundReceiver),
+    /// This many reads already wait.
+    Full(usize),
+}
+
+/// A read index, or why the round found none.
+type RoundReceiver = oneshot::Receiver<Result<u64, String>>;
 
 #[derive(Default)]
 struct RoundState {
     /// Reads waiting for the next round, each with its own deadline.
-    waiting: Vec<(Instant, oneshot::Sender<Result<u64, RoundError>>)>,
+    waiting: Vec<(Instant, oneshot::Sender<Result<u64, String>>)>,
+    /// Reads in the round now in flight.
+    in_flight: usize,
     /// The leader the most recent read saw. Any leader's confirmed index serves every read queued before
     /// the request: a deposed leader cannot confirm one.
     addr: String,
@@ -641,26 +701,50 @@ struct RoundState {
     running: bool,
 }
 
-#[derive(Clone, Debug)]
-enum RoundError {
-    Deadline(String),
-    Failed(String),
-}
-
 impl ReadIndexRounds {
+    pub fn new(max: usize) -> Self {
+        Self {
+            state: Default::default(),
+            max,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, RoundState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a read for the next round to the leader at `addr`.
+    fn join(&self, addr: &str, deadline: Instant) -> Joined {
+        let mut state = self.lock();
+        if state.waiting.len() + state.in_flight >= self.max {
+            // Reads that gave up (deadline, cancelled call) make room before anyone is refused.
+            state.waiting.retain(|(_, tx)| !tx.is_closed());
+            if state.waiting.len() + state.in_flight >= self.max {
+                return Joined::Full(self.max);
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        state.waiting.push((deadline, tx));
+        state.addr = addr.to_string();
+        if std::mem::replace(&mut state.running, true) {
+            Joined::Queued(rx)
+        } else {
+            Joined::Started(rx)
+        }
     }
 
     async fn run(self: Arc<Self>, channels: PeerChannels) {
         loop {
             let (waiters, addr) = {
                 let mut state = self.lock();
+                state.in_flight = 0;
                 if state.waiting.is_empty() {
                     state.running = false;
                     return;
                 }
-                (std::mem::take(&mut state.waiting), state.addr.clone())
+                let waiters = std::mem::take(&mut state.waiting);
+                state.in_flight = waiters.len();
+                (waiters, state.addr.clone())
             };
             // The latest deadline, so no read is cut short; each read also stops at its own.
             let deadline = waiters
@@ -680,18 +764,15 @@ async fn one_read_index(
     channels: &PeerChannels,
     addr: &str,
     deadline: Instant,
-) -> Result<u64, RoundError> {
-    let channel = channels
-        .get(addr, Purpose::Client)
-        .map_err(|e| RoundError::Failed(format!("bad leader address {addr}: {e}")))?;
+) -> Result<u64, String> {
+    let mut client = channels
+        .client(addr, Purpose::Client)
+        .map_err(|e| format!("bad leader address {addr}: {e}"))?;
     let mut request = tonic::Request::new(ReadIndexRequest {});
     request.set_timeout(deadline.saturating_duration_since(Instant::now()));
-    match raft_client(channel).read_index(request).await {
+    match client.read_index(request).await {
         Ok(r) => Ok(r.into_inner().index),
-        Err(s) if s.code() == tonic::Code::DeadlineExceeded => {
-            Err(RoundError::Deadline(s.message().to_string()))
-        }
-        Err(s) => Err(RoundError::Failed(s.message().to_string())),
+        Err(s) => Err(format!("leader at {addr}: {}", s.message())),
     }
 }
 
@@ -844,5 +925,32 @@ fn forwarded_failure(status: tonic::Status) -> ApiError {
             "forwarded write failed after it may have reached the leader; it may be applied: {}",
             status.message()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads queued and in flight together stay under the cap; a read that gave up frees its place.
+    #[test]
+    fn the_read_index_queue_is_bounded() {
+        let rounds = ReadIndexRounds::new(2);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let Joined::Started(first) = rounds.join("a", deadline) else {
+            panic!("the first read starts a round");
+        };
+        // The round takes it, as `run` does: it still counts while in flight.
+        {
+            let mut state = rounds.lock();
+            state.in_flight = std::mem::take(&mut state.waiting).len();
+        }
+        let Joined::Queued(second) = rounds.join("a", deadline) else {
+            panic!("room for a second read");
+        };
+        assert!(matches!(rounds.join("a", deadline), Joined::Full(2)));
+        drop(second);
+        assert!(matches!(rounds.join("a", deadline), Joined::Queued(_)));
+        drop(first);
     }
 }

@@ -30,6 +30,10 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .public_tls()?
         .map(crate::tls::ServerTls::new)
         .transpose()?;
+    let peer_tls = args
+        .peer_tls()?
+        .map(|tls| crate::tls::ServerTls::new(tls.server))
+        .transpose()?;
     // Before anything opens files: the database and connections share the limit.
     let fd_limit = match crate::listener::raise_fd_limit() {
         Ok(limit) => Some(limit),
@@ -38,16 +42,28 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    let handshake_timeout = Duration::from_millis(args.handshake_timeout_ms);
+    let peer_connections = crate::listener::ConnectionLimits {
+        max_connections: usize::try_from(args.max_peer_connections).unwrap_or(usize::MAX),
+        handshake_timeout,
+    };
     let wanted = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
     let connections = crate::listener::ConnectionLimits {
+        // Peers' descriptors are set aside first: clients get what is left.
         max_connections: fd_limit.map_or(wanted, |limit| {
-            crate::listener::fit_to_fd_limit(wanted, limit)
+            crate::listener::fit_to_fd_limit(
+                wanted,
+                limit.saturating_sub(args.max_peer_connections),
+            )
         }),
-        handshake_timeout: std::time::Duration::from_millis(args.handshake_timeout_ms),
+        handshake_timeout,
     };
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let peer_listener = TcpListener::bind(&args.peer_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for peers on {}: {e}", args.peer_listen))?;
     let node = match Node::start(&args).await {
         Ok(node) => node,
         // Already logged as an ERROR naming the directory, where corruption was first found.
@@ -62,20 +78,37 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e),
     };
+    let me = args.member();
+    if let Some(listed) = args.peers.get(&args.id).filter(|listed| **listed != me) {
+        // The membership records what --peers says; the flags only change where this node listens.
+        tracing::warn!(
+            listed = %listed,
+            advertised = %me,
+            "this node's --advertise or --peer-advertise differs from its --peers entry; peers and \
+             clients are told the --peers addresses"
+        );
+    }
     tracing::info!(
         id = args.id,
+        cluster = %node.cluster,
         listen = %args.listen,
-        advertise = %args.advertise_addr(),
+        peer_listen = %args.peer_listen,
+        advertise = %me.addr,
+        peer_advertise = %me.peer_addr,
         data_dir = %args.data_dir.display(),
         max_connections = connections.max_connections,
+        max_peer_connections = peer_connections.max_connections,
         fd_limit,
         tls = public_tls.is_some(),
         client_cert_auth = args.client_cert_auth,
+        peer_tls = peer_tls.is_some(),
         "raftkv node serving"
     );
     // Aborted when dropped, at return.
     let mut reload = tokio::task::JoinSet::new();
-    reload.spawn(reload_tls_on_sighup(public_tls.iter().cloned().collect()));
+    reload.spawn(reload_tls_on_sighup(
+        public_tls.iter().chain(&peer_tls).cloned().collect(),
+    ));
 
     // Polled, not watched: the metrics channel changes several times per write, and waking this task
     // (on the main thread) for each change cost the leader ~7 % of a core at one client.
@@ -106,13 +139,25 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     };
     // Boxed so it can be dropped below: that stops accepting and ends the health probe before Raft
     // shuts down. Connections already open finish on their own tasks.
-    let mut serve = Box::pin(crate::api::serve(
-        node.clone(),
-        listener,
-        connections,
-        args.max_concurrent_streams,
-        public_tls,
-    ));
+    let mut serve = Box::pin(async {
+        tokio::try_join!(
+            crate::api::serve(
+                node.clone(),
+                listener,
+                connections,
+                args.max_concurrent_streams,
+                public_tls,
+            ),
+            crate::network::server::serve(
+                node.clone(),
+                peer_listener,
+                peer_connections,
+                args.max_concurrent_streams,
+                peer_tls,
+            ),
+        )
+        .map(|_| ())
+    });
 
     let integrity = node.sm.integrity().clone();
     let mut corrupt = false;

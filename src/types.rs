@@ -8,12 +8,38 @@ use serde::{Deserialize, Serialize};
 pub type NodeId = u64;
 
 openraft::declare_raft_types!(
-    /// raftkv's openraft types: commands in, command results out, nodes addressed by `host:port`.
+    /// raftkv's openraft types: commands in, command results out, members with two addresses.
     pub TypeConfig:
         D = Command,
         R = CommandResponse,
-        Node = openraft::BasicNode,
+        Node = Member,
 );
+
+/// A member as the membership records it. Clients and peers reach a node on different ports (the Raft
+/// service is not on the public one), so both addresses travel with the membership: a follower hints
+/// clients at the leader's client address and forwards to its peer address.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Where clients reach the node (`--advertise`).
+    pub addr: String,
+    /// Where peers reach the node (`--peer-advertise`).
+    pub peer_addr: String,
+}
+
+impl Member {
+    pub fn new(addr: impl Into<String>, peer_addr: impl Into<String>) -> Self {
+        Member {
+            addr: addr.into(),
+            peer_addr: peer_addr.into(),
+        }
+    }
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.peer_addr)
+    }
+}
 
 pub type Raft = openraft::Raft<TypeConfig, crate::store::StateMachineStore>;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;

@@ -1,7 +1,12 @@
-//! Forged and malformed traffic on a node's port, against a running 3-node cluster of real processes:
-//! the length bomb in every peer message that carries bincode, votes and appends from a node that is not
-//! a member, and forged proposals with keys the public API could never address. After each, every node
-//! must still be running and answering, the term must not have moved and nothing must have been written.
+//! Forged and malformed traffic on a node's ports, against a running 3-node cluster of real processes:
+//! the Raft service looked for on the public port, the length bomb in every peer message that carries
+//! bincode, messages from another cluster or in another node's name, votes and appends from a node that
+//! is not a member, and forged proposals with keys the public API could never address. After each,
+//! every node must still be running and answering, the term must not have moved and nothing must have
+//! been written.
+//!
+//! The forger here knows the cluster id (it is derived from public facts) and stamps its requests
+//! with it, so the checks behind the identity check are reached too.
 
 mod common;
 
@@ -9,7 +14,7 @@ use std::time::Duration;
 
 use common::{Cluster, channel, req};
 use openraft::EntryPayload;
-use raftkv::pb::internal::raft_client::RaftClient;
+use raftkv::network::identity::{CLUSTER_ID_HEADER, FROM_HEADER};
 use raftkv::pb::internal::{ForwardedWrite, Payload, ProposeBatchRequest, SnapshotChunk};
 use raftkv::pb::v1 as pb;
 use raftkv::types::{Command, Entry, SnapshotMeta, TypeConfig, Vote, VoteRequest};
@@ -31,9 +36,11 @@ fn length_bomb() -> Vec<u8> {
     bomb
 }
 
-fn raft_client(cluster: &Cluster, id: u64) -> RaftClient<tonic::transport::Channel> {
-    RaftClient::new(channel(&cluster.addr(id)))
-}
+/// Metadata a forged request carries in place of a node's identity.
+type Identity<'a> = &'a [(&'static str, String)];
+
+/// A member's id, for forgeries whose claimed sender never decodes.
+const MEMBER: u64 = 1;
 
 fn log_id(term: u64, node: u64, index: u64) -> raftkv::types::LogId {
     openraft::testing::log_id::<TypeConfig>(term, node, index)
@@ -70,18 +77,66 @@ fn append_with_bomb(leader: u64, term: u64) -> Vec<u8> {
     bomb
 }
 
-/// A unary call by method path, so the test also covers an RPC this build may no longer have.
-async fn raw_unary(cluster: &Cluster, id: u64, method: &'static str, data: Vec<u8>) -> Code {
-    let mut grpc = tonic::client::Grpc::new(channel(&cluster.addr(id)));
+/// A unary call by method path on node `id`'s peer port, so the test also covers an RPC this build may
+/// no longer have, with the given identity metadata.
+async fn raw_unary_as(
+    cluster: &Cluster,
+    id: u64,
+    method: &'static str,
+    data: Vec<u8>,
+    identity: Identity<'_>,
+) -> Code {
+    raw_unary_at(&cluster.peer_addr(id), method, data, identity).await
+}
+
+/// [`raw_unary_as`] from node `from` of this cluster.
+async fn raw_unary(
+    cluster: &Cluster,
+    id: u64,
+    from: u64,
+    method: &'static str,
+    data: Vec<u8>,
+) -> Code {
+    let identity = [
+        (CLUSTER_ID_HEADER, cluster.cluster_id().to_string()),
+        (FROM_HEADER, from.to_string()),
+    ];
+    raw_unary_as(cluster, id, method, data, &identity).await
+}
+
+async fn raw_unary_at(
+    addr: &str,
+    method: &'static str,
+    data: Vec<u8>,
+    identity: Identity<'_>,
+) -> Code {
+    let mut grpc = tonic::client::Grpc::new(channel(addr));
     if let Err(e) = grpc.ready().await {
-        panic!("node {id} not ready: {e}");
+        panic!("{addr} not ready: {e}");
     }
     let path = PathAndQuery::from_static(method);
     let codec: tonic_prost::ProstCodec<Payload, Payload> = tonic_prost::ProstCodec::default();
-    match grpc.unary(req(Payload { data }, RPC), path, codec).await {
+    let mut request = req(Payload { data }, RPC);
+    for (key, value) in identity {
+        request
+            .metadata_mut()
+            .insert(*key, value.parse().expect("ascii metadata"));
+    }
+    match grpc.unary(request, path, codec).await {
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
     }
+}
+
+/// Every node counted the refusals in its rate-limited WARN line.
+fn assert_refusals_logged(cluster: &Cluster) {
+    let logged = cluster
+        .nodes
+        .iter()
+        .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
+        .filter(|text| text.contains("refused a peer message"))
+        .count();
+    assert_eq!(logged, 3, "every node logs its refusals");
 }
 
 struct Before {
@@ -182,6 +237,7 @@ async fn length_bombs_are_refused_and_every_node_stays_up() {
         let code = raw_unary(
             &cluster,
             id,
+            MEMBER,
             "/raftkv.internal.v1.Raft/Propose",
             bomb.clone(),
         )
@@ -191,7 +247,8 @@ async fn length_bombs_are_refused_and_every_node_stays_up() {
             "Propose bomb on node {id}: {code:?}"
         );
 
-        let outcomes = raft_client(&cluster, id)
+        let outcomes = cluster
+            .peer_client(id, MEMBER)
             .propose_batch(req(
                 ProposeBatchRequest {
                     writes: vec![ForwardedWrite {
@@ -218,7 +275,7 @@ async fn length_bombs_are_refused_and_every_node_stays_up() {
             "/raftkv.internal.v1.Raft/PreVote",
             "/raftkv.internal.v1.Raft/TransferLeader",
         ] {
-            let code = raw_unary(&cluster, id, method, bomb.clone()).await;
+            let code = raw_unary(&cluster, id, MEMBER, method, bomb.clone()).await;
             assert_eq!(code, Code::InvalidArgument, "{method} bomb on node {id}");
         }
     }
@@ -230,6 +287,7 @@ async fn length_bombs_are_refused_and_every_node_stays_up() {
         let code = raw_unary(
             &cluster,
             id,
+            before.leader,
             "/raftkv.internal.v1.Raft/AppendEntries",
             append.clone(),
         )
@@ -240,7 +298,8 @@ async fn length_bombs_are_refused_and_every_node_stays_up() {
             "AppendEntries bomb on node {id}"
         );
 
-        let answer = raft_client(&cluster, id)
+        let answer = cluster
+            .peer_client(id, before.leader)
             .stream_append(req(
                 tokio_stream::iter(vec![Payload {
                     data: append.clone(),
@@ -269,7 +328,7 @@ async fn length_bombs_are_refused_and_every_node_stays_up() {
         );
 
         // The snapshot header, and then a snapshot larger than this cluster's --max-snapshot-bytes.
-        let code = install_snapshot(&cluster, id, bomb.clone(), vec![]).await;
+        let code = install_snapshot(&cluster, id, MEMBER, bomb.clone(), vec![]).await;
         assert_eq!(
             code,
             Code::InvalidArgument,
@@ -281,7 +340,7 @@ async fn length_bombs_are_refused_and_every_node_stays_up() {
         ))
         .unwrap();
         let big = vec![vec![0u8; 512 * 1024]; 4];
-        let code = install_snapshot(&cluster, id, header, big).await;
+        let code = install_snapshot(&cluster, id, before.leader, header, big).await;
         assert!(
             matches!(code, Code::ResourceExhausted | Code::InvalidArgument),
             "oversized snapshot on node {id}: {code:?}"
@@ -291,7 +350,13 @@ async fn length_bombs_are_refused_and_every_node_stays_up() {
     assert_unharmed(&mut cluster, &before).await;
 }
 
-async fn install_snapshot(cluster: &Cluster, id: u64, header: Vec<u8>, data: Vec<Vec<u8>>) -> Code {
+async fn install_snapshot(
+    cluster: &Cluster,
+    id: u64,
+    from: u64,
+    header: Vec<u8>,
+    data: Vec<Vec<u8>>,
+) -> Code {
     let mut chunks = vec![SnapshotChunk {
         header,
         data: vec![],
@@ -300,7 +365,8 @@ async fn install_snapshot(cluster: &Cluster, id: u64, header: Vec<u8>, data: Vec
         header: vec![],
         data,
     }));
-    match raft_client(cluster, id)
+    match cluster
+        .peer_client(id, from)
         .install_snapshot(req(tokio_stream::iter(chunks), RPC))
         .await
     {
@@ -329,7 +395,7 @@ async fn forged_votes_and_appends_from_a_non_member_are_refused() {
                 "/raftkv.internal.v1.Raft/Vote",
                 "/raftkv.internal.v1.Raft/PreVote",
             ] {
-                let code = raw_unary(&cluster, id, method, data.clone()).await;
+                let code = raw_unary(&cluster, id, STRANGER, method, data.clone()).await;
                 assert!(
                     matches!(code, Code::PermissionDenied | Code::FailedPrecondition),
                     "{method} from a non-member on node {id}: {code:?}"
@@ -350,6 +416,7 @@ async fn forged_votes_and_appends_from_a_non_member_are_refused() {
         let code = raw_unary(
             &cluster,
             id,
+            STRANGER,
             "/raftkv.internal.v1.Raft/AppendEntries",
             data.clone(),
         )
@@ -359,7 +426,8 @@ async fn forged_votes_and_appends_from_a_non_member_are_refused() {
             Code::PermissionDenied,
             "AppendEntries from a non-member on node {id}"
         );
-        let answer = raft_client(&cluster, id)
+        let answer = cluster
+            .peer_client(id, STRANGER)
             .stream_append(req(tokio_stream::iter(vec![Payload { data }]), RPC))
             .await;
         let code = match answer {
@@ -384,14 +452,7 @@ async fn forged_votes_and_appends_from_a_non_member_are_refused() {
     }
 
     assert_unharmed(&mut cluster, &before).await;
-    // The refusals are counted in a WARN line.
-    let logged = cluster
-        .nodes
-        .iter()
-        .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
-        .filter(|text| text.contains("refused a peer message"))
-        .count();
-    assert_eq!(logged, 3, "every node logs its refusals");
+    assert_refusals_logged(&cluster);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,7 +487,8 @@ async fn forged_proposals_with_unaddressable_keys_are_refused() {
                 timeout_ms: 2000,
             })
             .collect();
-        let outcomes = raft_client(&cluster, id)
+        let outcomes = cluster
+            .peer_client(id, MEMBER)
             .propose_batch(req(ProposeBatchRequest { writes }, RPC))
             .await
             .expect("ProposeBatch answers")
@@ -442,5 +504,147 @@ async fn forged_proposals_with_unaddressable_keys_are_refused() {
             );
         }
     }
+    assert_unharmed(&mut cluster, &before).await;
+}
+
+/// A higher-term vote in member `claimed`'s name with a log longer than anyone's.
+fn vote_in_the_name_of(claimed: u64, term: u64) -> Vec<u8> {
+    raftkv::codec::encode(&VoteRequest {
+        vote: Vote::new(term, claimed),
+        last_log_id: Some(log_id(term, claimed, 1_000_000)),
+        leadership_transfer: false,
+    })
+    .unwrap()
+}
+
+/// The Raft service has a port of its own: on the public port it does not exist, whatever a caller
+/// sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_port_serves_no_raft_service() {
+    let (mut cluster, before) = cluster().await;
+    let term = before.terms.iter().copied().max().unwrap();
+    let identity = [
+        (CLUSTER_ID_HEADER, cluster.cluster_id().to_string()),
+        (FROM_HEADER, "2".to_string()),
+    ];
+    for id in cluster.ids() {
+        for method in [
+            "/raftkv.internal.v1.Raft/Vote",
+            "/raftkv.internal.v1.Raft/PreVote",
+            "/raftkv.internal.v1.Raft/AppendEntries",
+            "/raftkv.internal.v1.Raft/ReadIndex",
+        ] {
+            let data = vote_in_the_name_of(2, term + 50);
+            let code = raw_unary_at(&cluster.addr(id), method, data, &identity).await;
+            assert_eq!(
+                code,
+                Code::Unimplemented,
+                "{method} on node {id}'s public port"
+            );
+        }
+    }
+    assert_unharmed(&mut cluster, &before).await;
+}
+
+/// Without the cluster's id, or in another member's name, a message is refused before it is weighed,
+/// even one that would otherwise depose the leader (a much higher term, a longer log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_from_another_cluster_or_in_another_members_name_are_refused() {
+    let (mut cluster, before) = cluster().await;
+    let term = before.terms.iter().copied().max().unwrap();
+    let ours = cluster.cluster_id().to_string();
+    for id in cluster.ids() {
+        let claimed = if id == 2 { 3 } else { 2 };
+        let sender = if id == 1 { 3 } else { 1 };
+        for method in [
+            "/raftkv.internal.v1.Raft/Vote",
+            "/raftkv.internal.v1.Raft/PreVote",
+        ] {
+            let data = vote_in_the_name_of(claimed, term + 100);
+            let cases: [(Identity, Code, &str); 4] = [
+                (&[], Code::FailedPrecondition, "no identity"),
+                (
+                    &[
+                        (CLUSTER_ID_HEADER, "0123456789abcdef".to_string()),
+                        (FROM_HEADER, claimed.to_string()),
+                    ],
+                    Code::FailedPrecondition,
+                    "another cluster",
+                ),
+                (
+                    &[
+                        (CLUSTER_ID_HEADER, "not an id".to_string()),
+                        (FROM_HEADER, claimed.to_string()),
+                    ],
+                    Code::FailedPrecondition,
+                    "a malformed cluster id",
+                ),
+                (
+                    &[
+                        (CLUSTER_ID_HEADER, ours.clone()),
+                        (FROM_HEADER, sender.to_string()),
+                    ],
+                    Code::PermissionDenied,
+                    "another member's name",
+                ),
+            ];
+            for (identity, expected, what) in cases {
+                let code = raw_unary_as(&cluster, id, method, data.clone(), identity).await;
+                assert_eq!(code, expected, "{method} with {what} on node {id}");
+            }
+        }
+    }
+    assert_unharmed(&mut cluster, &before).await;
+    assert_refusals_logged(&cluster);
+}
+
+/// A real node of another cluster: bootstrapped as node 1 with two of this cluster's nodes as its
+/// peers (a copied configuration), it campaigns at them. They refuse it as another cluster's, and
+/// nothing moves here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_cluster_is_refused_by_this_one() {
+    let (mut cluster, before) = cluster().await;
+    let port = |_| portpicker::pick_unused_port().expect("free port");
+    let (addr, peer_addr) = (
+        format!("127.0.0.1:{}", port(0)),
+        format!("127.0.0.1:{}", port(1)),
+    );
+    let peers = format!(
+        "1={addr}/{peer_addr},2={}/{},3={}/{}",
+        cluster.addr(2),
+        cluster.peer_addr(2),
+        cluster.addr(3),
+        cluster.peer_addr(3)
+    );
+    let log_path = cluster.dir.path().join("stray.log");
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut stray = std::process::Command::new(common::bin())
+        .args(["server", "--id", "1", "--listen", &addr])
+        .args(["--peer-listen", &peer_addr, "--peers", &peers])
+        .arg("--data-dir")
+        .arg(cluster.dir.path().join("stray"))
+        .env("RAFTKV_LOG", "info,openraft=warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .spawn()
+        .expect("spawn the stray node");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = |id: u64| {
+        std::fs::read_to_string(cluster.log_path(id))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("refused a peer message") && l.contains("another cluster"))
+    };
+    while !(refused(2) && refused(3)) {
+        assert!(
+            Instant::now() < deadline,
+            "nodes 2 and 3 never refused the stray node's campaign:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stray.kill();
+    let _ = stray.wait();
     assert_unharmed(&mut cluster, &before).await;
 }

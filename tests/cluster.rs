@@ -225,9 +225,13 @@ async fn a_restarted_leader_does_not_resume_its_old_term() {
 /// A vote or pre-vote in member 1's name at term 1 with an empty log (a stranger's id is refused before
 /// it is weighed): no node grants it, and nothing changes on a node that weighs it (its term is higher). Returns the answer and, if the node refused it
 /// because of its vote hold, the milliseconds the hold has left. `None` while the node is not listening.
-async fn vote_probe(addr: &str, pre_vote: bool) -> Option<(VoteResponse, Option<u64>)> {
-    use raftkv::pb::internal::{Payload, raft_client::RaftClient};
-    let mut client = RaftClient::new(common::channel(addr));
+async fn vote_probe(
+    cluster: &Cluster,
+    id: u64,
+    pre_vote: bool,
+) -> Option<(VoteResponse, Option<u64>)> {
+    use raftkv::pb::internal::Payload;
+    let mut client = cluster.peer_client(id, 1);
     let probe = VoteRequest::new(Vote::new(1, 1), None);
     let request = req(
         Payload {
@@ -258,15 +262,19 @@ async fn vote_probe(addr: &str, pre_vote: bool) -> Option<(VoteResponse, Option<
 }
 
 /// The first answer a node gives to [`vote_probe`], within `timeout`.
-async fn first_vote_answer(addr: &str, timeout: Duration) -> (VoteResponse, Option<u64>) {
+async fn first_vote_answer(
+    cluster: &Cluster,
+    id: u64,
+    timeout: Duration,
+) -> (VoteResponse, Option<u64>) {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if let Some(answer) = vote_probe(addr, true).await {
+        if let Some(answer) = vote_probe(cluster, id, true).await {
             return answer;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{addr} never answered a pre-vote within {timeout:?}");
+    panic!("node {id} never answered a pre-vote within {timeout:?}");
 }
 
 /// With leased strong reads the leader counts on each node that acknowledged it not to help elect
@@ -279,18 +287,17 @@ async fn a_restarted_node_holds_its_vote_while_a_read_lease_may_count_on_it() {
     let slow = ["--election-min-ms", "1500", "--election-max-ms", "3000"];
     let mut c = Cluster::start(3, &slow);
     c.wait_leader(&c.ids(), 30 * SECOND).await;
-    let addr = c.addr(2);
-    let (_, held) = first_vote_answer(&addr, 5 * SECOND).await;
+    let (_, held) = first_vote_answer(&c, 2, 5 * SECOND).await;
     assert_eq!(held, None, "a settled node weighs votes");
     let term = c.status(2).await.expect("status").term;
 
     c.restart(2);
-    let (refusal, held) = first_vote_answer(&addr, 10 * SECOND).await;
+    let (refusal, held) = first_vote_answer(&c, 2, 10 * SECOND).await;
     assert!(
         held.is_some(),
         "a restarted node weighed a pre-vote at once"
     );
-    let (_, held) = vote_probe(&addr, false).await.expect("answers");
+    let (_, held) = vote_probe(&c, 2, false).await.expect("answers");
     assert!(held.is_some(), "a restarted node weighed a vote at once");
     // The refusal carries the node's own vote, so a candidate behind it learns the term it missed.
     assert!(
@@ -300,7 +307,7 @@ async fn a_restarted_node_holds_its_vote_while_a_read_lease_may_count_on_it() {
     // And the hold ends.
     let deadline = Instant::now() + 10 * SECOND;
     loop {
-        let (answer, held) = first_vote_answer(&addr, 5 * SECOND).await;
+        let (answer, held) = first_vote_answer(&c, 2, 5 * SECOND).await;
         if held.is_none() {
             break;
         }
@@ -317,7 +324,7 @@ async fn a_restarted_node_holds_its_vote_while_a_read_lease_may_count_on_it() {
     solo.wait_leader(&[1], 30 * SECOND).await;
     let restarted = Instant::now();
     solo.restart(1);
-    let (first, held) = first_vote_answer(&solo.addr(1), 10 * SECOND).await;
+    let (first, held) = first_vote_answer(&solo, 1, 10 * SECOND).await;
     assert!(held.is_some(), "{first:?}");
     solo.wait_leader(&[1], 30 * SECOND).await;
     assert!(
@@ -951,4 +958,61 @@ async fn kv_health_follows_the_quorum() {
         cluster.start_again(id);
     }
     wait_health(&at, KV, Serving, Duration::from_secs(20)).await;
+}
+
+/// A call whose deadline passes before raftkv's handler can answer (here: its request body never
+/// comes, so no handler runs) ends in DEADLINE_EXCEEDED from the node, not in the `CANCELLED:
+/// Timeout expired` that tonic's server answers on its own when the client's `grpc-timeout` runs out.
+/// A bare HTTP/2 client, because tonic's client enforces the same header itself and would answer
+/// first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passes_in_the_server_is_deadline_exceeded() {
+    let c = Cluster::start(1, &[]);
+    eventually(10 * SECOND, "first put", || async {
+        c.kv(1).put(req(put("k", "v"), 2 * SECOND)).await
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(c.addr(1)).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.expect("h2 ready");
+    let request = http::Request::post(format!("http://{}/raftkv.v1.KV/Get", c.addr(1)))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "300m")
+        .body(())
+        .unwrap();
+    let started = Instant::now();
+    // The body stays open and empty: the handler waits for a message that never comes.
+    let (response, _body) = h2.send_request(request, false).expect("send");
+    let response = tokio::time::timeout(5 * SECOND, response)
+        .await
+        .expect("an answer by the deadline, not a hang")
+        .expect("a response");
+    let elapsed = started.elapsed();
+    let (parts, mut body) = response.into_parts();
+    // Trailers-only (the status in the headers), or headers followed by trailers.
+    let trailers = match parts.headers.get("grpc-status") {
+        Some(_) => parts.headers,
+        None => tokio::time::timeout(5 * SECOND, body.trailers())
+            .await
+            .expect("trailers in time")
+            .expect("trailers")
+            .expect("a status in the trailers"),
+    };
+    let status = trailers.get("grpc-status").and_then(|v| v.to_str().ok());
+    let message = trailers.get("grpc-message").and_then(|v| v.to_str().ok());
+    assert_eq!(
+        status,
+        Some("4"),
+        "want DEADLINE_EXCEEDED (4), got {status:?}: {message:?}"
+    );
+    assert!(
+        trailers.contains_key("raftkv-node-id"),
+        "the node's own answer: {trailers:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(250) && elapsed < 3 * SECOND,
+        "answered after {elapsed:?} for a 300 ms deadline"
+    );
 }

@@ -10,7 +10,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
     TransferLeaderRequest,
 };
-use openraft::{BasicNode, EntryPayload, Membership};
+use openraft::{EntryPayload, Membership};
 use proptest::prelude::*;
 use raftkv::codec;
 use raftkv::node::Applied;
@@ -182,8 +182,16 @@ fn log_id(term: u64, index: u64) -> LogId {
     openraft::testing::log_id::<TypeConfig>(term, 1, index)
 }
 
-fn membership() -> Membership<u64, BasicNode> {
-    Membership::new_with_defaults(vec![[1u64, 2, 3].into_iter().collect()], [1u64, 2, 3])
+fn membership() -> Membership<u64, raftkv::types::Member> {
+    let member = |n: u64| raftkv::types::Member::new(format!("h:{n}"), format!("h:{}", n + 100));
+    Membership::new(
+        vec![[1u64, 2, 3].into_iter().collect()],
+        [1u64, 2, 3]
+            .into_iter()
+            .map(|n| (n, member(n)))
+            .collect::<std::collections::BTreeMap<_, _>>(),
+    )
+    .expect("a valid membership")
 }
 
 /// Valid encodings of the types above, to be mangled.

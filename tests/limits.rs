@@ -245,3 +245,169 @@ async fn idle_connections_cannot_lock_clients_out() {
     );
     assert!(c.alive(target));
 }
+
+/// While every slot of a node's public port is held by idle connections, a new peer connection is
+/// still accepted and served, and the cluster keeps replicating to the node: peers have a listener
+/// and a connection limit of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_public_port_leaves_the_peer_port_open() {
+    const LIMIT: usize = 8;
+    let c = Cluster::start(
+        3,
+        &[
+            "--max-connections",
+            &LIMIT.to_string(),
+            // Long enough that the flood holds its slots for the whole test.
+            "--handshake-timeout-ms",
+            "60000",
+        ],
+    );
+    let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let target = c.ids().into_iter().find(|&i| i != leader).unwrap();
+    // Made before the flood, so the test can still watch the flooded node.
+    let mut watch = c.kv(target);
+    eventually(10 * SECOND, "a read before the flood", || {
+        let mut watch = watch.clone();
+        async move {
+            watch
+                .get(req(get("k", pb::Consistency::Eventual), SECOND))
+                .await
+        }
+    })
+    .await;
+
+    let addr: std::net::SocketAddr = c.addr(target).parse().unwrap();
+    let idle: Vec<TcpStream> = (0..LIMIT * 3)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, SECOND).ok())
+        .collect();
+    assert!(
+        idle.len() >= LIMIT,
+        "opened only {} connections",
+        idle.len()
+    );
+    // The public port is full: a new client gets nowhere.
+    let fresh = c
+        .kv(target)
+        .get(req(get("k", pb::Consistency::Eventual), SECOND))
+        .await;
+    assert!(fresh.is_err(), "a new client was served on a full port");
+
+    // A new connection to the peer port is accepted and its request answered (refused, as from a
+    // stranger, which takes a served request to say).
+    let code = c
+        .peer_client(target, 99)
+        .read_index(req(raftkv::pb::internal::ReadIndexRequest {}, 2 * SECOND))
+        .await
+        .map(|_| tonic::Code::Ok)
+        .unwrap_or_else(|s| s.code());
+    assert_eq!(
+        code,
+        tonic::Code::PermissionDenied,
+        "the peer port was not served"
+    );
+
+    // And the node keeps taking part: a write through the leader reaches it.
+    eventually(10 * SECOND, "a put through the leader", || async {
+        c.kv(leader)
+            .put(req(put("k", "during-flood"), 2 * SECOND))
+            .await
+    })
+    .await;
+    let deadline = Instant::now() + 10 * SECOND;
+    loop {
+        let value = watch
+            .get(req(get("k", pb::Consistency::Eventual), SECOND))
+            .await
+            .ok()
+            .and_then(|r| r.into_inner().kv.map(|kv| kv.value));
+        if value.as_deref() == Some(b"during-flood".as_slice()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flooded node never applied the write"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(idle);
+}
+
+/// Strong reads on a follower wait for a read index from the leader; with the leader frozen they
+/// pile up. Beyond `--max-apply-waiters` of them a read is refused with RESOURCE_EXHAUSTED at once
+/// instead of queued without bound, and the follower stays up and serves once the leader is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_bounds_reads_waiting_for_a_read_index() {
+    const LIMIT: usize = 4;
+    const READS: usize = 40;
+    let mut c = Cluster::start(3, &["--max-apply-waiters", &LIMIT.to_string()]);
+    let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let follower = c.ids().into_iter().find(|&i| i != leader).unwrap();
+    eventually(10 * SECOND, "first put", || async {
+        c.kv(leader).put(req(put("k", "v"), 2 * SECOND)).await
+    })
+    .await;
+    eventually(10 * SECOND, "a strong read on the follower", || async {
+        c.kv(follower)
+            .get(req(get("k", pb::Consistency::Strong), 2 * SECOND))
+            .await
+    })
+    .await;
+
+    c.pause(leader);
+    let kv = c.kv(follower);
+    let reads = (0..READS).map(|_| {
+        let mut kv = kv.clone();
+        async move {
+            kv.get(req(get("k", pb::Consistency::Strong), 2 * SECOND))
+                .await
+                .map(|_| ())
+        }
+    });
+    let results = futures::future::join_all(reads).await;
+    c.resume(leader);
+
+    let refused: Vec<&tonic::Status> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .filter(|s| s.code() == tonic::Code::ResourceExhausted)
+        .collect();
+    eprintln!(
+        "{} of {READS} strong reads refused: {:?}",
+        refused.len(),
+        refused.first()
+    );
+    let codes: Vec<tonic::Code> = results
+        .iter()
+        .map(|r| r.as_ref().err().map_or(tonic::Code::Ok, |s| s.code()))
+        .collect();
+    assert!(
+        refused.len() >= READS - 2 * LIMIT,
+        "only {} of {READS} reads refused with a limit of {LIMIT}: {codes:?}",
+        refused.len()
+    );
+    // The reads that waited were answered by the node, with the reason: no leader confirmed them
+    // (or a new leader did, in time).
+    assert!(
+        codes.iter().all(|c| matches!(
+            c,
+            tonic::Code::ResourceExhausted | tonic::Code::Unavailable | tonic::Code::Ok
+        )),
+        "{codes:?}"
+    );
+    assert!(
+        refused[0].message().contains("--max-apply-waiters"),
+        "{:?}",
+        refused[0]
+    );
+    assert!(c.alive(follower), "the follower died");
+    eventually(
+        10 * SECOND,
+        "a strong read on the follower afterwards",
+        || async {
+            c.kv(follower)
+                .get(req(get("k", pb::Consistency::Strong), 2 * SECOND))
+                .await
+        },
+    )
+    .await;
+}

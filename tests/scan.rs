@@ -243,12 +243,16 @@ async fn a_txn_whose_results_would_pass_the_cap_is_refused_before_it_is_proposed
 #[test]
 fn a_response_cap_that_cannot_hold_the_largest_pair_is_refused_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = portpicker::pick_unused_port().expect("port");
-    let addr = format!("127.0.0.1:{port}");
+    let port = |_| portpicker::pick_unused_port().expect("port");
+    let (addr, peer_addr) = (
+        format!("127.0.0.1:{}", port(0)),
+        format!("127.0.0.1:{}", port(1)),
+    );
     let out = Command::new(bin())
         .args(["server", "--id", "1", "--listen", &addr])
+        .args(["--peer-listen", &peer_addr])
         .arg("--peers")
-        .arg(format!("1={addr}"))
+        .arg(format!("1={addr}/{peer_addr}"))
         .arg("--data-dir")
         .arg(dir.path().join("n1"))
         .args(["--max-response-bytes", "1048576"])

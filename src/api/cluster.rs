@@ -26,12 +26,13 @@ impl Cluster for ClusterService {
         let membership = m.membership_config.membership();
         let voters = membership
             .voter_ids()
-            .map(|id| pb::Member {
-                id,
-                address: membership
-                    .get_node(&id)
-                    .map(|n| n.addr.clone())
-                    .unwrap_or_default(),
+            .map(|id| {
+                let member = membership.get_node(&id).cloned().unwrap_or_default();
+                pb::Member {
+                    id,
+                    address: member.addr,
+                    peer_address: member.peer_addr,
+                }
             })
             .collect();
         let leader_address = m
@@ -56,6 +57,7 @@ impl Cluster for ClusterService {
             last_log_index: m.last_log_index.unwrap_or(0),
             snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
             first_log_index: m.purged.as_ref().map_or(0, |l| l.index + 1),
+            cluster_id: self.node.cluster.to_string(),
         }))
     }
 }

@@ -1,5 +1,5 @@
-//! The public gRPC surface: `raftkv.v1.KV`, `raftkv.v1.Cluster`, health and reflection, served on the
-//! same port as node-to-node Raft traffic.
+//! The public gRPC surface: `raftkv.v1.KV`, `raftkv.v1.Cluster`, health and reflection. Node-to-node
+//! Raft traffic has a port of its own (`network::server`), so nothing here can reach it.
 
 pub mod cluster;
 pub mod error;
@@ -12,32 +12,12 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::metadata::MetadataMap;
-use tonic::transport::Server;
 
 use crate::listener::{ConnectionLimits, limited_incoming};
-use crate::network::MAX_PEER_MESSAGE_BYTES;
-use crate::network::server::RaftService;
 use crate::node::Node;
 use crate::pb;
-
-/// Streams a client opened and then reset before this node accepted them, allowed in the queue at
-/// once on one connection before h2 closes the whole connection with GOAWAY (h2's default is 20).
-/// Legitimate clients reach it when this node stalls (a SIGSTOP, a starved CPU) while their calls
-/// time out: every timed-out call resets its stream, and the resets wait in the queue until the node
-/// runs again; at 20, one stall failed every other call on the connection. The count is of streams
-/// queued now, not of resets over time, so a rapid-reset attacker (CVE-2023-44487) still gets GOAWAY
-/// as soon as it outruns the accept loop by this many; each queued stream costs only its headers
-/// (bounded by h2's header-list limit), and the connection limit bounds the connections.
-const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 256;
-
-/// Streams this node may reset for a client's protocol errors before it closes the connection:
-/// hyper's default, set here so a change of that default cannot remove the bound on the
-/// "MadeYouReset" attack (CVE-2025-8671), where a client makes the server do the resetting.
-const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
-
-/// How a client that stopped answering is noticed on a connection that has made a request.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+use crate::types::NodeId;
+use error::ApiError;
 
 /// Serves every service until the listener fails or the caller drops the future (how a node stops:
 /// see server.rs).
@@ -54,9 +34,6 @@ pub async fn serve(
         .max_encoding_message_size(usize::MAX);
     let cluster =
         pb::v1::cluster_server::ClusterServer::new(cluster::ClusterService { node: node.clone() });
-    let raft = pb::internal::raft_server::RaftServer::new(RaftService::new(node.clone()))
-        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     // NOT_SERVING until the first probe confirms a strong read would work (see `health`).
@@ -77,18 +54,13 @@ pub async fn serve(
     // future is dropped rather than finished (as server.rs does on a signal or a fatal error).
     let mut background = tokio::task::JoinSet::new();
     background.spawn(health::keep_reporting(node.clone(), health_reporter));
-    let served = Server::builder()
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .max_concurrent_streams(Some(max_concurrent_streams))
-        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESET_STREAMS))
-        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+    let served = crate::listener::bounded_server(max_concurrent_streams)
+        .layer(AnswerByDeadlineLayer { node_id: node.id })
         .layer(tower::util::MapResponseLayer::new(
             oversize_is_resource_exhausted,
         ))
         .add_service(kv)
         .add_service(cluster)
-        .add_service(raft)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -99,8 +71,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// Reflection lists the public services only. The node-to-node Raft service shares the port and the
-/// descriptor set, but it is not an API: calling it by hand can only disturb the cluster.
+/// Reflection lists the public services only. The node-to-node Raft service shares the descriptor
+/// set but is not served here.
 fn reflection() -> tonic_reflection::server::Builder<'static> {
     let public = [
         <pb::v1::kv_server::KvServer<kv::KvService> as tonic::server::NamedService>::NAME,
@@ -131,9 +103,86 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
     response
 }
 
+/// tonic's server enforces the client's `grpc-timeout` itself: when it runs out before the handler
+/// answers, tonic answers `CANCELLED: Timeout expired` (its `GrpcTimeout`, which wraps every layer given
+/// to the builder, so no response-rewriting layer sees that answer). gRPC calls an expired deadline
+/// DEADLINE_EXCEEDED, and a client that reads CANCELLED may think it cancelled the call itself.
+/// raftkv's handlers answer a little before the deadline on their own (see `Node::deadline`); this
+/// layer answers for a call whose handler cannot (its request body never came, the process was
+/// stopped or starved). It wins the race with tonic's timer: tonic calls it before starting that
+/// timer, so its deadline is no later, and tonic polls the service before its timer.
+#[derive(Clone, Copy)]
+struct AnswerByDeadlineLayer {
+    node_id: NodeId,
+}
+
+impl<S> tower::Layer<S> for AnswerByDeadlineLayer {
+    type Service = AnswerByDeadline<S>;
+
+    fn layer(&self, inner: S) -> AnswerByDeadline<S> {
+        AnswerByDeadline {
+            inner,
+            node_id: self.node_id,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AnswerByDeadline<S> {
+    inner: S,
+    node_id: NodeId,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AnswerByDeadline<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Default,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let timeout = request
+            .headers()
+            .get(GRPC_TIMEOUT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let Some(timeout) = timeout else {
+            return Box::pin(self.inner.call(request));
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let node_id = self.node_id;
+        let answer = self.inner.call(request);
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline, answer).await {
+                Ok(response) => response,
+                Err(_) => Ok(ApiError::DeadlineExceeded(format!(
+                    "the request's deadline ({timeout:?}) passed before node {node_id} could answer"
+                ))
+                .into_status(node_id)
+                .into_http()),
+            }
+        })
+    }
+}
+
+const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
+
 /// The client's deadline from the `grpc-timeout` header (e.g. `500m`, `5S`), if it sent one.
 pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(metadata.get(GRPC_TIMEOUT_HEADER)?.to_str().ok()?)
+}
+
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     if value.len() < 2 {
         return None;
     }
@@ -169,6 +218,43 @@ mod tests {
         }
         md.insert("grpc-timeout", "5x".parse().unwrap());
         assert_eq!(grpc_timeout(&md), None);
+    }
+
+    /// A handler that has not answered by the client's deadline: DEADLINE_EXCEEDED from the node.
+    /// One that answers in time, or a call without a deadline, passes through untouched.
+    #[tokio::test]
+    async fn a_call_past_its_deadline_is_deadline_exceeded() {
+        use tower::{Layer, ServiceExt};
+        let slow = tower::service_fn(|r: http::Request<()>| async move {
+            let wait = r.headers().get("wait-ms").and_then(|v| v.to_str().ok());
+            let wait: u64 = wait.and_then(|v| v.parse().ok()).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .header("grpc-status", "0")
+                    .body(tonic::body::Body::empty())
+                    .unwrap(),
+            )
+        });
+        let layer = AnswerByDeadlineLayer { node_id: 7 };
+        let call = |timeout: Option<&str>, wait_ms: u64| {
+            let mut r = http::Request::builder().header("wait-ms", wait_ms.to_string());
+            if let Some(t) = timeout {
+                r = r.header("grpc-timeout", t);
+            }
+            layer.layer(slow).oneshot(r.body(()).unwrap())
+        };
+
+        let late = call(Some("50m"), 10_000).await.unwrap();
+        let status = tonic::Status::from_header_map(late.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+        assert!(status.message().contains("node 7"), "{status:?}");
+        assert_eq!(status.metadata().get("raftkv-node-id").unwrap(), "7");
+
+        for (timeout, wait_ms) in [(Some("500m"), 10), (None, 100)] {
+            let r = call(timeout, wait_ms).await.unwrap();
+            assert_eq!(r.headers()["grpc-status"], "0", "{timeout:?} {wait_ms}");
+        }
     }
 
     #[test]

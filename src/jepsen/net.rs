@@ -26,8 +26,9 @@ use tokio::net::{TcpListener, TcpStream};
 /// Directed links that are cut: `(from, to)` = `to` drops what `from` sends. Node ids are 1-based.
 pub type Grudge = BTreeSet<(u64, u64)>;
 
-/// The port every node listens on inside its own namespace.
+/// The ports every node listens on inside its own namespace: clients, and peers.
 const NETNS_PORT: u16 = 7000;
+const NETNS_PEER_PORT: u16 = 7100;
 
 pub enum Net {
     Netns(Netns),
@@ -65,9 +66,19 @@ impl Net {
         }
     }
 
+    /// Where node `id` listens for its peers.
+    fn peer_addr(&self, id: u64) -> String {
+        match self {
+            Net::Netns(ns) => format!("{}:{NETNS_PEER_PORT}", ns.ip(id)),
+            Net::Proxy(p) => format!("127.0.0.1:{}", p.peer_ports[(id - 1) as usize]),
+        }
+    }
+
     /// The command that runs `bin` as node `id`, with the network-specific parts of its arguments.
     pub fn command(&self, bin: &std::path::Path, id: u64, n: u64) -> std::process::Command {
-        let peers: Vec<String> = (1..=n).map(|j| format!("{j}={}", self.addr(j))).collect();
+        let peers: Vec<String> = (1..=n)
+            .map(|j| format!("{j}={}/{}", self.addr(j), self.peer_addr(j)))
+            .collect();
         let mut cmd = match self {
             Net::Netns(ns) => {
                 // `ip netns exec` enters the namespace and then execs, so the child's pid is the node's
@@ -81,6 +92,7 @@ impl Net {
         cmd.arg("server")
             .arg(format!("--id={id}"))
             .arg(format!("--listen={}", self.addr(id)))
+            .arg(format!("--peer-listen={}", self.peer_addr(id)))
             .arg(format!("--peers={}", peers.join(",")));
         if let Net::Proxy(p) = self {
             let routes: Vec<String> = (1..=n)
@@ -247,10 +259,11 @@ impl Drop for Netns {
     }
 }
 
-/// One listener per directed link `a -> b` (node a's connections to node b). Bytes from a to b move
-/// only while `(a, b)` is not cut; replies from b to a only while `(b, a)` is not cut.
+/// One listener per directed link `a -> b` (node a's connections to node b's peer port). Bytes from a
+/// to b move only while `(a, b)` is not cut; replies from b to a only while `(b, a)` is not cut.
 pub struct Proxy {
     ports: Vec<u16>,
+    peer_ports: Vec<u16>,
     /// `link_ports[(a-1)*n + (b-1)]`.
     link_ports: Vec<u16>,
     n: u64,
@@ -260,9 +273,10 @@ pub struct Proxy {
 
 impl Proxy {
     async fn create(n: u64) -> anyhow::Result<Proxy> {
-        let mut ports = Vec::new();
+        let (mut ports, mut peer_ports) = (Vec::new(), Vec::new());
         for _ in 0..n {
             ports.push(free_port().await?);
+            peer_ports.push(free_port().await?);
         }
         let cuts: Arc<Mutex<Grudge>> = Arc::default();
         let mut link_ports = vec![0u16; (n * n) as usize];
@@ -275,7 +289,7 @@ impl Proxy {
                 let listener = TcpListener::bind("127.0.0.1:0").await?;
                 link_ports[((a - 1) * n + (b - 1)) as usize] = listener.local_addr()?.port();
                 let target: SocketAddr =
-                    format!("127.0.0.1:{}", ports[(b - 1) as usize]).parse()?;
+                    format!("127.0.0.1:{}", peer_ports[(b - 1) as usize]).parse()?;
                 tasks.push(tokio::spawn(serve_link(
                     listener,
                     target,
@@ -287,6 +301,7 @@ impl Proxy {
         }
         Ok(Proxy {
             ports,
+            peer_ports,
             link_ports,
             n,
             cuts,

@@ -28,19 +28,17 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
     TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, OptionalSend, RPCTypes};
+use openraft::{OptionalSend, RPCTypes};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::Semaphore;
 use tonic::Streaming;
-use tonic::transport::Channel;
 
 use super::backoff::PeerHealth;
-use super::{MAX_PEER_MESSAGE_BYTES, PeerChannels, Purpose, SNAPSHOT_CHUNK_BYTES};
+use super::{PeerChannels, PeerRpc, Purpose, SNAPSHOT_CHUNK_BYTES};
 use crate::codec;
-use crate::pb::internal::raft_client::RaftClient;
 use crate::pb::internal::{Payload, SnapshotChunk};
-use crate::types::{NodeId, Snapshot, SnapshotData, TypeConfig, Vote};
+use crate::types::{Member, NodeId, Snapshot, SnapshotData, TypeConfig, Vote};
 
 pub struct NetworkFactory {
     pub id: NodeId,
@@ -52,24 +50,22 @@ pub struct NetworkFactory {
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
         self.client(target, node, Purpose::Raft)
     }
 
-    async fn new_snapshot_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+    async fn new_snapshot_client(&mut self, target: NodeId, node: &Member) -> PeerClient {
         self.client(target, node, Purpose::Snapshot)
     }
 }
 
 impl NetworkFactory {
-    fn client(&self, target: NodeId, node: &BasicNode, purpose: Purpose) -> PeerClient {
-        let addr = self.routes.get(&target).unwrap_or(&node.addr);
-        let connect = |purpose| match self.channels.get(addr, purpose) {
-            Ok(ch) => Ok(raft_client(ch)),
-            Err(e) => Err(format!(
-                "bad address {:?} for node {target}: {e}",
-                node.addr
-            )),
+    fn client(&self, target: NodeId, node: &Member, purpose: Purpose) -> PeerClient {
+        let addr = self.routes.get(&target).unwrap_or(&node.peer_addr);
+        let connect = |purpose| {
+            self.channels
+                .client(addr, purpose)
+                .map_err(|e| format!("bad peer address {addr:?} for node {target}: {e}"))
         };
         PeerClient {
             id: self.id,
@@ -82,20 +78,14 @@ impl NetworkFactory {
     }
 }
 
-pub fn raft_client(ch: Channel) -> RaftClient<Channel> {
-    RaftClient::new(ch)
-        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES)
-}
-
 pub struct PeerClient {
     id: NodeId,
     target: NodeId,
     /// An address that cannot even be parsed is reported on every call rather than panicking.
-    client: Result<RaftClient<Channel>, String>,
+    client: Result<PeerRpc, String>,
     /// Replication streams, on a connection of their own: a follower that stops reading leaves its
     /// stream's data filling the HTTP/2 connection window, which must not stall votes.
-    streams: Result<RaftClient<Channel>, String>,
+    streams: Result<PeerRpc, String>,
     /// Set when the peer answers `StreamAppend` with UNIMPLEMENTED (a binary from before it existed,
     /// mid rolling upgrade): until then, replication to it goes one unary call at a time.
     unary_until: Option<Instant>,
@@ -112,7 +102,7 @@ const UNARY_FALLBACK: Duration = Duration::from_secs(60);
 const MAX_IN_FLIGHT: usize = 64;
 
 impl PeerClient {
-    fn client(&self) -> Result<RaftClient<Channel>, RPCError<TypeConfig>> {
+    fn client(&self) -> Result<PeerRpc, RPCError<TypeConfig>> {
         self.client
             .clone()
             .map_err(|e| RPCError::Unreachable(Unreachable::from_string(e)))
@@ -200,7 +190,7 @@ impl PeerClient {
     where
         Req: Serialize,
         Resp: DeserializeOwned,
-        F: FnOnce(RaftClient<Channel>, tonic::Request<Payload>) -> Fut,
+        F: FnOnce(PeerRpc, tonic::Request<Payload>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Payload>, tonic::Status>>,
     {
         let data = codec::encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;

@@ -1,8 +1,11 @@
 //! Raft traffic between nodes over tonic: [`client`] is openraft's side (it calls peers), [`server`]
-//! answers peers. Both share one port with the public API.
+//! answers peers on the peer listener (`--peer-listen`), a port of its own: the public port never
+//! serves it, so a client can neither call it nor crowd it out. [`identity`] is what every peer
+//! request says about where it comes from.
 
 pub mod backoff;
 pub mod client;
+pub mod identity;
 pub mod server;
 #[cfg(test)]
 mod tests;
@@ -11,9 +14,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use crate::pb::internal::raft_client::RaftClient;
 use backoff::PeerHealth;
+use identity::PeerIdentity;
 
 /// Largest node-to-node message. It bounds an AppendEntries batch: `max_payload_entries` is derived
 /// from it and the largest client request, so a full batch always fits.
@@ -25,14 +31,19 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 /// One lazily connected channel per peer address and purpose, shared by every caller. tonic channels
 /// reconnect by themselves, so a restarted peer is reached again without rebuilding anything, and
 /// snapshots get their own connection so a large transfer never delays heartbeats.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct PeerChannels {
     channels: Arc<Mutex<HashMap<(String, Purpose), Channel>>>,
     /// One per peer address, whatever the purpose: a peer that is down is down for all of them.
     health: Arc<Mutex<HashMap<String, Arc<PeerHealth>>>>,
+    /// Stamped on every request, so a peer can refuse what comes from another cluster.
+    identity: PeerIdentity,
     /// With peer TLS: peers are dialed over https and shown this node's certificate.
     tls: Option<ClientTlsConfig>,
 }
+
+/// A client of a peer's Raft service whose every request carries this node's [`PeerIdentity`].
+pub type PeerRpc = RaftClient<InterceptedService<Channel, PeerIdentity>>;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Purpose {
@@ -45,11 +56,22 @@ pub enum Purpose {
 }
 
 impl PeerChannels {
-    pub fn with_tls(tls: Option<ClientTlsConfig>) -> Self {
+    /// `tls`: dial peers over TLS with this configuration (peer TLS), else in plaintext.
+    pub fn new(identity: PeerIdentity, tls: Option<ClientTlsConfig>) -> Self {
         PeerChannels {
+            channels: Arc::default(),
+            health: Arc::default(),
+            identity,
             tls,
-            ..Default::default()
         }
+    }
+
+    /// A Raft client on the shared channel for `addr` and `purpose`.
+    pub fn client(&self, addr: &str, purpose: Purpose) -> Result<PeerRpc, tonic::transport::Error> {
+        let channel = self.get(addr, purpose)?;
+        Ok(RaftClient::with_interceptor(channel, self.identity.clone())
+            .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES))
     }
 
     pub fn health(&self, addr: &str) -> Arc<PeerHealth> {
@@ -60,7 +82,7 @@ impl PeerChannels {
         map.entry(addr.to_string()).or_default().clone()
     }
 
-    pub fn get(&self, addr: &str, purpose: Purpose) -> Result<Channel, tonic::transport::Error> {
+    fn get(&self, addr: &str, purpose: Purpose) -> Result<Channel, tonic::transport::Error> {
         let key = (addr.to_string(), purpose);
         let mut map = self
             .channels

@@ -1,13 +1,13 @@
 //! Answers peers: Raft protocol messages, snapshot transfers, and the two requests followers make on
-//! behalf of clients (forwarded writes and read-index).
+//! behalf of clients (forwarded writes and read-index), on the peer listener only.
 //!
-//! This service shares the public port, so anything here may come from anyone who can reach it. Until
-//! peers authenticate (TLS), what this module can check it does before openraft sees a message: every
-//! payload decodes within a byte limit (see `codec`), a vote, append or snapshot must come from a node
-//! in the membership this node knows (or its bootstrap `--peers`), anything that claims a leadership
-//! transfer is refused (raftkv never transfers leadership, so only a forgery carries one), snapshots are
-//! size-checked, and forwarded writes pass the public API's validation. A forger that knows a member's
-//! id is not stopped by the membership check; that needs peer authentication.
+//! Before openraft sees a message, this module checks what it can: the request comes from this
+//! cluster and names its sender (see `identity`); every payload decodes within a byte limit (see
+//! `codec`); a vote, append or snapshot comes from the sender it names and that sender is in the
+//! membership this node knows (or its bootstrap `--peers`); anything that claims a leadership transfer
+//! is refused (raftkv never transfers leadership, so only a forgery carries one); snapshots are
+//! size-checked; and forwarded writes pass the public API's validation. What none of this stops is a
+//! forger who can reach the peer port and names a member: peer TLS does (see the README).
 
 use std::io::Cursor;
 use std::pin::Pin;
@@ -23,10 +23,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status, Streaming};
 
+use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+
 use crate::codec;
-use crate::network::SNAPSHOT_CHUNK_BYTES;
+use crate::listener::{ConnectionLimits, limited_incoming};
+use crate::network::identity;
+use crate::network::{MAX_PEER_MESSAGE_BYTES, SNAPSHOT_CHUNK_BYTES};
 use crate::node::Node;
-use crate::pb::internal::raft_server::Raft as RaftRpc;
+use crate::pb::internal::raft_server::{Raft as RaftRpc, RaftServer};
 use crate::pb::internal::{
     Payload, ProposeBatchRequest, ProposeBatchResponse, ReadIndexRequest, ReadIndexResponse,
     SnapshotChunk,
@@ -45,6 +50,76 @@ impl RaftService {
             refusals: Arc::default(),
         }
     }
+}
+
+/// Serves the Raft service to peers until the listener fails or the caller drops the future.
+pub async fn serve(
+    node: Arc<Node>,
+    listener: TcpListener,
+    connections: ConnectionLimits,
+    max_concurrent_streams: u32,
+    tls: Option<Arc<crate::tls::ServerTls>>,
+) -> anyhow::Result<()> {
+    let service = RaftService::new(node);
+    let identify = Identify {
+        cluster: service.node.cluster,
+        refusals: service.refusals.clone(),
+    };
+    let raft = RaftServer::new(service)
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    crate::listener::bounded_server(max_concurrent_streams)
+        .add_service(InterceptedService::new(raft, identify))
+        .serve_with_incoming(limited_incoming(listener, connections, "peer", tls))
+        .await?;
+    Ok(())
+}
+
+/// The sender of a peer request, as its metadata names it (see `identity`), once its cluster checked.
+#[derive(Clone, Copy)]
+struct PeerSender(NodeId);
+
+/// Refuses requests from another cluster, or that do not say where they come from, before their
+/// bodies are read; tags the rest with their sender.
+#[derive(Clone)]
+struct Identify {
+    cluster: identity::ClusterId,
+    refusals: Arc<Refusals>,
+}
+
+impl tonic::service::Interceptor for Identify {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        match identity::sender(request.metadata(), self.cluster) {
+            Ok(from) => {
+                request.extensions_mut().insert(PeerSender(from));
+                Ok(request)
+            }
+            Err(e) => {
+                let why = match e {
+                    identity::IdentityError::Missing => "no cluster id or sender",
+                    identity::IdentityError::OtherCluster { .. } => "another cluster",
+                };
+                // The claimed sender, for the log line only (0: none that parses).
+                let claimed = request
+                    .metadata()
+                    .get(identity::FROM_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                self.refusals.note("any", claimed, why);
+                Err(Status::failed_precondition(e.to_string()))
+            }
+        }
+    }
+}
+
+/// The sender `Identify` found. Every request passed it, so a missing tag is a bug, refused all the same.
+fn sent_by<T>(request: &Request<T>) -> Result<NodeId, Status> {
+    request
+        .extensions()
+        .get::<PeerSender>()
+        .map(|f| f.0)
+        .ok_or_else(|| Status::internal("peer request without a checked sender"))
 }
 
 /// How often a burst of refused peer messages is logged.
@@ -107,25 +182,46 @@ fn sender(vote: &Vote) -> NodeId {
     *vote.leader_id().node_id()
 }
 
-/// PERMISSION_DENIED unless `from` is a voter or learner of the membership this node knows, or one of
-/// its bootstrap `--peers`: a node that has not yet applied the membership entry still hears from the
-/// initial voters.
+/// PERMISSION_DENIED unless the message's `claimed` sender is the node that sent it and a member.
+fn check_sender(
+    node: &Node,
+    refusals: &Refusals,
+    rpc: &'static str,
+    from: NodeId,
+    claimed: NodeId,
+) -> Result<(), Status> {
+    if claimed != from {
+        refusals.note(rpc, from, "speaks in another node's name");
+        return Err(Status::permission_denied(format!(
+            "node {from} sent a message in node {claimed}'s name"
+        )));
+    }
+    check_member(node, refusals, rpc, from)
+}
+
+/// PERMISSION_DENIED unless `from` is a voter or learner of the membership this node knows. A node
+/// that knows no membership yet (fresh or wiped, waiting for the first entry) hears from its bootstrap
+/// `--peers` instead; once it has one, the flags no longer count, so a member removed later is
+/// refused even if it was an initial voter.
 fn check_member(
     node: &Node,
     refusals: &Refusals,
     rpc: &'static str,
     from: NodeId,
 ) -> Result<(), Status> {
-    if from == node.id || node.peers.contains_key(&from) {
+    if from == node.id {
         return Ok(());
     }
-    let metrics = node.raft.metrics();
-    let known = metrics
-        .borrow_watched()
-        .membership_config
-        .membership()
-        .get_node(&from)
-        .is_some();
+    let known = {
+        let metrics = node.raft.metrics();
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        if membership.voter_ids().next().is_none() {
+            node.peers.contains_key(&from)
+        } else {
+            membership.get_node(&from).is_some()
+        }
+    };
     if known {
         return Ok(());
     }
@@ -150,12 +246,28 @@ impl RaftService {
         check_member(&self.node, &self.refusals, rpc, from)
     }
 
+    /// The message names `claimed` as its sender (a vote's candidate, an append's leader): it must be
+    /// the node the request came from, and a member.
+    fn check_sender<T>(
+        &self,
+        rpc: &'static str,
+        request: &Request<T>,
+        claimed: NodeId,
+    ) -> Result<(), Status> {
+        check_sender(&self.node, &self.refusals, rpc, sent_by(request)?, claimed)
+    }
+
     /// A vote that claims a leadership transfer skips the receiver's leader lease (openraft grants it
     /// "because the leader said so"). raftkv never asks openraft to transfer leadership, so such a
     /// vote is always a forgery; honoured, one such message deposes a healthy leader.
-    fn check_vote(&self, rpc: &'static str, req: &VoteRequest) -> Result<(), Status> {
+    fn check_vote(
+        &self,
+        rpc: &'static str,
+        request: &Request<Payload>,
+        req: &VoteRequest,
+    ) -> Result<(), Status> {
         let from = sender(&req.vote);
-        self.check_member(rpc, from)?;
+        self.check_sender(rpc, request, from)?;
         if req.leadership_transfer {
             self.refusals
                 .note(rpc, from, "claims a leadership transfer");
@@ -171,7 +283,7 @@ impl RaftService {
 impl RaftRpc for RaftService {
     async fn append_entries(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = decode(request.get_ref())?;
-        self.check_member("AppendEntries", sender(&rpc.vote))?;
+        self.check_sender("AppendEntries", &request, sender(&rpc.vote))?;
         let resp = self.node.raft.append_entries(rpc).await.map_err(stopped)?;
         reply(&resp)
     }
@@ -187,6 +299,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<Streaming<Payload>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        let stream_from = sent_by(&request)?;
         let refused: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
         let noted = refused.clone();
         let node = self.node.clone();
@@ -201,7 +314,7 @@ impl RaftRpc for RaftService {
                         decode::<AppendEntriesRequest<TypeConfig>>(&payload).and_then(|rpc| {
                             let from = sender(&rpc.vote);
                             if *checked != Some(from) {
-                                check_member(&node, &refusals, "StreamAppend", from)?;
+                                check_sender(&node, &refusals, "StreamAppend", stream_from, from)?;
                                 *checked = Some(from);
                             }
                             Ok(rpc)
@@ -238,7 +351,7 @@ impl RaftRpc for RaftService {
 
     async fn vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
         let rpc: VoteRequest = decode(request.get_ref())?;
-        self.check_vote("Vote", &rpc)?;
+        self.check_vote("Vote", &request, &rpc)?;
         if let Some(left) = self.node.vote_held() {
             return self.refuse_held_vote(left).await;
         }
@@ -248,7 +361,7 @@ impl RaftRpc for RaftService {
 
     async fn pre_vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
         let rpc: VoteRequest = decode(request.get_ref())?;
-        self.check_vote("PreVote", &rpc)?;
+        self.check_vote("PreVote", &request, &rpc)?;
         if let Some(left) = self.node.vote_held() {
             return self.refuse_held_vote(left).await;
         }
@@ -264,7 +377,7 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<Payload>, Status> {
         let rpc: openraft::raft::TransferLeaderRequest<TypeConfig> = decode(request.get_ref())?;
         let from = sender(rpc.from_leader());
-        self.check_member("TransferLeader", from)?;
+        self.check_sender("TransferLeader", &request, from)?;
         self.refusals.note(
             "TransferLeader",
             from,
@@ -279,6 +392,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<Payload>, Status> {
+        let origin = sent_by(&request)?;
         let mut stream = request.into_inner();
         let first = stream
             .next()
@@ -286,7 +400,13 @@ impl RaftRpc for RaftService {
             .ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let (vote, meta): (Vote, SnapshotMeta) = codec::decode(&first.header)
             .map_err(|e| Status::invalid_argument(format!("undecodable snapshot header: {e}")))?;
-        self.check_member("InstallSnapshot", sender(&vote))?;
+        check_sender(
+            &self.node,
+            &self.refusals,
+            "InstallSnapshot",
+            origin,
+            sender(&vote),
+        )?;
         let cap = self.node.max_snapshot_bytes;
         let mut data = Vec::new();
         let mut chunk = first.data;
@@ -331,6 +451,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
+        self.check_member("ReadIndex", sent_by(&request)?)?;
         let deadline = self
             .node
             .deadline(crate::api::grpc_timeout(request.metadata()));
@@ -346,8 +467,9 @@ impl RaftRpc for RaftService {
     /// watchdog in node.rs). A fallback: a new entry gives replication to it something to send.
     async fn write_blank(
         &self,
-        _request: Request<ReadIndexRequest>,
+        request: Request<ReadIndexRequest>,
     ) -> Result<Response<ReadIndexResponse>, Status> {
+        self.check_member("WriteBlank", sent_by(&request)?)?;
         let raft = &self.node.raft;
         if !raft.is_leader() {
             return Err(crate::api::error::ApiError::unavailable(
@@ -369,6 +491,7 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<ProposeBatchRequest>,
     ) -> Result<Response<ProposeBatchResponse>, Status> {
+        self.check_member("ProposeBatch", sent_by(&request)?)?;
         let node = &self.node;
         // Proposed concurrently, as if each had arrived on its own call; each keeps its own deadline.
         let outcomes = futures::future::join_all(request.into_inner().writes.into_iter().map(

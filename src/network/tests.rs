@@ -132,10 +132,18 @@ async fn client_of(peer: Peer) -> PeerClient {
     );
     let mut factory = NetworkFactory {
         id: 1,
-        channels: PeerChannels::default(),
+        channels: PeerChannels::new(
+            super::identity::PeerIdentity {
+                cluster: super::identity::ClusterId(7),
+                node: 1,
+            },
+            None,
+        ),
         routes: Default::default(),
     };
-    factory.new_client(2, &openraft::BasicNode::new(addr)).await
+    factory
+        .new_client(2, &crate::types::Member::new("unused", addr))
+        .await
 }
 
 /// An entry-less request after log index 5: the follower's answer is that index.

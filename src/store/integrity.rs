@@ -532,6 +532,8 @@ pub enum CheckError {
     InUse(PathBuf),
     #[error("cannot open {}: {}", .0.display(), .1)]
     Open(PathBuf, sled::Error),
+    #[error("{0}")]
+    Format(super::StoreError),
 }
 
 /// Opens a stopped node's data and runs the start check and a full, unpaced scrub. Opening lets sled
@@ -552,6 +554,10 @@ pub fn check_offline(dir: &Path) -> Result<Report, CheckError> {
         }
         Err(e) => return Err(CheckError::Open(dir.to_path_buf(), e)),
     };
+    // Another version's layout cannot be judged by this one's decoders.
+    if let Err(e @ super::StoreError::Format { .. }) = super::check_format(&db, dir) {
+        return Err(CheckError::Format(e));
+    }
     let mut report = check_meta(&db, None);
     let scrubbed = scrub(&db, &mut Pacer::unpaced(), &|| false);
     report.checked.extend(scrubbed.checked);

@@ -3,7 +3,8 @@
 //! Keeping everything in one `Db` means one flush makes every earlier write durable, log and state
 //! machine alike, so group commit covers both. The trees:
 //! - `raft_log`: big-endian log index -> encoded `Entry` (big-endian so iteration is in index order);
-//! - `raft_meta`: the vote, the last purged log id and the node id this directory belongs to;
+//! - `raft_meta`: the vote, the last purged log id, the node id and cluster id this directory belongs
+//!   to, and the storage format it is written in;
 //! - `sm_data`: user key -> encoded [`state_machine::StoredValue`];
 //! - `sm_meta`: last applied log id and last membership;
 //! - `sm_snapshot`: the current snapshot, alone in its tree (see `snapshot`).
@@ -39,6 +40,14 @@ pub use state_machine::StateMachineStore;
 use crate::types::NodeId;
 
 pub(crate) const NODE_ID_KEY: &[u8] = b"node_id";
+pub(crate) const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
+pub(crate) const FORMAT_KEY: &[u8] = b"format";
+
+/// The layout of what this version stores. 2: a member has a client and a peer address. Directories
+/// without the key were written before it existed (format 1, one address per member); their
+/// membership does not decode as format 2, so they are refused with [`StoreError::Format`] rather
+/// than reported corrupt.
+pub const FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -56,6 +65,13 @@ pub enum StoreError {
         .dir.display()
     )]
     Corrupt { dir: PathBuf, what: String },
+    #[error(
+        "the data in {} is in storage format {found}; this raftkv reads format {FORMAT} only. Start \
+         it with the raftkv that wrote it, or wipe the directory and let the node rejoin by snapshot \
+         from peers that run this version",
+        .dir.display()
+    )]
+    Format { dir: PathBuf, found: u32 },
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -117,6 +133,7 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore)
     let db = sled_config(dir)
         .open()
         .map_err(|e| classify(&integrity, "opening sled", e))?;
+    check_format(&db, dir)?;
     let report = integrity::check_meta(&db, Some(node_id));
     if let Some(problem) = report.problems.first() {
         let what = format!(
@@ -152,6 +169,8 @@ fn open_checked(
         None => {
             t.raft_meta
                 .insert(NODE_ID_KEY, crate::codec::encode(&node_id)?)?;
+            t.raft_meta
+                .insert(FORMAT_KEY, crate::codec::encode(&FORMAT)?)?;
             db.flush()?;
         }
     }
@@ -161,6 +180,38 @@ fn open_checked(
     snapshot::move_out_of_meta(&sm)?;
     sm.recover()?;
     Ok((log, sm))
+}
+
+/// [`StoreError::Format`] unless the directory is new or in this version's [`FORMAT`].
+pub fn check_format(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
+    let meta = db.open_tree("raft_meta")?;
+    if meta.get(NODE_ID_KEY)?.is_none() {
+        return Ok(());
+    }
+    let found = match meta.get(FORMAT_KEY)? {
+        Some(bytes) => crate::codec::decode(&bytes)?,
+        None => 1,
+    };
+    if found != FORMAT {
+        return Err(StoreError::Format {
+            dir: dir.to_path_buf(),
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// The cluster this data directory belongs to: the one stored at its first start, or `derived` (which
+/// is then stored) on a new directory. Stored once, so that later changes to `--peers` or the token
+/// do not move a running cluster to another id.
+pub fn cluster_id(db: &sled::Db, derived: u64) -> Result<u64, StoreError> {
+    let meta = db.open_tree("raft_meta")?;
+    if let Some(bytes) = meta.get(CLUSTER_ID_KEY)? {
+        return Ok(crate::codec::decode(&bytes)?);
+    }
+    meta.insert(CLUSTER_ID_KEY, crate::codec::encode(&derived)?)?;
+    db.flush()?;
+    Ok(derived)
 }
 
 /// Reads and decodes one stored value; `None` if the key is absent.

@@ -784,3 +784,31 @@ async fn entries_validation_would_reject_are_not_applied() {
         "refused entries still count as applied"
     );
 }
+
+/// A directory written before the storage format was recorded (format 1: one address per member)
+/// is refused as another format, not opened, and not reported corrupt; a new one records its format
+/// and its cluster id, and keeps the id it stored first.
+#[tokio::test]
+async fn a_directory_in_another_format_is_refused_and_the_cluster_id_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, sm) = open(dir.path(), 7).unwrap();
+        assert_eq!(super::cluster_id(sm.db(), 42).unwrap(), 42);
+        assert_eq!(
+            super::cluster_id(sm.db(), 43).unwrap(),
+            42,
+            "the first id stays"
+        );
+        sm.db()
+            .open_tree("raft_meta")
+            .unwrap()
+            .remove(super::FORMAT_KEY)
+            .unwrap();
+        sm.db().flush().unwrap();
+    }
+    match reopen(dir.path(), 7).await {
+        Err(StoreError::Format { found: 1, .. }) => {}
+        Err(e) => panic!("expected a format refusal, got {e}"),
+        Ok(_) => panic!("a format 1 directory was opened"),
+    }
+}

@@ -8,15 +8,21 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use raftkv::pb::internal::raft_client::RaftClient;
 use raftkv::pb::v1 as pb;
 use raftkv::pb::v1::cluster_client::ClusterClient;
 use raftkv::pb::v1::kv_client::KvClient;
 use tokio::time::Instant;
+use tonic::codegen::InterceptedService;
 use tonic::transport::Channel;
+
+pub type PeerRpc = RaftClient<InterceptedService<Channel, raftkv::network::identity::PeerIdentity>>;
 
 pub struct Node {
     pub id: u64,
     pub addr: String,
+    /// Its `--peer-listen` address, where only Raft traffic is served.
+    pub peer_addr: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -42,9 +48,11 @@ impl Cluster {
         let nodes: Vec<Node> = (1..=n)
             .map(|id| {
                 let port = portpicker::pick_unused_port().expect("free port");
+                let peer_port = portpicker::pick_unused_port().expect("free port");
                 Node {
                     id,
                     addr: format!("127.0.0.1:{port}"),
+                    peer_addr: format!("127.0.0.1:{peer_port}"),
                     data_dir: dir.path().join(format!("n{id}")),
                     log: dir.path().join(format!("n{id}.log")),
                     child: None,
@@ -53,7 +61,7 @@ impl Cluster {
             .collect();
         let peers = nodes
             .iter()
-            .map(|n| format!("{}={}", n.id, n.addr))
+            .map(|n| format!("{}={}/{}", n.id, n.addr, n.peer_addr))
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = Cluster {
@@ -98,6 +106,8 @@ impl Cluster {
                 &id.to_string(),
                 "--listen",
                 &node.addr,
+                "--peer-listen",
+                &node.peer_addr,
                 "--peers",
                 &peers,
             ])
@@ -126,6 +136,31 @@ impl Cluster {
 
     pub fn addr(&self, id: u64) -> String {
         self.node(id).addr.clone()
+    }
+
+    pub fn peer_addr(&self, id: u64) -> String {
+        self.node(id).peer_addr.clone()
+    }
+
+    /// The cluster id its nodes derive at bootstrap (the default `--cluster-token`).
+    pub fn cluster_id(&self) -> raftkv::network::identity::ClusterId {
+        let members = self
+            .nodes
+            .iter()
+            .map(|n| (n.id, raftkv::types::Member::new(&n.addr, &n.peer_addr)))
+            .collect();
+        raftkv::network::identity::ClusterId::derive("raftkv", &members)
+    }
+
+    /// A client of node `id`'s peer port whose requests say they come from node `from` of this cluster.
+    pub fn peer_client(&self, id: u64, from: u64) -> PeerRpc {
+        RaftClient::with_interceptor(
+            channel(&self.peer_addr(id)),
+            raftkv::network::identity::PeerIdentity {
+                cluster: self.cluster_id(),
+                node: from,
+            },
+        )
     }
 
     pub fn endpoints(&self) -> Vec<String> {

@@ -1,0 +1,158 @@
+//! Which cluster, and which member, a peer request comes from.
+//!
+//! Every request a node sends a peer carries two metadata entries: the cluster id and the sender's
+//! node id. A node refuses a request from another cluster before it decodes it, so a node started
+//! with another cluster's `--peers` (a copied config, a reused address) cannot disturb this one or be
+//! taken over by it. The sender's id must match the node the message itself claims to be from (a
+//! vote's candidate, an append's leader), so one member cannot speak in another's name by editing
+//! only the body. Neither is a secret: against a forger who can reach the peer port, what protects
+//! the cluster is peer TLS (see the README's Security section).
+//!
+//! The cluster id is derived, as etcd derives its own, from `--cluster-token` and the initial voters'
+//! ids and peer addresses, so every initial member computes the same id without talking to the
+//! others, and a node whose data directory was wiped computes it again. It is stored with the node's
+//! data at the first start and read from there afterwards (see `store`): later changes to `--peers`
+//! do not change it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+use crate::types::{Member, NodeId};
+
+/// The metadata key of the sender's cluster id (16 hex digits).
+pub const CLUSTER_ID_HEADER: &str = "raftkv-cluster-id";
+/// The metadata key of the sender's node id (decimal).
+pub const FROM_HEADER: &str = "raftkv-from";
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct ClusterId(pub u64);
+
+impl ClusterId {
+    /// The id a cluster bootstrapped from `members` with `token` has.
+    pub fn derive(token: &str, members: &BTreeMap<NodeId, Member>) -> ClusterId {
+        let mut hash = Sha256::new();
+        // Lengths before variable parts, so no two different inputs hash the same bytes.
+        hash.update((token.len() as u64).to_be_bytes());
+        hash.update(token.as_bytes());
+        for (id, member) in members {
+            hash.update(id.to_be_bytes());
+            hash.update((member.peer_addr.len() as u64).to_be_bytes());
+            hash.update(member.peer_addr.as_bytes());
+        }
+        let digest = hash.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        ClusterId(u64::from_be_bytes(first))
+    }
+
+    pub fn parse(text: &str) -> Option<ClusterId> {
+        if text.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(text, 16).ok().map(ClusterId)
+    }
+}
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// This node's identity, stamped on every outgoing peer request.
+#[derive(Clone, Debug)]
+pub struct PeerIdentity {
+    pub cluster: ClusterId,
+    pub node: NodeId,
+}
+
+impl Interceptor for PeerIdentity {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let md = request.metadata_mut();
+        // Hex and decimal digits are always valid metadata values.
+        if let Ok(v) = MetadataValue::try_from(self.cluster.to_string()) {
+            md.insert(CLUSTER_ID_HEADER, v);
+        }
+        md.insert(FROM_HEADER, MetadataValue::from(self.node));
+        Ok(request)
+    }
+}
+
+/// Why a peer request's identity was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("the request does not say which cluster and node it comes from")]
+    Missing,
+    #[error("the request is from cluster {found}, this node belongs to cluster {expected}")]
+    OtherCluster { expected: ClusterId, found: String },
+}
+
+/// The sender's node id, if the request is from `cluster`.
+pub fn sender(metadata: &MetadataMap, cluster: ClusterId) -> Result<NodeId, IdentityError> {
+    let text = |key| metadata.get(key).and_then(|v| v.to_str().ok());
+    let (Some(found), Some(from)) = (text(CLUSTER_ID_HEADER), text(FROM_HEADER)) else {
+        return Err(IdentityError::Missing);
+    };
+    if ClusterId::parse(found) != Some(cluster) {
+        return Err(IdentityError::OtherCluster {
+            expected: cluster,
+            // Bounded: what a stranger sent ends up in a log line.
+            found: found.chars().take(32).collect(),
+        });
+    }
+    from.parse().map_err(|_| IdentityError::Missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(addrs: &[&str]) -> BTreeMap<NodeId, Member> {
+        addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (i as u64 + 1, Member::new("client", *a)))
+            .collect()
+    }
+
+    #[test]
+    fn the_id_depends_on_the_token_and_the_peers_only() {
+        let a = ClusterId::derive("raftkv", &members(&["h:1", "h:2"]));
+        assert_eq!(a, ClusterId::derive("raftkv", &members(&["h:1", "h:2"])));
+        // Client addresses are not part of it: they may change without making another cluster.
+        let mut other_clients = members(&["h:1", "h:2"]);
+        other_clients.get_mut(&1).unwrap().addr = "elsewhere".into();
+        assert_eq!(a, ClusterId::derive("raftkv", &other_clients));
+        assert_ne!(a, ClusterId::derive("other", &members(&["h:1", "h:2"])));
+        assert_ne!(a, ClusterId::derive("raftkv", &members(&["h:1", "h:3"])));
+        assert_ne!(a, ClusterId::derive("raftkv", &members(&["h:1"])));
+        assert_eq!(ClusterId::parse(&a.to_string()), Some(a));
+    }
+
+    #[test]
+    fn a_request_is_checked_for_its_cluster_and_sender() {
+        let ours = ClusterId(0x0123_4567_89ab_cdef);
+        let mut request = Request::new(());
+        PeerIdentity {
+            cluster: ours,
+            node: 2,
+        }
+        .call(Request::new(()))
+        .map(|r| request = r)
+        .unwrap();
+        assert_eq!(sender(request.metadata(), ours), Ok(2));
+        assert!(matches!(
+            sender(request.metadata(), ClusterId(1)),
+            Err(IdentityError::OtherCluster { .. })
+        ));
+        assert_eq!(
+            sender(&MetadataMap::new(), ours),
+            Err(IdentityError::Missing)
+        );
+    }
+}
