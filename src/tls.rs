@@ -302,8 +302,8 @@ pub struct ClientTlsArgs {
     /// This client's certificate (PEM), for nodes started with --client-cert-auth. Needs --key.
     #[arg(long, env = "RAFTKV_CERT", global = true)]
     pub cert: Option<PathBuf>,
-    /// The private key (PEM) of --cert.
-    #[arg(long, env = "RAFTKV_KEY", global = true)]
+    /// The private key (PEM) of --cert. (Its id is not `key`: that is the key a command reads or writes.)
+    #[arg(long = "key", id = "tls_key", env = "RAFTKV_KEY", global = true)]
     pub key: Option<PathBuf>,
 }
 
@@ -330,8 +330,12 @@ pub fn node_id_of(cert: &CertificateDer<'_>) -> Option<NodeId> {
 
 /// The file names `raftkv certs` writes, relative to its output directory.
 pub mod files {
+    /// Signs the node certificates: what clients check nodes against, and peers each other.
     pub const CA: &str = "ca.pem";
     pub const CA_KEY: &str = "ca-key.pem";
+    /// Signs client certificates only, so a client's certificate is no good on the peer port.
+    pub const CLIENT_CA: &str = "client-ca.pem";
+    pub const CLIENT_CA_KEY: &str = "client-ca-key.pem";
     pub const CLIENT: &str = "client.pem";
     pub const CLIENT_KEY: &str = "client-key.pem";
 
@@ -345,8 +349,8 @@ pub mod files {
 }
 
 /// The server flags that run node `id` with TLS on both ports from the files `raftkv certs` wrote
-/// into `dir`: its own certificate on each port, the set's CA for peers (and for clients'
-/// certificates, which only `--client-cert-auth` makes required).
+/// into `dir`: its own certificate on each port, the nodes' CA for peers and the client CA for
+/// clients' certificates (which only `--client-cert-auth` makes required).
 pub fn node_server_args(dir: &Path, id: NodeId) -> Vec<String> {
     let path = |name: &str| dir.join(name).display().to_string();
     let (cert, key, ca) = (
@@ -357,7 +361,7 @@ pub fn node_server_args(dir: &Path, id: NodeId) -> Vec<String> {
     vec![
         format!("--cert-file={cert}"),
         format!("--key-file={key}"),
-        format!("--trusted-ca-file={ca}"),
+        format!("--trusted-ca-file={}", path(files::CLIENT_CA)),
         format!("--peer-cert-file={cert}"),
         format!("--peer-key-file={key}"),
         format!("--peer-trusted-ca-file={ca}"),
@@ -379,8 +383,10 @@ pub struct GeneratedCerts {
 }
 
 /// A fresh CA, and per node a certificate valid for `hosts` that serves both as a server and as a
-/// client certificate (the same file works on the public and the peer port, and for dialing peers),
-/// plus a client certificate for the CLI. `subject` names the CA, so that two sets are told apart.
+/// client certificate (the same file works on the public and the peer port, and for dialing peers);
+/// plus a second CA and a client certificate it signed, for the CLI. Client certificates have a CA
+/// of their own because peers trust whatever their CA signed: a CLI certificate from the nodes' CA
+/// could speak on the peer port. `subject` names the CAs, so that two sets are told apart.
 pub fn generate(
     subject: &str,
     hosts: &[String],
@@ -390,20 +396,29 @@ pub fn generate(
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
         KeyPair, KeyUsagePurpose, SanType,
     };
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{subject} CA"));
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate()?;
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let mut files = vec![
-        (files::CA.to_string(), ca_cert.pem(), false),
-        (files::CA_KEY.to_string(), ca_key.serialize_pem(), true),
-    ];
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf = |name: String, sans: Vec<SanType>| -> Result<(String, String), TlsError> {
+    let mut files = Vec::new();
+    let mut ca = |name: String, cert_file: &str, key_file: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        files.push((cert_file.to_string(), cert.pem(), false));
+        files.push((key_file.to_string(), key.serialize_pem(), true));
+        Ok::<_, TlsError>(Issuer::new(params, key))
+    };
+    let node_ca = ca(format!("{subject} CA"), files::CA, files::CA_KEY)?;
+    let client_ca = ca(
+        format!("{subject} client CA"),
+        files::CLIENT_CA,
+        files::CLIENT_CA_KEY,
+    )?;
+    let leaf = |name: String,
+                sans: Vec<SanType>,
+                usages: Vec<ExtendedKeyUsagePurpose>,
+                issuer: &Issuer<'_, KeyPair>|
+     -> Result<(String, String), TlsError> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.subject_alt_names = sans;
@@ -411,12 +426,9 @@ pub fn generate(
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = usages;
         let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &issuer)?;
+        let cert = params.signed_by(&key, issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
     };
     let host_sans = hosts
@@ -429,11 +441,20 @@ pub fn generate(
     for &id in nodes {
         let mut sans = host_sans.clone();
         sans.push(SanType::URI(format!("{NODE_URI_PREFIX}{id}").try_into()?));
-        let (cert, key) = leaf(format!("raftkv node {id}"), sans)?;
+        let both = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let (cert, key) = leaf(format!("raftkv node {id}"), sans, both, &node_ca)?;
         files.push((files::node(id), cert, false));
         files.push((files::node_key(id), key, true));
     }
-    let (cert, key) = leaf("raftkv client".to_string(), Vec::new())?;
+    let (cert, key) = leaf(
+        "raftkv client".to_string(),
+        Vec::new(),
+        vec![ExtendedKeyUsagePurpose::ClientAuth],
+        &client_ca,
+    )?;
     files.push((files::CLIENT.to_string(), cert, false));
     files.push((files::CLIENT_KEY.to_string(), key, true));
     Ok(GeneratedCerts { files })
@@ -524,7 +545,7 @@ mod tests {
         let files = ServerTlsFiles {
             cert: dir.path().join(files::node(1)),
             key: dir.path().join(files::node_key(1)),
-            client_ca: Some(dir.path().join(files::CA)),
+            client_ca: Some(dir.path().join(files::CLIENT_CA)),
             require_client_cert: true,
         };
         let config = files.load().unwrap();
@@ -537,7 +558,12 @@ mod tests {
             )),
         )
         .unwrap();
-        for key in [files::CA_KEY, &files::node_key(2), files::CLIENT_KEY] {
+        for key in [
+            files::CA_KEY,
+            files::CLIENT_CA_KEY,
+            &files::node_key(2),
+            files::CLIENT_KEY,
+        ] {
             let mode = std::fs::metadata(dir.path().join(key))
                 .unwrap()
                 .permissions()
