@@ -70,7 +70,7 @@ impl From<ConsistencyArg> for pb::Consistency {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Write a key.
     Put {
         key: String,
@@ -197,7 +197,7 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
-        Command::Server(args) => raftkv::server::run(args).await,
+        Command::Server(args) => raftkv::server::run(*args).await,
         Command::Jepsen(args) => raftkv::jepsen::run(args).await,
         Command::Bench(args) => raftkv::bench::run(*args).await.map_err(Into::into),
         Command::Check(args) => Ok(raftkv::store::integrity::run_check(&args)),
