@@ -544,6 +544,125 @@ mod tests {
         chatter.abort();
     }
 
+    /// A TLS listener on loopback with certificates made for the test, driven by a task of its own
+    /// (handshakes advance only while the stream is polled), with what it yields sent to `rx`.
+    async fn tls_listener(
+        limits: ConnectionLimits,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::mpsc::Receiver<LimitedConnection>,
+        tokio_rustls::TlsConnector,
+        tempfile::TempDir,
+    ) {
+        use crate::tls::{ServerTls, ServerTlsFiles, files};
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::generate("test", &["127.0.0.1".into()], &[1])
+            .unwrap()
+            .write(dir.path())
+            .unwrap();
+        let tls = ServerTls::new(ServerTlsFiles {
+            cert: dir.path().join(files::node(1)),
+            key: dir.path().join(files::node_key(1)),
+            client_ca: None,
+            require_client_cert: false,
+        })
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(limited_incoming(listener, limits, "test", Some(tls)));
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(Ok(conn)) = incoming.next().await {
+                if tx.send(conn).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (roots, _) = crate::tls::load_roots(&dir.path().join(files::CA)).unwrap();
+        let client = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        (
+            addr,
+            rx,
+            tokio_rustls::TlsConnector::from(Arc::new(client)),
+            dir,
+        )
+    }
+
+    /// A client that opens a TCP connection to a TLS listener and never starts its handshake is
+    /// closed at the handshake deadline, and never reaches the server.
+    #[tokio::test]
+    async fn a_tls_client_that_never_completes_its_handshake_is_cut_off_at_the_deadline() {
+        use tokio::io::AsyncReadExt;
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            handshake_timeout: Duration::from_millis(200),
+        };
+        let (addr, mut served, _, _dir) = tls_listener(limits).await;
+        let started = std::time::Instant::now();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf))
+            .await
+            .expect("the server closes the connection well within 2 s")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the server sent something to a silent client");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(150) && took < Duration::from_secs(1),
+            "closed after {took:?}, not at the 200 ms deadline"
+        );
+        assert!(
+            served.try_recv().is_err(),
+            "a connection without TLS was served"
+        );
+    }
+
+    /// A failed handshake (here a plaintext HTTP/2 client on a TLS port) closes the connection and
+    /// frees its slot: with room for one connection, a proper TLS client gets in right after.
+    #[tokio::test]
+    async fn a_failed_tls_handshake_frees_the_connection_slot() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = ConnectionLimits {
+            max_connections: 1,
+            handshake_timeout: Duration::from_secs(10),
+        };
+        let (addr, mut served, connector, _dir) = tls_listener(limits).await;
+        let mut plain = TcpStream::connect(addr).await.unwrap();
+        plain
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        // rustls answers the garbage with an alert and the server closes: read to the end.
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(n) = plain.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("the failed handshake closes the connection long before its deadline");
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio::time::timeout(Duration::from_secs(2), connector.connect(name, tcp))
+            .await
+            .expect("the handshake finishes: the slot was freed")
+            .expect("TLS handshake");
+        let conn = tokio::time::timeout(Duration::from_secs(2), served.recv())
+            .await
+            .expect("the TLS connection is served")
+            .expect("the listener runs");
+        assert!(conn.connect_info().peer_certs.is_none());
+        tls.write_all(b"PRI").await.unwrap();
+    }
+
     #[test]
     fn the_limit_leaves_room_for_the_process_itself() {
         assert_eq!(fit_to_fd_limit(100, 100_000), 100);
