@@ -13,6 +13,21 @@ START_TIMEOUT=${RAFTKV_START_TIMEOUT:-20}
 STOP_TIMEOUT=${RAFTKV_STOP_TIMEOUT:-10}
 BIN=${RAFTKV_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/raftkv}
 NODES=(1 2 3)
+TLS_DIR=$DATA_ROOT/tls
+# TLS mode: on with RAFTKV_TLS=1, off with 0; unset, on when this data root already has certificates
+# (so status, restart and stop after a TLS start need no variable).
+case ${RAFTKV_TLS:-} in
+1 | true | yes) TLS=1 ;;
+0 | false | no) TLS=0 ;;
+"") if [[ -f $TLS_DIR/ca.pem ]]; then TLS=1; else TLS=0; fi ;;
+*)
+    echo "cluster.sh: RAFTKV_TLS must be 1 or 0, got '$RAFTKV_TLS'" >&2
+    exit 1
+    ;;
+esac
+# What every client of the cluster (this script's own status calls included) passes in TLS mode.
+CLIENT_TLS=()
+((TLS)) && CLIENT_TLS=(--cacert "$TLS_DIR/ca.pem" --cert "$TLS_DIR/client.pem" --key "$TLS_DIR/client-key.pem")
 
 usage() {
     cat <<EOF
@@ -44,6 +59,9 @@ Environment:
   RAFTKV_START_TIMEOUT  seconds 'start' and 'restart' wait for the cluster (default: 20)
   RAFTKV_STOP_TIMEOUT   seconds to wait after SIGTERM before SIGKILL (default: 10)
   RAFTKV_LOG            server log filter (default: info,openraft=warn,...)
+  RAFTKV_TLS            1: TLS on both ports, client certificates required; certificates are made
+                        once with 'raftkv certs' in \$RAFTKV_DATA_DIR/tls (default: on when that
+                        directory has them, so later commands need no variable; 0 forces plaintext)
 EOF
 }
 
@@ -171,9 +189,16 @@ spawn_node() {
     local -a detach=(nohup)
     command -v setsid >/dev/null 2>&1 && detach=(setsid)
     # shellcheck disable=SC2016 # $$ and $1 are the inner shell's.
+    local -a tls=()
+    if ((TLS)); then
+        tls=(--cert-file "$TLS_DIR/node$n.pem" --key-file "$TLS_DIR/node$n-key.pem"
+            --trusted-ca-file "$TLS_DIR/client-ca.pem" --client-cert-auth
+            --peer-cert-file "$TLS_DIR/node$n.pem" --peer-key-file "$TLS_DIR/node$n-key.pem"
+            --peer-trusted-ca-file "$TLS_DIR/ca.pem")
+    fi
     NO_COLOR=1 "${detach[@]}" bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$(pidfile_of "$n")" \
         "$BIN" server --id "$n" --listen "$(addr_of "$n")" --peer-listen "$(peer_addr_of "$n")" \
-        --peers "$(peers)" --data-dir "$(node_dir "$n")" \
+        --peers "$(peers)" --data-dir "$(node_dir "$n")" "${tls[@]}" \
         </dev/null >>"$log" 2>&1 &
     # Wait (briefly) until the inner shell has written the pid file and become the server, so that
     # nothing mistakes the moment before its exec for a dead node.
@@ -232,7 +257,18 @@ tail_logs() {
 }
 
 status_json() {
-    "$BIN" status --json --endpoints "$1" --timeout-ms 1000 2>/dev/null || true
+    "$BIN" status --json --endpoints "$1" --timeout-ms 1000 "${CLIENT_TLS[@]}" 2>/dev/null || true
+}
+
+# In TLS mode, makes the CA and the certificates once (valid for \$RAFTKV_HOST and loopback).
+ensure_certs() {
+    ((TLS)) || return 0
+    [[ -f $TLS_DIR/ca.pem ]] && return 0
+    local hosts=127.0.0.1,localhost,::1
+    [[ ,$hosts, == *",$HOST,"* ]] || hosts="$HOST,$hosts"
+    echo "Making TLS certificates in $TLS_DIR (raftkv certs)..."
+    "$BIN" certs --out "$TLS_DIR" --hosts "$hosts" --nodes 1,2,3 >/dev/null ||
+        die "raftkv certs failed (a half-written $TLS_DIR? remove it and try again)"
 }
 
 # From `raftkv status --json` output on stdin, prints the leader id if every node answered, all name
@@ -314,6 +350,7 @@ cmd_start() {
     local n pid leader json term bin_hint env_hint script_env var
     ensure_bin
     mkdir -p "$DATA_ROOT"
+    ensure_certs
     for n in "${NODES[@]}"; do
         if pid=$(running_pid "$n"); then
             echo "node $n: already running, pid $pid"
@@ -336,17 +373,25 @@ cmd_start() {
     for var in RAFTKV_DATA_DIR RAFTKV_HOST RAFTKV_PORT_BASE RAFTKV_BIN; do
         [[ -n ${!var:-} ]] && script_env+="$var=${!var} "
     done
+    local tls_hint="" grpcurl_tls="-plaintext" mode="plaintext"
+    if ((TLS)); then
+        tls_hint="  export RAFTKV_CACERT=$TLS_DIR/ca.pem RAFTKV_CERT=$TLS_DIR/client.pem RAFTKV_KEY=$TLS_DIR/client-key.pem
+"
+        grpcurl_tls="-cacert $TLS_DIR/ca.pem -cert $TLS_DIR/client.pem -key $TLS_DIR/client-key.pem"
+        mode="TLS on both ports, client certificates required (certificates in $TLS_DIR)"
+    fi
     cat <<EOF
 
 raftkv cluster is up: leader is node $leader at $(addr_of "$leader") (term ${term:-?}).
   nodes: $(endpoints)
   data:  $DATA_ROOT (logs in n1.log, n2.log, n3.log)
+  mode:  $mode
 
 Talk to it (any node serves any request):
-  ${env_hint}$bin_hint put greeting hello
+${tls_hint}  ${env_hint}$bin_hint put greeting hello
   ${env_hint}$bin_hint get greeting
   ${env_hint}$bin_hint status
-  grpcurl -plaintext -format text -d 'key: "greeting"' $(addr_of 1) raftkv.v1.KV/Get
+  grpcurl $grpcurl_tls -format text -d 'key: "greeting"' $(addr_of 1) raftkv.v1.KV/Get
 Stop it with: ${script_env}scripts/cluster.sh stop
 EOF
 }
@@ -383,7 +428,11 @@ cmd_status() {
         fi
     done
     echo
-    "$BIN" status --endpoints "$(endpoints)" --timeout-ms 2000
+    if ((TLS)); then
+        echo "TLS on both ports; clients pass: ${CLIENT_TLS[*]}"
+        echo
+    fi
+    "$BIN" status --endpoints "$(endpoints)" --timeout-ms 2000 "${CLIENT_TLS[@]}"
 }
 
 cmd_kill() {

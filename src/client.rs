@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::api::error::{LEADER_ADDR_HEADER, NODE_ID_HEADER};
 use crate::network::endpoint;
@@ -26,19 +26,31 @@ pub struct Client {
     nodes: Mutex<Vec<(String, Channel)>>,
     preferred: AtomicUsize,
     timeout: Duration,
+    /// Also for the leaders that hints point to: every node is dialed the same way.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Client {
     pub fn new(endpoints: &[String], timeout: Duration) -> anyhow::Result<Self> {
+        Self::with_tls(endpoints, timeout, None)
+    }
+
+    /// A client that dials every node over TLS when `tls` is set.
+    pub fn with_tls(
+        endpoints: &[String],
+        timeout: Duration,
+        tls: Option<ClientTlsConfig>,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(!endpoints.is_empty(), "no endpoints given");
         let nodes = endpoints
             .iter()
-            .map(|addr| Ok((addr.clone(), endpoint(addr)?.connect_lazy())))
+            .map(|addr| Ok((addr.clone(), endpoint(addr, tls.as_ref())?.connect_lazy())))
             .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(Self {
             nodes: Mutex::new(nodes),
             preferred: AtomicUsize::new(0),
             timeout,
+            tls,
         })
     }
 
@@ -65,7 +77,7 @@ impl Client {
         let mut nodes = self.nodes();
         let i = match nodes.iter().position(|(a, _)| *a == addr) {
             Some(i) => i,
-            None => match endpoint(&addr) {
+            None => match endpoint(&addr, self.tls.as_ref()) {
                 Ok(e) => {
                     nodes.push((addr, e.connect_lazy()));
                     nodes.len() - 1

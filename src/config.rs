@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::tls::{ServerTlsFiles, TlsError};
 use crate::types::{Member, NodeId};
 
 #[derive(Args, Debug, Clone)]
@@ -114,6 +115,35 @@ pub struct ServerArgs {
     /// Seconds between the end of one scrub pass and the start of the next.
     #[arg(long, env = "RAFTKV_SCRUB_INTERVAL_SECS", default_value_t = 3600)]
     pub scrub_interval_secs: u64,
+    /// Serve the public port over TLS with this certificate chain (PEM, leaf first). Needs --key-file.
+    #[arg(long, env = "RAFTKV_CERT_FILE")]
+    pub cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --cert-file.
+    #[arg(long, env = "RAFTKV_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that client certificates on the public port are checked against: a
+    /// client that shows a certificate must show one this CA signed.
+    #[arg(long, env = "RAFTKV_TRUSTED_CA_FILE")]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Every client of the public port must show a certificate signed by --trusted-ca-file.
+    #[arg(long, env = "RAFTKV_CLIENT_CERT_AUTH")]
+    pub client_cert_auth: bool,
+    /// Peer TLS: this node's certificate (PEM) on the peer port and when it dials peers. With peer
+    /// TLS on, peers always verify each other, both ways, against --peer-trusted-ca-file.
+    #[arg(long, env = "RAFTKV_PEER_CERT_FILE")]
+    pub peer_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --peer-cert-file.
+    #[arg(long, env = "RAFTKV_PEER_KEY_FILE")]
+    pub peer_key_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) that peers' certificates must be signed by.
+    #[arg(long, env = "RAFTKV_PEER_TRUSTED_CA_FILE")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+}
+
+/// Peer TLS: how this node accepts peers and how it dials them, from the same files.
+pub struct PeerTls {
+    pub server: ServerTlsFiles,
+    pub client: tonic::transport::ClientTlsConfig,
 }
 
 impl ServerArgs {
@@ -171,6 +201,58 @@ impl ServerArgs {
             anyhow::bail!("--max-apply-waiters must be at least 1");
         }
         Ok(())
+    }
+
+    /// TLS on the public port, if configured; half-configured TLS (a certificate without its key, a
+    /// CA or client-cert-auth without a certificate, client-cert-auth without a CA) is refused so
+    /// that a typo never leaves a node serving plaintext or unauthenticated clients.
+    pub fn public_tls(&self) -> Result<Option<ServerTlsFiles>, TlsError> {
+        let incomplete = |msg: &str| Err(TlsError::Incomplete(msg.to_string()));
+        match (&self.cert_file, &self.key_file) {
+            (Some(cert), Some(key)) => {
+                if self.client_cert_auth && self.trusted_ca_file.is_none() {
+                    return incomplete(
+                        "--client-cert-auth needs --trusted-ca-file (the CA that signs client certificates)",
+                    );
+                }
+                Ok(Some(ServerTlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.trusted_ca_file.clone(),
+                    require_client_cert: self.client_cert_auth,
+                }))
+            }
+            (Some(_), None) => incomplete("--cert-file needs --key-file"),
+            (None, Some(_)) => incomplete("--key-file needs --cert-file"),
+            (None, None) if self.trusted_ca_file.is_some() || self.client_cert_auth => incomplete(
+                "--trusted-ca-file and --client-cert-auth need TLS on the public port (--cert-file and --key-file)",
+            ),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Peer TLS, if configured: all three peer files or none.
+    pub fn peer_tls(&self) -> Result<Option<PeerTls>, TlsError> {
+        match (
+            &self.peer_cert_file,
+            &self.peer_key_file,
+            &self.peer_trusted_ca_file,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(PeerTls {
+                server: ServerTlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: Some(ca.clone()),
+                    require_client_cert: true,
+                },
+                client: crate::tls::client_config(ca, Some((cert, key)))?,
+            })),
+            (None, None, None) => Ok(None),
+            _ => Err(TlsError::Incomplete(
+                "peer TLS needs all of --peer-cert-file, --peer-key-file and --peer-trusted-ca-file"
+                    .into(),
+            )),
+        }
     }
 
     /// The read lease, checked against the election timeout it borrows its safety from.
@@ -341,32 +423,69 @@ mod tests {
         assert_eq!(parse_addresses("2=h:9").unwrap()[&2], "h:9");
     }
 
-    #[test]
-    fn a_read_lease_longer_than_a_quarter_of_the_election_timeout_is_refused() {
+    fn server_args(extra: &[&str]) -> ServerArgs {
         use clap::Parser;
         #[derive(Parser)]
         struct Cli {
             #[command(flatten)]
             server: ServerArgs,
         }
-        let args = |lease: &str| {
-            Cli::parse_from([
-                "raftkv",
-                "--id",
-                "1",
-                "--listen",
-                "127.0.0.1:1",
-                "--peer-listen",
-                "127.0.0.1:2",
-                "--data-dir",
-                "d",
-                "--peers",
-                "1=127.0.0.1:1/127.0.0.1:2",
-                "--read-lease-ms",
-                lease,
-            ])
-            .server
-        };
+        let mut argv = vec![
+            "raftkv",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:1",
+            "--peer-listen",
+            "127.0.0.1:2",
+            "--data-dir",
+            "d",
+            "--peers",
+            "1=127.0.0.1:1/127.0.0.1:2",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::parse_from(argv).server
+    }
+
+    #[test]
+    fn half_configured_tls_is_refused() {
+        for bad in [
+            &["--cert-file", "c"][..],
+            &["--key-file", "k"],
+            &["--trusted-ca-file", "ca"],
+            &["--client-cert-auth"],
+            &["--cert-file", "c", "--key-file", "k", "--client-cert-auth"],
+        ] {
+            let err = server_args(bad).public_tls().unwrap_err();
+            assert!(matches!(err, TlsError::Incomplete(_)), "{bad:?}: {err}");
+        }
+        for bad in [
+            &["--peer-cert-file", "c"][..],
+            &["--peer-cert-file", "c", "--peer-key-file", "k"],
+            &["--peer-trusted-ca-file", "ca"],
+        ] {
+            let err = server_args(bad).peer_tls().err().expect("refused");
+            assert!(matches!(err, TlsError::Incomplete(_)), "{bad:?}: {err}");
+        }
+        assert!(server_args(&[]).public_tls().unwrap().is_none());
+        assert!(server_args(&[]).peer_tls().unwrap().is_none());
+        let on = server_args(&[
+            "--cert-file",
+            "c",
+            "--key-file",
+            "k",
+            "--trusted-ca-file",
+            "ca",
+        ])
+        .public_tls()
+        .unwrap()
+        .expect("TLS on");
+        assert!(!on.require_client_cert);
+    }
+
+    #[test]
+    fn a_read_lease_longer_than_a_quarter_of_the_election_timeout_is_refused() {
+        let args = |lease: &str| server_args(&["--read-lease-ms", lease]);
         assert_eq!(args("50").read_lease().unwrap(), Duration::from_millis(50));
         assert_eq!(args("0").read_lease().unwrap(), Duration::ZERO);
         let err = args("51").read_lease().unwrap_err().to_string();

@@ -18,4 +18,5 @@ pub mod node;
 pub mod pb;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod types;

@@ -6,6 +6,11 @@
 //! its first HTTP/2 request within the handshake timeout is closed too, so connections that only hold
 //! a slot cannot lock real clients out for long. [`limited_incoming`] wraps any listener, so a second
 //! listener (peers) gets the same bounds with a limit of its own.
+//!
+//! With TLS the listener does the TLS handshake itself, inside the same deadline, and watches for the
+//! first request in the decrypted stream: on ciphertext it could not see one. Handshakes run side by
+//! side in the accept stream (each holding its slot), so a client that stalls its handshake delays
+//! no one else's.
 
 use std::future::Future;
 use std::io;
@@ -14,11 +19,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::stream::FuturesUnordered;
+use futures::{Stream, StreamExt};
+use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::either::Either;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::tls::ServerTls;
 
 /// File descriptors kept free of client connections: the database, the log, peer connections and
 /// whatever else the process opens must not fail because clients took every descriptor.
@@ -35,31 +45,115 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub struct ConnectionLimits {
     /// Connections open at once; beyond it new ones are closed as they arrive.
     pub max_connections: usize,
-    /// How long a connection may stay open before it sends its first request.
+    /// How long a connection may stay open before it sends its first request (with TLS, the
+    /// handshake included).
     pub handshake_timeout: Duration,
 }
 
 /// Accepted connections, each holding one of `limits.max_connections` slots until it closes. `name`
-/// says which listener a log line is about. Accept errors are logged here (rate-limited) and never
+/// says which listener a log line is about. With `tls`, a connection is yielded once its TLS
+/// handshake has completed; one whose handshake fails or outlasts the handshake timeout is closed
+/// (a rate-limited WARN) and its slot freed. Accept errors are logged here (rate-limited) and never
 /// yielded: tonic only traces them, and an error the stream returned at once on every poll (out of
 /// descriptors) would spin its accept loop.
 pub fn limited_incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
     name: &'static str,
+    tls: Option<Arc<ServerTls>>,
 ) -> impl Stream<Item = io::Result<LimitedConnection>> + Send + 'static {
-    let state = Accepting {
-        listener,
-        slots: Arc::new(Semaphore::new(limits.max_connections)),
-        limits,
-        name,
-        refused: RateLimited::default(),
-        errors: RateLimited::default(),
+    let state = Incoming {
+        accepting: Accepting {
+            listener,
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            limits,
+            name,
+            refused: RateLimited::default(),
+            errors: RateLimited::default(),
+        },
+        tls,
+        handshakes: FuturesUnordered::new(),
+        failed_handshakes: RateLimited::default(),
     };
     futures::stream::unfold(state, |mut s| async move {
-        let conn = s.accept().await;
+        let conn = s.next().await;
         Some((Ok(conn), s))
     })
+}
+
+type Handshake =
+    Pin<Box<dyn Future<Output = Result<LimitedConnection, (io::Error, TcpConnectInfo)>> + Send>>;
+
+struct Incoming {
+    accepting: Accepting,
+    tls: Option<Arc<ServerTls>>,
+    /// TLS handshakes under way; at most one per slot, since each holds its slot.
+    handshakes: FuturesUnordered<Handshake>,
+    failed_handshakes: RateLimited,
+}
+
+impl Incoming {
+    async fn next(&mut self) -> LimitedConnection {
+        loop {
+            tokio::select! {
+                (stream, slot, accepted) = self.accepting.accept() => {
+                    let deadline = accepted + self.accepting.limits.handshake_timeout;
+                    match &self.tls {
+                        None => return LimitedConnection::new(Either::Left(stream), slot, deadline, None),
+                        Some(tls) => self.handshakes.push(Box::pin(handshake(tls.acceptor(), stream, slot, deadline))),
+                    }
+                }
+                Some(done) = self.handshakes.next(), if !self.handshakes.is_empty() => match done {
+                    Ok(conn) => return conn,
+                    Err((e, info)) => {
+                        if let Some(suppressed) = self.failed_handshakes.due() {
+                            tracing::warn!(
+                                listener = self.accepting.name,
+                                peer = ?info.remote_addr,
+                                error = %e,
+                                failed_since_last_report = suppressed,
+                                "TLS handshake failed; connection closed"
+                            );
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// The server side of a TLS handshake, cut off at `deadline`. On failure the stream and its slot are
+/// dropped here, which closes the connection and frees the slot.
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    slot: OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
+) -> Result<LimitedConnection, (io::Error, TcpConnectInfo)> {
+    let info = stream.connect_info();
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let certs = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|certs| Arc::new(certs.to_vec()));
+            Ok(LimitedConnection::new(
+                Either::Right(Box::new(tls)),
+                slot,
+                deadline,
+                certs,
+            ))
+        }
+        Ok(Err(e)) => Err((e, info)),
+        Err(_) => Err((
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no TLS handshake within the handshake timeout",
+            ),
+            info,
+        )),
+    }
 }
 
 struct Accepting {
@@ -72,7 +166,9 @@ struct Accepting {
 }
 
 impl Accepting {
-    async fn accept(&mut self) -> LimitedConnection {
+    /// The next connection inside the limit, its slot and when it was accepted. Cancel-safe: a
+    /// connection is accepted only in the poll that returns it.
+    async fn accept(&mut self) -> (TcpStream, OwnedSemaphorePermit, tokio::time::Instant) {
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -93,7 +189,7 @@ impl Accepting {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "TCP_NODELAY");
                     }
-                    return LimitedConnection::new(stream, permit, self.limits.handshake_timeout);
+                    return (stream, permit, tokio::time::Instant::now());
                 }
                 Err(_) => {
                     drop(stream);
@@ -140,22 +236,42 @@ impl RateLimited {
     }
 }
 
-/// A TCP connection that holds a slot until it is dropped, and fails its reads once the handshake
-/// timeout passes before the client's first request.
+/// A connection, plaintext or TLS, that holds a slot until it is dropped, and fails its reads once
+/// the handshake timeout passes before the client's first request.
 pub struct LimitedConnection {
-    stream: TcpStream,
+    stream: Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>,
+    info: ConnectionInfo,
     _slot: OwnedSemaphorePermit,
-    /// Until the first request: its deadline, and where the reader is in the byte stream.
+    /// Until the first request: its deadline, and where the reader is in the (decrypted) byte stream.
     handshake: Option<(Pin<Box<tokio::time::Sleep>>, FirstRequest)>,
 }
 
+/// What a request handler can learn about its connection (a request extension).
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    pub tcp: TcpConnectInfo,
+    /// The client's certificate chain, leaf first, when it showed one over TLS; the TLS layer has
+    /// verified it against the listener's CA.
+    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
 impl LimitedConnection {
-    fn new(stream: TcpStream, slot: OwnedSemaphorePermit, timeout: Duration) -> Self {
+    fn new(
+        stream: Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>,
+        slot: OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+        peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    ) -> Self {
+        let tcp = match &stream {
+            Either::Left(tcp) => tcp.connect_info(),
+            Either::Right(tls) => tls.get_ref().0.connect_info(),
+        };
         LimitedConnection {
             stream,
+            info: ConnectionInfo { tcp, peer_certs },
             _slot: slot,
             handshake: Some((
-                Box::pin(tokio::time::sleep(timeout)),
+                Box::pin(tokio::time::sleep_until(deadline)),
                 FirstRequest::default(),
             )),
         }
@@ -163,10 +279,10 @@ impl LimitedConnection {
 }
 
 impl Connected for LimitedConnection {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
+    fn connect_info(&self) -> ConnectionInfo {
+        self.info.clone()
     }
 }
 
@@ -224,7 +340,7 @@ impl AsyncWrite for LimitedConnection {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        AsyncWrite::is_write_vectored(&self.stream)
     }
 }
 
@@ -398,7 +514,7 @@ mod tests {
             max_connections: 4,
             handshake_timeout: Duration::from_millis(200),
         };
-        let mut incoming = Box::pin(limited_incoming(listener, limits, "test"));
+        let mut incoming = Box::pin(limited_incoming(listener, limits, "test", None));
         let mut client = TcpStream::connect(addr).await.unwrap();
         let mut server = incoming.next().await.unwrap().unwrap();
         let chatter = tokio::spawn(async move {
@@ -428,6 +544,125 @@ mod tests {
         chatter.abort();
     }
 
+    /// A TLS listener on loopback with certificates made for the test, driven by a task of its own
+    /// (handshakes advance only while the stream is polled), with what it yields sent to `rx`.
+    async fn tls_listener(
+        limits: ConnectionLimits,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::mpsc::Receiver<LimitedConnection>,
+        tokio_rustls::TlsConnector,
+        tempfile::TempDir,
+    ) {
+        use crate::tls::{ServerTls, ServerTlsFiles, files};
+        let dir = tempfile::tempdir().unwrap();
+        crate::tls::generate("test", &["127.0.0.1".into()], &[1])
+            .unwrap()
+            .write(dir.path())
+            .unwrap();
+        let tls = ServerTls::new(ServerTlsFiles {
+            cert: dir.path().join(files::node(1)),
+            key: dir.path().join(files::node_key(1)),
+            client_ca: None,
+            require_client_cert: false,
+        })
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(limited_incoming(listener, limits, "test", Some(tls)));
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(Ok(conn)) = incoming.next().await {
+                if tx.send(conn).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (roots, _) = crate::tls::load_roots(&dir.path().join(files::CA)).unwrap();
+        let client = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        (
+            addr,
+            rx,
+            tokio_rustls::TlsConnector::from(Arc::new(client)),
+            dir,
+        )
+    }
+
+    /// A client that opens a TCP connection to a TLS listener and never starts its handshake is
+    /// closed at the handshake deadline, and never reaches the server.
+    #[tokio::test]
+    async fn a_tls_client_that_never_completes_its_handshake_is_cut_off_at_the_deadline() {
+        use tokio::io::AsyncReadExt;
+        let limits = ConnectionLimits {
+            max_connections: 4,
+            handshake_timeout: Duration::from_millis(200),
+        };
+        let (addr, mut served, _, _dir) = tls_listener(limits).await;
+        let started = std::time::Instant::now();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(2), client.read(&mut buf))
+            .await
+            .expect("the server closes the connection well within 2 s")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the server sent something to a silent client");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(150) && took < Duration::from_secs(1),
+            "closed after {took:?}, not at the 200 ms deadline"
+        );
+        assert!(
+            served.try_recv().is_err(),
+            "a connection without TLS was served"
+        );
+    }
+
+    /// A failed handshake (here a plaintext HTTP/2 client on a TLS port) closes the connection and
+    /// frees its slot: with room for one connection, a proper TLS client gets in right after.
+    #[tokio::test]
+    async fn a_failed_tls_handshake_frees_the_connection_slot() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = ConnectionLimits {
+            max_connections: 1,
+            handshake_timeout: Duration::from_secs(10),
+        };
+        let (addr, mut served, connector, _dir) = tls_listener(limits).await;
+        let mut plain = TcpStream::connect(addr).await.unwrap();
+        plain
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        // rustls answers the garbage with an alert and the server closes: read to the end.
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(n) = plain.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("the failed handshake closes the connection long before its deadline");
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio::time::timeout(Duration::from_secs(2), connector.connect(name, tcp))
+            .await
+            .expect("the handshake finishes: the slot was freed")
+            .expect("TLS handshake");
+        let conn = tokio::time::timeout(Duration::from_secs(2), served.recv())
+            .await
+            .expect("the TLS connection is served")
+            .expect("the listener runs");
+        assert!(conn.connect_info().peer_certs.is_none());
+        tls.write_all(b"PRI").await.unwrap();
+    }
+
     #[test]
     fn the_limit_leaves_room_for_the_process_itself() {
         assert_eq!(fit_to_fd_limit(100, 100_000), 100);
@@ -446,7 +681,7 @@ mod tests {
             max_connections: 2,
             handshake_timeout: Duration::from_millis(200),
         };
-        let mut incoming = Box::pin(limited_incoming(listener, limits, "test"));
+        let mut incoming = Box::pin(limited_incoming(listener, limits, "test", None));
         let mut clients = Vec::new();
         for _ in 0..3 {
             clients.push(TcpStream::connect(addr).await.unwrap());

@@ -38,6 +38,8 @@ struct ClientArgs {
     /// Keys and values, typed and printed (also in --json), are base64 (standard alphabet, padded).
     #[arg(long, global = true)]
     base64: bool,
+    #[command(flatten)]
+    tls: raftkv::tls::ClientTlsArgs,
 }
 
 impl ClientArgs {
@@ -68,7 +70,7 @@ impl From<ConsistencyArg> for pb::Consistency {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Write a key.
     Put {
         key: String,
@@ -153,6 +155,9 @@ enum Command {
     Jepsen(raftkv::jepsen::JepsenArgs),
     /// Verify a stopped node's data directory (exit 0 clean, 1 corrupt, 2 could not check).
     Check(raftkv::store::integrity::CheckArgs),
+    /// Make a CA, a certificate per node (server and client auth, for both ports) and a client
+    /// certificate for the CLI, as PEM files (keys readable by their owner only).
+    Certs(raftkv::tls::CertsArgs),
 }
 
 /// Targets whose warnings raftkv replaces with rate-limited lines of its own, and the directive that
@@ -192,10 +197,11 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
-        Command::Server(args) => raftkv::server::run(args).await,
+        Command::Server(args) => raftkv::server::run(*args).await,
         Command::Jepsen(args) => raftkv::jepsen::run(args).await,
         Command::Bench(args) => raftkv::bench::run(*args).await.map_err(Into::into),
         Command::Check(args) => Ok(raftkv::store::integrity::run_check(&args)),
+        Command::Certs(args) => raftkv::tls::run_certs(&args),
         other => run_client(other).await,
     };
     match result {
@@ -233,7 +239,11 @@ fn kv_json(kv: &pb::KeyValue, enc: Encoding) -> serde_json::Value {
 }
 
 fn client(args: &ClientArgs) -> anyhow::Result<Client> {
-    Client::new(&args.endpoints, Duration::from_millis(args.timeout_ms))
+    Client::with_tls(
+        &args.endpoints,
+        Duration::from_millis(args.timeout_ms),
+        args.tls.config()?,
+    )
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
@@ -275,7 +285,11 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
     // Written with `?`, not println!: a closed pipe is an error to stop on, not a panic.
     let mut out = std::io::BufWriter::new(std::io::stdout());
     let code = match command {
-        Command::Server(_) | Command::Jepsen(_) | Command::Bench(_) | Command::Check(_) => {
+        Command::Server(_)
+        | Command::Jepsen(_)
+        | Command::Bench(_)
+        | Command::Check(_)
+        | Command::Certs(_) => {
             unreachable!("handled by main")
         }
         Command::Put {

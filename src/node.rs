@@ -112,10 +112,13 @@ impl Node {
             // Expected after a membership change; worth a line when it is a different --peers or token.
             tracing::info!(%cluster, from_flags = %derived, "using the cluster id stored at the first start");
         }
-        let channels = PeerChannels::new(PeerIdentity {
-            cluster,
-            node: args.id,
-        });
+        let channels = PeerChannels::new(
+            PeerIdentity {
+                cluster,
+                node: args.id,
+            },
+            args.peer_tls()?.map(|tls| tls.client),
+        );
         let routes = Arc::new(args.dial.clone().unwrap_or_default());
         let network = NetworkFactory {
             id: args.id,

@@ -25,6 +25,15 @@ pub const EXIT_CORRUPT: u8 = 3;
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     args.check_limits()?;
+    // Before anything binds: a node with broken TLS files must not come up in plaintext.
+    let public_tls = args
+        .public_tls()?
+        .map(crate::tls::ServerTls::new)
+        .transpose()?;
+    let peer_tls = args
+        .peer_tls()?
+        .map(|tls| crate::tls::ServerTls::new(tls.server))
+        .transpose()?;
     // Before anything opens files: the database and connections share the limit.
     let fd_limit = match crate::listener::raise_fd_limit() {
         Ok(limit) => Some(limit),
@@ -90,8 +99,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         max_connections = connections.max_connections,
         max_peer_connections = peer_connections.max_connections,
         fd_limit,
+        tls = public_tls.is_some(),
+        client_cert_auth = args.client_cert_auth,
+        peer_tls = peer_tls.is_some(),
         "raftkv node serving"
     );
+    // Aborted when dropped, at return.
+    let mut reload = tokio::task::JoinSet::new();
+    reload.spawn(reload_tls_on_sighup(
+        public_tls.iter().chain(&peer_tls).cloned().collect(),
+    ));
 
     // Polled, not watched: the metrics channel changes several times per write, and waking this task
     // (on the main thread) for each change cost the leader ~7 % of a core at one client.
@@ -129,12 +146,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
                 listener,
                 connections,
                 args.max_concurrent_streams,
+                public_tls,
             ),
             crate::network::server::serve(
                 node.clone(),
                 peer_listener,
                 peer_connections,
                 args.max_concurrent_streams,
+                peer_tls,
             ),
         )
         .map(|_| ())
@@ -188,4 +207,32 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!(error = %e, "could not mark the state machine clean; the next start rebuilds it");
     }
     Ok(code)
+}
+
+/// SIGHUP reads every listener's TLS files again, so certificates can be rotated without a restart:
+/// new connections get the new ones, open connections keep theirs. A reload that fails (a file
+/// half written, a key that does not match) keeps the old configuration and says why.
+/// Without TLS, SIGHUP keeps its default action.
+async fn reload_tls_on_sighup(listeners: Vec<std::sync::Arc<crate::tls::ServerTls>>) {
+    if listeners.is_empty() {
+        return;
+    }
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; TLS certificates are not reloaded");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        for tls in &listeners {
+            match tls.reload() {
+                Ok(()) => tracing::info!(
+                    cert = %tls.files().cert.display(),
+                    "reloaded TLS certificates"
+                ),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "TLS reload failed; the previous certificates stay in use"
+                ),
+            }
+        }
+    }
 }

@@ -26,6 +26,7 @@ pub async fn serve(
     listener: TcpListener,
     connections: ConnectionLimits,
     max_concurrent_streams: u32,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) -> anyhow::Result<()> {
     let max_request = node.limits.max_request_bytes;
     let kv = pb::v1::kv_server::KvServer::new(kv::KvService { node: node.clone() })
@@ -48,7 +49,7 @@ pub async fn serve(
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()?;
 
-    let incoming = limited_incoming(listener, connections, "public");
+    let incoming = limited_incoming(listener, connections, "public", tls);
     // A JoinSet aborts its tasks when dropped: the probe stops with the server, also when the server's
     // future is dropped rather than finished (as server.rs does on a signal or a fatal error).
     let mut background = tokio::task::JoinSet::new();

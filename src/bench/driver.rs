@@ -72,12 +72,15 @@ pub(super) async fn connect(
     endpoints: &[String],
     n: usize,
     timeout: Duration,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
 ) -> Result<Vec<Conn>, BenchError> {
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let endpoint = &endpoints[i % endpoints.len()];
         conns.push(match target {
-            Target::Raftkv => Conn::Raftkv(super::raftkv::RaftkvConn::connect(endpoint, timeout)?),
+            Target::Raftkv => {
+                Conn::Raftkv(super::raftkv::RaftkvConn::connect(endpoint, timeout, tls)?)
+            }
             #[cfg(feature = "etcd")]
             Target::Etcd => Conn::Etcd(super::etcd::EtcdConn::connect(endpoint, timeout).await?),
             #[cfg(not(feature = "etcd"))]
@@ -92,9 +95,10 @@ pub(super) async fn leader(
     target: Target,
     endpoints: &[String],
     timeout: Duration,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
 ) -> Result<String, BenchError> {
     let found = match target {
-        Target::Raftkv => super::raftkv::leader(endpoints, timeout).await,
+        Target::Raftkv => super::raftkv::leader(endpoints, timeout, tls).await,
         #[cfg(feature = "etcd")]
         Target::Etcd => super::etcd::leader(endpoints, timeout).await,
         #[cfg(not(feature = "etcd"))]

@@ -24,6 +24,7 @@ use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
+use tonic::transport::ClientTlsConfig;
 
 use driver::{Conn, OpError};
 use report::Report;
@@ -52,6 +53,8 @@ pub enum BenchError {
     },
     #[error("histogram: {0}")]
     Histogram(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -142,6 +145,9 @@ pub struct BenchArgs {
     /// For `probe`: when the clock started (e.g. `date +%s%N` just before killing the leader).
     #[arg(long)]
     pub since_unix_ns: Option<u128>,
+    /// TLS to raftkv nodes (`--cacert`, `--cert`, `--key`, as for the CLI).
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -173,15 +179,22 @@ pub async fn run(args: BenchArgs) -> Result<ExitCode, BenchError> {
     if args.target == Target::Etcd {
         return Err(BenchError::EtcdDisabled);
     }
+    let tls = args.tls.config()?;
+    if tls.is_some() && args.target == Target::Etcd {
+        return Err(BenchError::Args(
+            "--cacert, --cert and --key are for raftkv targets".into(),
+        ));
+    }
     match args.workload {
         Workload::Leader => {
-            let leader = driver::leader(args.target, &args.endpoints, args.timeout()).await?;
+            let leader =
+                driver::leader(args.target, &args.endpoints, args.timeout(), tls.as_ref()).await?;
             println!("{leader}");
             Ok(ExitCode::SUCCESS)
         }
-        Workload::Probe => probe(&args).await,
+        Workload::Probe => probe(&args, tls.as_ref()).await,
         _ => {
-            let report = load(&args).await?;
+            let report = load(&args, tls.as_ref()).await?;
             report.emit(args.json.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
@@ -273,13 +286,14 @@ impl Tally {
     }
 }
 
-async fn load(args: &BenchArgs) -> Result<Report, BenchError> {
+async fn load(args: &BenchArgs, tls: Option<&ClientTlsConfig>) -> Result<Report, BenchError> {
     args.validate()?;
     let conns = driver::connect(
         args.target,
         &args.endpoints,
         args.connections,
         args.timeout(),
+        tls,
     )
     .await?;
     let mut rng = StdRng::from_os_rng();
@@ -354,7 +368,7 @@ async fn prefill(
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
                 let Some(key) = keys.get(i) else {
-                    return Ok(());
+                    return Ok::<(), BenchError>(());
                 };
                 // A prefill write that fails is retried once; twice means the cluster is not healthy.
                 if conn.put(key.clone(), value.clone()).await.is_err() {
@@ -446,13 +460,14 @@ async fn client(shared: Arc<Shared>, mut conn: Conn, id: usize) -> Result<Tally,
 /// Times a failover from the outside: writes through the given (surviving) endpoints, round-robin, until
 /// one succeeds, and prints the milliseconds since `--since-unix-ns`. A failed or slow attempt is
 /// abandoned after --timeout-ms and the next endpoint is tried at once.
-async fn probe(args: &BenchArgs) -> Result<ExitCode, BenchError> {
+async fn probe(args: &BenchArgs, tls: Option<&ClientTlsConfig>) -> Result<ExitCode, BenchError> {
     let since = args.since_unix_ns.unwrap_or_else(unix_ns);
     let conns = driver::connect(
         args.target,
         &args.endpoints,
         args.endpoints.len(),
         args.timeout(),
+        tls,
     )
     .await?;
     let give_up = Duration::from_secs(30);

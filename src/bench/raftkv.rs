@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::BenchError;
 use super::driver::{CasOutcome, OpError};
@@ -24,8 +24,12 @@ fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
 }
 
 impl RaftkvConn {
-    pub(super) fn connect(endpoint: &str, timeout: Duration) -> Result<Self, BenchError> {
-        let channel = crate::network::endpoint(endpoint)
+    pub(super) fn connect(
+        endpoint: &str,
+        timeout: Duration,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self, BenchError> {
+        let channel = crate::network::endpoint(endpoint, tls)
             .map_err(|e| BenchError::Connect {
                 endpoint: endpoint.to_string(),
                 reason: e.to_string(),
@@ -115,10 +119,14 @@ impl RaftkvConn {
 /// The endpoint of the leader with the highest term. A node restarted after being killed as leader can
 /// report itself leader of its old term until it hears from the current one, so "any node that says
 /// leader" is not enough.
-pub(super) async fn leader(endpoints: &[String], timeout: Duration) -> Option<String> {
+pub(super) async fn leader(
+    endpoints: &[String],
+    timeout: Duration,
+    tls: Option<&ClientTlsConfig>,
+) -> Option<String> {
     let mut best: Option<(u64, String)> = None;
     for endpoint in endpoints {
-        let Ok(ep) = crate::network::endpoint(endpoint) else {
+        let Ok(ep) = crate::network::endpoint(endpoint, tls) else {
             continue;
         };
         let mut client = ClusterClient::new(ep.connect_lazy());

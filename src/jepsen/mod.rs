@@ -88,6 +88,10 @@ pub struct JepsenArgs {
     /// Keep the nodes' data directories even when the run passes.
     #[arg(long)]
     pub keep_data: bool,
+    /// Run the whole cluster over TLS, clients and peers: certificates made with `raftkv certs`
+    /// logic go into `tls/` in the output directory.
+    #[arg(long)]
+    pub tls: bool,
     /// Harness self-test: send register reads as EVENTUAL but check them as linearizable. With
     /// partitions this must be reported as NOT linearizable; if it passes, the harness is blind.
     #[arg(long)]
@@ -183,7 +187,25 @@ pub async fn run(args: JepsenArgs) -> anyhow::Result<std::process::ExitCode> {
     if !node_args.iter().any(|a| a.starts_with("--keep-logs")) {
         node_args.push("--keep-logs=100".into());
     }
-    let mut nodes = Nodes::new(&net, args.nodes, &bin, &out, node_args)?;
+    let tls_dir = if args.tls {
+        let dir = out.join("tls");
+        let ids: Vec<u64> = (1..=args.nodes).collect();
+        let mut hosts: Vec<String> = ["127.0.0.1", "localhost"].map(String::from).into();
+        for id in &ids {
+            let addr = net.addr(*id);
+            if let Some((host, _)) = addr.rsplit_once(':')
+                && !hosts.iter().any(|h| h == host)
+            {
+                hosts.push(host.to_string());
+            }
+        }
+        crate::tls::generate("raftkv jepsen", &hosts, &ids)?.write(&dir)?;
+        println!("TLS: clients and peers, certificates in {}", dir.display());
+        Some(dir)
+    } else {
+        None
+    };
+    let mut nodes = Nodes::new(&net, args.nodes, &bin, &out, node_args, tls_dir)?;
     for id in 1..=args.nodes {
         nodes.start(&net, id)?;
     }

@@ -26,6 +26,8 @@ pub struct Nodes {
     bin: PathBuf,
     dir: PathBuf,
     extra_args: Vec<String>,
+    /// With `--tls`: the `raftkv certs` directory every node takes its certificates from.
+    tls_dir: Option<PathBuf>,
     procs: Vec<Proc>,
     channels: Vec<Channel>,
 }
@@ -48,16 +50,22 @@ impl Nodes {
         bin: &Path,
         dir: &Path,
         extra_args: Vec<String>,
+        tls_dir: Option<PathBuf>,
     ) -> anyhow::Result<Nodes> {
+        let tls = tls_dir
+            .as_deref()
+            .map(crate::tls::client_config_from_dir)
+            .transpose()?;
         let mut channels = Vec::new();
         for id in 1..=n {
-            channels.push(crate::network::endpoint(&net.addr(id))?.connect_lazy());
+            channels.push(crate::network::endpoint(&net.addr(id), tls.as_ref())?.connect_lazy());
         }
         Ok(Nodes {
             n,
             bin: bin.to_path_buf(),
             dir: dir.to_path_buf(),
             extra_args,
+            tls_dir,
             procs: (0..n)
                 .map(|_| Proc {
                     child: None,
@@ -105,6 +113,12 @@ impl Nodes {
             self.dir.join(format!("n{id}.data")).display()
         ))
         .args(&self.extra_args)
+        .args(
+            self.tls_dir
+                .as_deref()
+                .map(|dir| crate::tls::node_server_args(dir, id))
+                .unwrap_or_default(),
+        )
         .env(
             "RAFTKV_LOG",
             std::env::var("RAFTKV_JEPSEN_NODE_LOG")

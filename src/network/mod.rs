@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::pb::internal::raft_client::RaftClient;
 use backoff::PeerHealth;
@@ -38,6 +38,8 @@ pub struct PeerChannels {
     health: Arc<Mutex<HashMap<String, Arc<PeerHealth>>>>,
     /// Stamped on every request, so a peer can refuse what comes from another cluster.
     identity: PeerIdentity,
+    /// With peer TLS: peers are dialed over https and shown this node's certificate.
+    tls: Option<ClientTlsConfig>,
 }
 
 /// A client of a peer's Raft service whose every request carries this node's [`PeerIdentity`].
@@ -54,11 +56,13 @@ pub enum Purpose {
 }
 
 impl PeerChannels {
-    pub fn new(identity: PeerIdentity) -> Self {
+    /// `tls`: dial peers over TLS with this configuration (peer TLS), else in plaintext.
+    pub fn new(identity: PeerIdentity, tls: Option<ClientTlsConfig>) -> Self {
         PeerChannels {
             channels: Arc::default(),
             health: Arc::default(),
             identity,
+            tls,
         }
     }
 
@@ -87,20 +91,33 @@ impl PeerChannels {
         if let Some(ch) = map.get(&key) {
             return Ok(ch.clone());
         }
-        let channel = endpoint(addr)?.connect_lazy();
+        let channel = endpoint(addr, self.tls.as_ref())?.connect_lazy();
         map.insert(key, channel.clone());
         Ok(channel)
     }
 }
 
-/// The connection settings every raftkv-to-raftkv (and CLI-to-raftkv) connection uses.
-pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+/// How long a TLS handshake with a node may take before the connection attempt fails.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection settings every raftkv-to-raftkv (and CLI-to-raftkv) connection uses. With `tls`
+/// the address is dialed over https (whatever scheme it was written with), and the server's
+/// certificate must be valid for the address' host.
+pub fn endpoint(
+    addr: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Endpoint, tonic::transport::Error> {
+    let uri = match (addr.split_once("://"), tls) {
+        (Some((_, rest)), Some(_)) => format!("https://{rest}"),
+        (Some(_), None) => addr.to_string(),
+        (None, Some(_)) => format!("https://{addr}"),
+        (None, None) => format!("http://{addr}"),
     };
-    Ok(Endpoint::from_shared(uri)?
+    let mut endpoint = Endpoint::from_shared(uri)?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.clone().timeout(TLS_HANDSHAKE_TIMEOUT))?;
+    }
+    Ok(endpoint
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))

@@ -58,6 +58,7 @@ pub async fn serve(
     listener: TcpListener,
     connections: ConnectionLimits,
     max_concurrent_streams: u32,
+    tls: Option<Arc<crate::tls::ServerTls>>,
 ) -> anyhow::Result<()> {
     let service = RaftService::new(node);
     let identify = Identify {
@@ -69,7 +70,7 @@ pub async fn serve(
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
     crate::listener::bounded_server(max_concurrent_streams)
         .add_service(InterceptedService::new(raft, identify))
-        .serve_with_incoming(limited_incoming(listener, connections, "peer"))
+        .serve_with_incoming(limited_incoming(listener, connections, "peer", tls))
         .await?;
     Ok(())
 }
@@ -90,6 +91,16 @@ impl tonic::service::Interceptor for Identify {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         match identity::sender(request.metadata(), self.cluster) {
             Ok(from) => {
+                if let Some(certified) = certified_node(&request)
+                    && certified != from
+                {
+                    // A member's certificate used to speak in another member's name.
+                    self.refusals
+                        .note("any", from, "sender differs from its certificate");
+                    return Err(Status::permission_denied(format!(
+                        "the request claims node {from}, its TLS certificate is node {certified}'s"
+                    )));
+                }
                 request.extensions_mut().insert(PeerSender(from));
                 Ok(request)
             }
@@ -110,6 +121,15 @@ impl tonic::service::Interceptor for Identify {
             }
         }
     }
+}
+
+/// The node id in the certificate the peer showed (peer TLS, a certificate from `raftkv certs`).
+/// None without TLS or for a certificate that names no node: the CA check alone then applies.
+fn certified_node(request: &Request<()>) -> Option<NodeId> {
+    let info = request
+        .extensions()
+        .get::<crate::listener::ConnectionInfo>()?;
+    crate::tls::node_id_of(info.peer_certs.as_ref()?.first()?)
 }
 
 /// The sender `Identify` found. Every request passed it, so a missing tag is a bug, refused all the same.

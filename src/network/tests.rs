@@ -132,10 +132,13 @@ async fn client_of(peer: Peer) -> PeerClient {
     );
     let mut factory = NetworkFactory {
         id: 1,
-        channels: PeerChannels::new(super::identity::PeerIdentity {
-            cluster: super::identity::ClusterId(7),
-            node: 1,
-        }),
+        channels: PeerChannels::new(
+            super::identity::PeerIdentity {
+                cluster: super::identity::ClusterId(7),
+                node: 1,
+            },
+            None,
+        ),
         routes: Default::default(),
     };
     factory

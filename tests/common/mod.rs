@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use raftkv::pb::v1::cluster_client::ClusterClient;
 use raftkv::pb::v1::kv_client::KvClient;
 use tokio::time::Instant;
 use tonic::codegen::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 pub type PeerRpc = RaftClient<InterceptedService<Channel, raftkv::network::identity::PeerIdentity>>;
 
@@ -34,6 +34,20 @@ pub struct Cluster {
     peers: String,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    /// With TLS on both ports: the `raftkv certs` directory, and how this harness dials the nodes
+    /// (the set's CA and its client certificate).
+    tls: Option<(PathBuf, ClientTlsConfig)>,
+}
+
+/// A CA, node certificates for ids 1..=`nodes` (valid for 127.0.0.1) and a client certificate, made
+/// with rcgen (`raftkv::tls::generate`) and written to `dir`.
+pub fn make_certs(dir: &Path, subject: &str, nodes: u64) -> PathBuf {
+    let ids: Vec<u64> = (1..=nodes).collect();
+    raftkv::tls::generate(subject, &["127.0.0.1".to_string()], &ids)
+        .expect("generate certificates")
+        .write(dir)
+        .expect("write certificates");
+    dir.to_path_buf()
 }
 
 impl Cluster {
@@ -44,7 +58,22 @@ impl Cluster {
 
     /// Starts `n` nodes with extra server flags and environment variables.
     pub fn start_with_env(n: u64, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
+        Cluster::build(n, extra, env, false)
+    }
+
+    /// Starts `n` nodes with TLS on both ports (certificates made for the test, in `tls/` of the
+    /// cluster's directory); the harness' own clients dial with the set's client certificate.
+    pub fn start_tls(n: u64, extra: &[&str]) -> Cluster {
+        Cluster::build(n, extra, &[], true)
+    }
+
+    fn build(n: u64, extra: &[&str], env: &[(&str, &str)], tls: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let tls = tls.then(|| {
+            let certs = make_certs(&dir.path().join("tls"), "raftkv test", n);
+            let client = raftkv::tls::client_config_from_dir(&certs).expect("client TLS");
+            (certs, client)
+        });
         let nodes: Vec<Node> = (1..=n)
             .map(|id| {
                 let port = portpicker::pick_unused_port().expect("free port");
@@ -73,6 +102,7 @@ impl Cluster {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            tls,
         };
         for id in 1..=n {
             cluster.spawn(id);
@@ -90,7 +120,10 @@ impl Cluster {
 
     fn spawn(&mut self, id: u64) {
         let peers = self.peers.clone();
-        let extra = self.extra.clone();
+        let mut extra = self.extra.clone();
+        if let Some((certs, _)) = &self.tls {
+            extra.extend(raftkv::tls::node_server_args(certs, id));
+        }
         let env = self.env.clone();
         let node = self.node_mut(id);
         assert!(node.child.is_none(), "node {id} is already running");
@@ -154,8 +187,13 @@ impl Cluster {
 
     /// A client of node `id`'s peer port whose requests say they come from node `from` of this cluster.
     pub fn peer_client(&self, id: u64, from: u64) -> PeerRpc {
+        self.peer_client_on(channel(&self.peer_addr(id)), from)
+    }
+
+    /// [`Cluster::peer_client`] on a channel of the caller's (TLS, say) to a peer port.
+    pub fn peer_client_on(&self, channel: Channel, from: u64) -> PeerRpc {
         RaftClient::with_interceptor(
-            channel(&self.peer_addr(id)),
+            channel,
             raftkv::network::identity::PeerIdentity {
                 cluster: self.cluster_id(),
                 node: from,
@@ -256,16 +294,31 @@ impl Cluster {
         }
     }
 
+    /// The `raftkv certs` directory of a cluster started with [`Cluster::start_tls`].
+    pub fn tls_dir(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|(dir, _)| dir.as_path())
+    }
+
+    /// A channel to node `id`'s public port, over TLS for a TLS cluster.
+    pub fn public_channel(&self, id: u64) -> Channel {
+        let tls = self.tls.as_ref().map(|(_, client)| client);
+        raftkv::network::endpoint(&self.addr(id), tls)
+            .expect("endpoint")
+            .connect_lazy()
+    }
+
     pub fn kv(&self, id: u64) -> KvClient<Channel> {
-        KvClient::new(channel(&self.addr(id)))
+        KvClient::new(self.public_channel(id))
     }
 
     pub fn cluster_client(&self, id: u64) -> ClusterClient<Channel> {
-        ClusterClient::new(channel(&self.addr(id)))
+        ClusterClient::new(self.public_channel(id))
     }
 
     pub fn client(&self) -> raftkv::client::Client {
-        raftkv::client::Client::new(&self.endpoints(), Duration::from_secs(10)).expect("client")
+        let tls = self.tls.as_ref().map(|(_, client)| client.clone());
+        raftkv::client::Client::with_tls(&self.endpoints(), Duration::from_secs(10), tls)
+            .expect("client")
     }
 
     pub async fn status(&self, id: u64) -> Option<pb::StatusResponse> {
@@ -369,7 +422,7 @@ pub fn cpu_time(pid: u32) -> Duration {
 }
 
 pub fn channel(addr: &str) -> Channel {
-    raftkv::network::endpoint(addr)
+    raftkv::network::endpoint(addr, None)
         .expect("endpoint")
         .connect_lazy()
 }
