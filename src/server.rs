@@ -78,6 +78,9 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => return Err(e),
     };
+    // Taken over before the node says it serves, so no SIGHUP after that line ends the process.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| anyhow::anyhow!("cannot handle SIGHUP: {e}"))?;
     let me = args.member();
     if let Some(listed) = args.peers.get(&args.id).filter(|listed| **listed != me) {
         // The membership records what --peers says; the flags only change where this node listens.
@@ -107,6 +110,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     // Aborted when dropped, at return.
     let mut reload = tokio::task::JoinSet::new();
     reload.spawn(reload_tls_on_sighup(
+        hup,
         public_tls.iter().chain(&peer_tls).cloned().collect(),
     ));
 
@@ -212,16 +216,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
 /// SIGHUP reads every listener's TLS files again, so certificates can be rotated without a restart:
 /// new connections get the new ones, open connections keep theirs. A reload that fails (a file
 /// half written, a key that does not match) keeps the old configuration and says why.
-/// Without TLS, SIGHUP keeps its default action.
-async fn reload_tls_on_sighup(listeners: Vec<std::sync::Arc<crate::tls::ServerTls>>) {
-    if listeners.is_empty() {
-        return;
-    }
-    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; TLS certificates are not reloaded");
-        return;
-    };
+/// Handled without TLS too: its default action ends the process, and an operator's habitual SIGHUP
+/// (log rotation, a config reload) must not take a node down.
+async fn reload_tls_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    listeners: Vec<std::sync::Arc<crate::tls::ServerTls>>,
+) {
     while hup.recv().await.is_some() {
+        if listeners.is_empty() {
+            tracing::info!("SIGHUP: no TLS certificates to reload");
+        }
         for tls in &listeners {
             match tls.reload() {
                 Ok(()) => tracing::info!(
