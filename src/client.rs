@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::{Channel, ClientTlsConfig};
 
-use crate::api::error::{LEADER_ADDR_HEADER, NODE_ID_HEADER};
+use crate::api::status::{LEADER_ADDR_HEADER, NODE_ID_HEADER};
 use crate::network::endpoint;
 use crate::pb::v1 as pb;
 use crate::pb::v1::cluster_client::ClusterClient;
@@ -107,7 +107,7 @@ impl Client {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Err(s) if crate::api::error::certainly_not_proposed(&s) => s,
+                Err(s) if crate::api::status::certainly_not_proposed(&s) => s,
                 Err(s) => return Err(own_timeout_is_deadline_exceeded(s)),
             };
             if self.follow_hint(&last) {

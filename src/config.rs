@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::limits::{Limits, MAX_KEY_BYTES, MAX_TXN_OPS};
 use crate::tls::{ServerTlsFiles, TlsError};
 use crate::types::{Member, NodeId};
 
@@ -186,8 +187,8 @@ impl ServerArgs {
         let limits = self.limits();
         let needed = limits.max_value_bytes
             + limits.max_key_bytes
-            + crate::api::validate::PAIR_OVERHEAD_BYTES
-            + crate::api::validate::RESPONSE_OVERHEAD_BYTES;
+            + crate::limits::PAIR_OVERHEAD_BYTES
+            + crate::limits::RESPONSE_OVERHEAD_BYTES;
         if limits.max_response_bytes < needed {
             anyhow::bail!(
                 "--max-response-bytes {} cannot hold one pair with the largest key and value \
@@ -281,9 +282,8 @@ impl ServerArgs {
     pub fn raft_config(&self) -> Result<openraft::Config, openraft::ConfigError> {
         let limits = self.limits();
         // A full AppendEntries batch of the largest requests must fit in one peer message.
-        let max_payload_entries = (crate::network::MAX_PEER_MESSAGE_BYTES
-            / limits.max_request_bytes)
-            .clamp(1, 300) as u64;
+        let max_payload_entries =
+            (crate::limits::MAX_PEER_MESSAGE_BYTES / limits.max_request_bytes).clamp(1, 300) as u64;
         openraft::Config {
             cluster_name: "raftkv".to_string(),
             heartbeat_interval: self.heartbeat_ms,
@@ -318,23 +318,6 @@ impl ServerArgs {
         }
         .validate()
     }
-}
-
-/// Fixed, not flags: `apply` enforces them too (see `validate::applicable`), and every replica must
-/// decide the same way about the same entry.
-pub const MAX_KEY_BYTES: usize = 4096;
-pub const MAX_TXN_OPS: usize = 128;
-
-/// Input limits, enforced at the API edge before anything reaches the log.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_key_bytes: usize,
-    pub max_value_bytes: usize,
-    pub max_request_bytes: usize,
-    pub max_txn_ops: usize,
-    pub default_scan_limit: usize,
-    pub max_scan_limit: usize,
-    pub max_response_bytes: usize,
 }
 
 /// `ID=CLIENT_ADDR/PEER_ADDR,...` (`--peers`).

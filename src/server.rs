@@ -1,4 +1,6 @@
-//! Running a node as a process: bind, start Raft, serve, and stop cleanly on SIGTERM/SIGINT.
+//! Running a node as a process: bind both listeners, start the node, mount every gRPC service (the
+//! public ones from `api` on `--listen`; Raft and forwarding, behind the peer identity check, on
+//! `--peer-listen`), and stop cleanly on SIGTERM/SIGINT.
 //!
 //! If Raft stops on its own (a storage error is fatal by design), the process exits non-zero so a
 //! supervisor notices, rather than serving stale reads from a node that can no longer make progress.
@@ -8,15 +10,20 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use futures::FutureExt;
-use openraft::async_runtime::watch::WatchReceiver;
+use std::sync::Arc;
+
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::config::ServerArgs;
+use crate::limits::MAX_PEER_MESSAGE_BYTES;
+use crate::listener::{ConnectionLimits, bounded_server, limited_incoming};
+use crate::network::identity::Identify;
 use crate::node::Node;
-
-/// How soon a node notices that Raft stopped on a storage error and exits.
-const FATAL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+use crate::node::forward::ForwardService;
+use crate::pb::internal::forward_server::ForwardServer;
+use crate::pb::internal::raft_server::RaftServer;
+use crate::tls::ServerTls;
 /// How long a node with corrupt storage keeps its port open, answering health NOT_SERVING, before it
 /// exits: long enough for a probe to see why, short enough that nothing waits on it.
 const CORRUPT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -43,12 +50,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let handshake_timeout = Duration::from_millis(args.handshake_timeout_ms);
-    let peer_connections = crate::listener::ConnectionLimits {
+    let peer_connections = ConnectionLimits {
         max_connections: usize::try_from(args.max_peer_connections).unwrap_or(usize::MAX),
         handshake_timeout,
     };
     let wanted = usize::try_from(args.max_connections).unwrap_or(usize::MAX);
-    let connections = crate::listener::ConnectionLimits {
+    let connections = ConnectionLimits {
         // Peers' descriptors are set aside first: clients get what is left.
         max_connections: fd_limit.map_or(wanted, |limit| {
             crate::listener::fit_to_fd_limit(
@@ -93,7 +100,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     }
     tracing::info!(
         id = args.id,
-        cluster = %node.cluster,
+        cluster = %node.cluster(),
         listen = %args.listen,
         peer_listen = %args.peer_listen,
         advertise = %me.addr,
@@ -114,26 +121,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         public_tls.iter().chain(&peer_tls).cloned().collect(),
     ));
 
-    // Polled, not watched: the metrics channel changes several times per write, and waking this task
-    // (on the main thread) for each change cost the leader ~7 % of a core at one client.
-    let fatal = {
-        let mut metrics = node.raft.metrics();
-        async move {
-            let mut ticker = tokio::time::interval(FATAL_POLL);
-            loop {
-                ticker.tick().await;
-                if let Err(e) = &metrics.borrow_watched().running_state {
-                    return format!("{e}");
-                }
-                // Only Raft's core task sends metrics, so a closed channel means that task is gone
-                // (a panic) without reporting an error. Checked without waiting: Ok for an unseen
-                // change (now marked seen), Err once the sender is gone, so at most one tick late.
-                if let Some(Err(_)) = metrics.changed().now_or_never() {
-                    return "raft metrics closed".to_string();
-                }
-            }
-        }
-    };
+    let fatal = node.stopped();
     let signals = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -145,14 +133,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     // shuts down. Connections already open finish on their own tasks.
     let mut serve = Box::pin(async {
         tokio::try_join!(
-            crate::api::serve(
+            serve_public(
                 node.clone(),
                 listener,
                 connections,
                 args.max_concurrent_streams,
                 public_tls,
             ),
-            crate::network::server::serve(
+            serve_peers(
                 node.clone(),
                 peer_listener,
                 peer_connections,
@@ -163,7 +151,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         .map(|_| ())
     });
 
-    let integrity = node.sm.integrity().clone();
+    let integrity = node.integrity().clone();
     let mut corrupt = false;
     let code = tokio::select! {
         biased;
@@ -194,7 +182,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     if corrupt {
         // Raft first, so this node stops voting and replicating on damaged data; bounded, since a
         // store that cannot be read may not let it finish cleanly.
-        let _ = tokio::time::timeout(Duration::from_secs(5), node.raft.shutdown()).await;
+        node.stop_raft(Some(Duration::from_secs(5))).await;
         tokio::select! {
             _ = &mut serve => {}
             _ = tokio::time::sleep(CORRUPT_GRACE) => {}
@@ -203,14 +191,61 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     drop(serve);
-    if let Err(e) = node.raft.shutdown().await {
-        tracing::warn!(error = %e, "raft shutdown");
-    }
-    // Lets the next start keep the applied state instead of rebuilding it from the last snapshot.
-    if let Err(e) = node.sm.close().await {
-        tracing::warn!(error = %e, "could not mark the state machine clean; the next start rebuilds it");
-    }
+    node.stop_raft(None).await;
+    node.close().await;
     Ok(code)
+}
+
+/// Serves the public services (see `api`) until the listener fails or the caller drops the future (how
+/// a node stops: see [`run`]).
+async fn serve_public(
+    node: Arc<Node>,
+    listener: TcpListener,
+    connections: ConnectionLimits,
+    max_concurrent_streams: u32,
+    tls: Option<Arc<ServerTls>>,
+) -> anyhow::Result<()> {
+    let (routes, health_probe) = crate::api::services(node.clone()).await?;
+    // A JoinSet aborts its tasks when dropped: the probe stops with the server, also when the server's
+    // future is dropped rather than finished.
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(health_probe);
+    let served = bounded_server(max_concurrent_streams)
+        .layer(crate::api::AnswerByDeadlineLayer::new(node.id()))
+        .layer(tower::util::MapResponseLayer::new(
+            crate::api::oversize_is_resource_exhausted,
+        ))
+        .add_routes(routes)
+        .serve_with_incoming(limited_incoming(listener, connections, "public", tls))
+        .await;
+    background.abort_all();
+    Ok(served?)
+}
+
+/// Serves Raft and forwarding to peers, every request behind the peer identity check (see
+/// `network::identity`), until the listener fails or the caller drops the future.
+async fn serve_peers(
+    node: Arc<Node>,
+    listener: TcpListener,
+    connections: ConnectionLimits,
+    max_concurrent_streams: u32,
+    tls: Option<Arc<ServerTls>>,
+) -> anyhow::Result<()> {
+    let raft = node.raft_service();
+    let refusals = raft.refusals();
+    let identify = Identify::new(node.cluster(), refusals.clone());
+    let raft = RaftServer::new(raft)
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    let forward = ForwardServer::new(ForwardService::new(node, refusals))
+        .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
+    bounded_server(max_concurrent_streams)
+        .add_service(InterceptedService::new(raft, identify.clone()))
+        .add_service(InterceptedService::new(forward, identify))
+        .serve_with_incoming(limited_incoming(listener, connections, "peer", tls))
+        .await?;
+    Ok(())
 }
 
 /// SIGHUP reads every listener's TLS files again, so certificates can be rotated without a restart:
@@ -220,7 +255,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
 /// (log rotation, a config reload) must not take a node down.
 async fn reload_tls_on_sighup(
     mut hup: tokio::signal::unix::Signal,
-    listeners: Vec<std::sync::Arc<crate::tls::ServerTls>>,
+    listeners: Vec<Arc<ServerTls>>,
 ) {
     while hup.recv().await.is_some() {
         if listeners.is_empty() {

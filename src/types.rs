@@ -41,7 +41,6 @@ impl fmt::Display for Member {
     }
 }
 
-pub type Raft = openraft::Raft<TypeConfig, crate::store::StateMachineStore>;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
 pub type Vote = openraft::alias::VoteOf<TypeConfig>;
 pub type VoteRequest = openraft::raft::VoteRequest<TypeConfig>;
@@ -141,6 +140,15 @@ pub struct KeyValue {
     pub version: u64,
 }
 
+/// A write that has been committed by a quorum, made durable and applied: what a client's write
+/// returns, and what a leader sends back for a forwarded one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The log index of the write: the revision it created.
+    pub revision: u64,
+    pub response: CommandResponse,
+}
+
 /// What applying a log entry produced. Blank and membership entries produce `None`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum CommandResponse {
@@ -158,7 +166,7 @@ pub enum CommandResponse {
         results: Vec<TxnOpResult>,
     },
     /// The entry was committed but not applied: it breaks a rule the public API enforces (see
-    /// `validate::applicable`), so it can only have come from a forged or foreign proposal. Last, so
+    /// `limits::applicable`), so it can only have come from a forged or foreign proposal. Last, so
     /// the other variants keep their encoding.
     Rejected {
         reason: String,

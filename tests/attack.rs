@@ -248,7 +248,7 @@ async fn length_bombs_are_refused_and_every_node_stays_up() {
         );
 
         let outcomes = cluster
-            .peer_client(id, MEMBER)
+            .forward_client(id, MEMBER)
             .propose_batch(req(
                 ProposeBatchRequest {
                     writes: vec![ForwardedWrite {
@@ -263,11 +263,10 @@ async fn length_bombs_are_refused_and_every_node_stays_up() {
             .into_inner()
             .outcomes;
         assert_eq!(outcomes.len(), 1);
-        assert_eq!(
-            outcomes[0].code,
-            Code::InvalidArgument as i32,
-            "ProposeBatch bomb on node {id}: {:?}",
-            outcomes[0].message
+        let outcome = outcome_of(&outcomes[0]);
+        assert!(
+            matches!(outcome, Err(raftkv::node::Error::Invalid(_))),
+            "ProposeBatch bomb on node {id}: {outcome:?}"
         );
 
         for method in [
@@ -488,7 +487,7 @@ async fn forged_proposals_with_unaddressable_keys_are_refused() {
             })
             .collect();
         let outcomes = cluster
-            .peer_client(id, MEMBER)
+            .forward_client(id, MEMBER)
             .propose_batch(req(ProposeBatchRequest { writes }, RPC))
             .await
             .expect("ProposeBatch answers")
@@ -496,15 +495,21 @@ async fn forged_proposals_with_unaddressable_keys_are_refused() {
             .outcomes;
         assert_eq!(outcomes.len(), bad.len());
         for (cmd, outcome) in bad.iter().zip(&outcomes) {
-            assert_eq!(
-                outcome.code,
-                Code::InvalidArgument as i32,
-                "forged {cmd} on node {id}: {:?}",
-                outcome.message
+            let outcome = outcome_of(outcome);
+            assert!(
+                matches!(outcome, Err(raftkv::node::Error::Invalid(_))),
+                "forged {cmd} on node {id}: {outcome:?}"
             );
         }
     }
     assert_unharmed(&mut cluster, &before).await;
+}
+
+/// The leader's verdict on one forwarded write.
+fn outcome_of(
+    outcome: &raftkv::pb::internal::WriteOutcome,
+) -> Result<raftkv::types::Applied, raftkv::node::Error> {
+    raftkv::codec::decode(&outcome.result).expect("an outcome decodes")
 }
 
 /// A higher-term vote in member `claimed`'s name with a log longer than anyone's.
@@ -532,7 +537,7 @@ async fn the_public_port_serves_no_raft_service() {
             "/raftkv.internal.v1.Raft/Vote",
             "/raftkv.internal.v1.Raft/PreVote",
             "/raftkv.internal.v1.Raft/AppendEntries",
-            "/raftkv.internal.v1.Raft/ReadIndex",
+            "/raftkv.internal.v1.Forward/ReadIndex",
         ] {
             let data = vote_in_the_name_of(2, term + 50);
             let code = raw_unary_at(&cluster.addr(id), method, data, &identity).await;

@@ -13,8 +13,8 @@ use openraft::raft::{
 use openraft::{EntryPayload, Membership};
 use proptest::prelude::*;
 use raftkv::codec;
-use raftkv::node::Applied;
 use raftkv::store::state_machine::StoredValue;
+use raftkv::types::Applied;
 use raftkv::types::{
     Command, Compare, CompareResult, CompareTarget, Entry, KeyValue, LogId, SnapshotMeta,
     StoredMembership, Txn, TxnOp, TypeConfig, Vote, VoteRequest, VoteResponse,

@@ -295,7 +295,7 @@ async fn a_flooded_public_port_leaves_the_peer_port_open() {
     // A new connection to the peer port is accepted and its request answered (refused, as from a
     // stranger, which takes a served request to say).
     let code = c
-        .peer_client(target, 99)
+        .forward_client(target, 99)
         .read_index(req(raftkv::pb::internal::ReadIndexRequest {}, 2 * SECOND))
         .await
         .map(|_| tonic::Code::Ok)

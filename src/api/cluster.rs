@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use openraft::async_runtime::watch::WatchReceiver;
 use tonic::{Request, Response, Status};
 
 use crate::node::Node;
@@ -19,45 +18,30 @@ impl Cluster for ClusterService {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let header = self.node.header(None);
-        let role = self.node.role().to_string();
-        let metrics = self.node.raft.metrics();
-        let m = metrics.borrow_watched();
-        let membership = m.membership_config.membership();
-        let voters = membership
-            .voter_ids()
-            .map(|id| {
-                let member = membership.get_node(&id).cloned().unwrap_or_default();
-                pb::Member {
-                    id,
-                    address: member.addr,
-                    peer_address: member.peer_addr,
-                }
+        let s = self.node.status();
+        let voters = s
+            .voters
+            .into_iter()
+            .map(|(id, member)| pb::Member {
+                id,
+                address: member.addr,
+                peer_address: member.peer_addr,
             })
             .collect();
-        let leader_address = m
-            .current_leader
-            .and_then(|l| membership.get_node(&l))
-            .map(|n| n.addr.clone())
-            .unwrap_or_default();
         Ok(Response::new(pb::StatusResponse {
-            header: Some(header),
-            id: self.node.id,
-            role,
-            term: m.current_term,
-            leader_id: m.current_leader.unwrap_or(0),
-            commit_index: m
-                .cluster_committed
-                .as_ref()
-                .or(m.local_committed.as_ref())
-                .map_or(0, |l| l.index),
-            applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+            header: Some(super::kv::header(s.header)),
+            id: s.header.node_id,
+            role: s.role.to_string(),
+            term: s.header.term,
+            leader_id: s.header.leader_id,
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
             voters,
-            leader_address,
-            last_log_index: m.last_log_index.unwrap_or(0),
-            snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
-            first_log_index: m.purged.as_ref().map_or(0, |l| l.index + 1),
-            cluster_id: self.node.cluster.to_string(),
+            leader_address: s.leader_addr.unwrap_or_default(),
+            last_log_index: s.last_log_index,
+            snapshot_index: s.snapshot_index,
+            first_log_index: s.first_log_index,
+            cluster_id: s.cluster.to_string(),
         }))
     }
 }

@@ -38,7 +38,7 @@ pub(super) async fn keep_reporting(node: Arc<Node>, reporter: HealthReporter) {
     let mut reported = ServingStatus::NotServing;
     // The first change, to SERVING as the cluster comes up, is startup rather than news.
     let mut started = false;
-    let integrity = node.sm.integrity().clone();
+    let integrity = node.integrity().clone();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use super::error::ApiError;
-use super::{grpc_timeout, validate};
-use crate::node::{Applied, Node};
+use super::{status, validate};
+use crate::limits::{PAIR_OVERHEAD_BYTES, RESPONSE_OVERHEAD_BYTES};
+use crate::node::{Error, Header, Node};
 use crate::pb::v1 as pb;
 use crate::pb::v1::kv_server::Kv;
-use crate::types::{Command, CommandResponse, KeyValue, Txn, TxnOp, TxnOpResult};
+use crate::types::{Applied, Command, CommandResponse, KeyValue, Txn, TxnOp, TxnOpResult};
 
 pub struct KvService {
     pub node: Arc<Node>,
@@ -26,18 +26,36 @@ fn to_pb(kv: KeyValue) -> pb::KeyValue {
     }
 }
 
+pub fn header(h: Header) -> pb::ResponseHeader {
+    pb::ResponseHeader {
+        node_id: h.node_id,
+        leader_id: h.leader_id,
+        term: h.term,
+        revision: h.revision,
+    }
+}
+
 impl KvService {
-    fn fail(&self, e: ApiError) -> Status {
-        e.into_status(self.node.id)
+    /// The time by which this node answers the call (see `Node::deadline`).
+    fn deadline<T>(&self, request: &Request<T>) -> Instant {
+        self.node
+            .deadline(crate::grpc::timeout_of(request.metadata()))
     }
 
-    /// Brings this node to the freshness a read asked for. Returns the deadline it used.
+    /// The response, or the status that says what went wrong (see `status`).
+    fn reply<T>(&self, result: Result<T, Error>) -> Result<Response<T>, Status> {
+        result
+            .map(Response::new)
+            .map_err(|e| status::of(self.node.id(), e))
+    }
+
+    /// Brings this node to the freshness a read asked for.
     async fn prepare_read(
         &self,
         consistency: i32,
         min_revision: u64,
         deadline: Instant,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), Error> {
         match validate::consistency(consistency)? {
             pb::Consistency::Eventual => {
                 if min_revision > 0 {
@@ -59,9 +77,9 @@ impl KvService {
     /// the sizes of the values it would return as this node sees them now (the larger branch counts).
     /// The values can still grow before the txn applies; then the response is sent anyway, bounded by
     /// the txn's op count times the largest pair, because the txn has already taken effect.
-    fn check_txn_response_size(&self, txn: &Txn) -> Result<(), ApiError> {
-        let limits = &self.node.limits;
-        let branch = |ops: &[TxnOp]| -> Result<usize, ApiError> {
+    fn check_txn_response_size(&self, txn: &Txn) -> Result<(), Error> {
+        let limits = self.node.limits();
+        let branch = |ops: &[TxnOp]| -> Result<usize, Error> {
             let mut total = 0usize;
             for (i, op) in ops.iter().enumerate() {
                 let returned = match op {
@@ -72,7 +90,7 @@ impl KvService {
                     | TxnOp::Delete { key, prev_kv: true } => Some(key),
                     _ => None,
                 };
-                total += validate::RESPONSE_OVERHEAD_BYTES;
+                total += RESPONSE_OVERHEAD_BYTES;
                 let Some(key) = returned else { continue };
                 // A value this txn itself writes earlier may be what a later op returns.
                 let written = ops[..i]
@@ -83,14 +101,14 @@ impl KvService {
                     })
                     .max()
                     .unwrap_or(0);
-                let stored = self.node.sm.get(key)?.map_or(0, |kv| kv.value.len());
-                total += key.len() + stored.max(written) + validate::PAIR_OVERHEAD_BYTES;
+                let stored = self.node.local_get(key)?.map_or(0, |kv| kv.value.len());
+                total += key.len() + stored.max(written) + PAIR_OVERHEAD_BYTES;
             }
             Ok(total)
         };
         let estimate = branch(&txn.success)?.max(branch(&txn.failure)?);
         if estimate > limits.max_response_bytes {
-            return Err(ApiError::TooLarge(format!(
+            return Err(Error::Exhausted(format!(
                 "txn results would be about {estimate} bytes; the limit is {} bytes \
                  (--max-response-bytes); split the txn or read the values with Get or Scan",
                 limits.max_response_bytes
@@ -99,133 +117,74 @@ impl KvService {
         Ok(())
     }
 
-    fn unexpected(&self, applied: &Applied) -> Status {
-        self.fail(ApiError::Internal(format!(
-            "unexpected state-machine response {:?}",
-            applied.response
-        )))
-    }
-}
-
-#[tonic::async_trait]
-impl Kv for KvService {
-    async fn put(
-        &self,
-        request: Request<pb::PutRequest>,
-    ) -> Result<Response<pb::PutResponse>, Status> {
-        let deadline = self.node.deadline(grpc_timeout(request.metadata()));
-        let cmd =
-            validate::put(&self.node.limits, request.into_inner()).map_err(|e| self.fail(e))?;
-        let applied = self
-            .node
-            .write(cmd, deadline, true)
-            .await
-            .map_err(|e| self.fail(e))?;
+    async fn put(&self, req: pb::PutRequest, deadline: Instant) -> Result<pb::PutResponse, Error> {
+        let cmd = validate::put(self.node.limits(), req)?;
+        let applied = self.node.write(cmd, deadline).await?;
         match applied.response {
-            CommandResponse::Put { prev } => Ok(Response::new(pb::PutResponse {
-                header: Some(self.node.header(Some(applied.revision))),
+            CommandResponse::Put { prev } => Ok(pb::PutResponse {
+                header: Some(header(self.node.header(Some(applied.revision)))),
                 prev_kv: prev.map(to_pb),
-            })),
-            _ => Err(self.unexpected(&applied)),
+            }),
+            _ => Err(unexpected(&applied)),
         }
     }
 
-    async fn get(
-        &self,
-        request: Request<pb::GetRequest>,
-    ) -> Result<Response<pb::GetResponse>, Status> {
-        let deadline = self.node.deadline(grpc_timeout(request.metadata()));
-        let req = request.into_inner();
-        validate::key(&self.node.limits, &req.key, "key").map_err(|e| self.fail(e))?;
+    async fn get(&self, req: pb::GetRequest, deadline: Instant) -> Result<pb::GetResponse, Error> {
+        crate::limits::key(self.node.limits(), &req.key, "key")?;
         self.prepare_read(req.consistency, req.min_revision, deadline)
-            .await
-            .map_err(|e| self.fail(e))?;
-        let header = self.node.header(None);
-        let kv = self
-            .node
-            .sm
-            .get(&req.key)
-            .map_err(|e| self.fail(e.into()))?;
-        Ok(Response::new(pb::GetResponse {
+            .await?;
+        let header = header(self.node.header(None));
+        let kv = self.node.local_get(&req.key)?;
+        Ok(pb::GetResponse {
             header: Some(header),
             kv: kv.map(to_pb),
-        }))
+        })
     }
 
     async fn delete(
         &self,
-        request: Request<pb::DeleteRequest>,
-    ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let deadline = self.node.deadline(grpc_timeout(request.metadata()));
-        let cmd =
-            validate::delete(&self.node.limits, request.into_inner()).map_err(|e| self.fail(e))?;
-        let applied = self
-            .node
-            .write(cmd, deadline, true)
-            .await
-            .map_err(|e| self.fail(e))?;
+        req: pb::DeleteRequest,
+        deadline: Instant,
+    ) -> Result<pb::DeleteResponse, Error> {
+        let cmd = validate::delete(self.node.limits(), req)?;
+        let applied = self.node.write(cmd, deadline).await?;
         match applied.response {
-            CommandResponse::Delete { deleted, prev } => Ok(Response::new(pb::DeleteResponse {
-                header: Some(self.node.header(Some(applied.revision))),
+            CommandResponse::Delete { deleted, prev } => Ok(pb::DeleteResponse {
+                header: Some(header(self.node.header(Some(applied.revision)))),
                 deleted,
                 prev_kv: prev.map(to_pb),
-            })),
-            _ => Err(self.unexpected(&applied)),
+            }),
+            _ => Err(unexpected(&applied)),
         }
     }
 
     async fn scan(
         &self,
-        request: Request<pb::ScanRequest>,
-    ) -> Result<Response<pb::ScanResponse>, Status> {
-        let deadline = self.node.deadline(grpc_timeout(request.metadata()));
-        let req = request.into_inner();
-        let limit = validate::scan(&self.node.limits, &req).map_err(|e| self.fail(e))?;
+        req: pb::ScanRequest,
+        deadline: Instant,
+    ) -> Result<pb::ScanResponse, Error> {
+        let limit = validate::scan(self.node.limits(), &req)?;
         self.prepare_read(req.consistency, req.min_revision, deadline)
-            .await
-            .map_err(|e| self.fail(e))?;
-        let header = self.node.header(None);
-        let (kvs, more) = self
-            .node
-            .sm
-            .scan(
-                &req.start,
-                &req.end,
-                limit,
-                self.node
-                    .limits
-                    .max_response_bytes
-                    .saturating_sub(validate::RESPONSE_OVERHEAD_BYTES),
-                validate::PAIR_OVERHEAD_BYTES,
-            )
-            .map_err(|e| self.fail(e.into()))?;
-        Ok(Response::new(pb::ScanResponse {
+            .await?;
+        let header = header(self.node.header(None));
+        let (kvs, more) = self.node.local_scan(&req.start, &req.end, limit)?;
+        Ok(pb::ScanResponse {
             header: Some(header),
             kvs: kvs.into_iter().map(to_pb).collect(),
             more,
-        }))
+        })
     }
 
-    async fn txn(
-        &self,
-        request: Request<pb::TxnRequest>,
-    ) -> Result<Response<pb::TxnResponse>, Status> {
-        let deadline = self.node.deadline(grpc_timeout(request.metadata()));
-        let cmd =
-            validate::txn(&self.node.limits, request.into_inner()).map_err(|e| self.fail(e))?;
+    async fn txn(&self, req: pb::TxnRequest, deadline: Instant) -> Result<pb::TxnResponse, Error> {
+        let cmd = validate::txn(self.node.limits(), req)?;
         if let Command::Txn(txn) = &cmd {
-            self.check_txn_response_size(txn)
-                .map_err(|e| self.fail(e))?;
+            self.check_txn_response_size(txn)?;
         }
-        let applied = self
-            .node
-            .write(cmd, deadline, true)
-            .await
-            .map_err(|e| self.fail(e))?;
+        let applied = self.node.write(cmd, deadline).await?;
         let CommandResponse::Txn { succeeded, results } = &applied.response else {
-            return Err(self.unexpected(&applied));
+            return Err(unexpected(&applied));
         };
-        let header = self.node.header(Some(applied.revision));
+        let header = header(self.node.header(Some(applied.revision)));
         let results = results
             .iter()
             .cloned()
@@ -249,10 +208,60 @@ impl Kv for KvService {
                 }),
             })
             .collect();
-        Ok(Response::new(pb::TxnResponse {
+        Ok(pb::TxnResponse {
             header: Some(header),
             succeeded: *succeeded,
             results,
-        }))
+        })
+    }
+}
+
+fn unexpected(applied: &Applied) -> Error {
+    Error::Internal(format!(
+        "unexpected state-machine response {:?}",
+        applied.response
+    ))
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        let deadline = self.deadline(&request);
+        self.reply(KvService::put(self, request.into_inner(), deadline).await)
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let deadline = self.deadline(&request);
+        self.reply(KvService::get(self, request.into_inner(), deadline).await)
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let deadline = self.deadline(&request);
+        self.reply(KvService::delete(self, request.into_inner(), deadline).await)
+    }
+
+    async fn scan(
+        &self,
+        request: Request<pb::ScanRequest>,
+    ) -> Result<Response<pb::ScanResponse>, Status> {
+        let deadline = self.deadline(&request);
+        self.reply(KvService::scan(self, request.into_inner(), deadline).await)
+    }
+
+    async fn txn(
+        &self,
+        request: Request<pb::TxnRequest>,
+    ) -> Result<Response<pb::TxnResponse>, Status> {
+        let deadline = self.deadline(&request);
+        self.reply(KvService::txn(self, request.into_inner(), deadline).await)
     }
 }

@@ -1,34 +1,29 @@
-//! The public gRPC surface: `raftkv.v1.KV`, `raftkv.v1.Cluster`, health and reflection. Node-to-node
-//! Raft traffic has a port of its own (`network::server`), so nothing here can reach it.
+//! The public gRPC surface: `raftkv.v1.KV`, `raftkv.v1.Cluster`, health and reflection, and the
+//! layers every public call passes. Node-to-node traffic has a port of its own (`network`,
+//! `node::forward`), so nothing here can reach it. Failures become gRPC statuses in one place,
+//! [`status`].
 
 pub mod cluster;
-pub mod error;
 mod health;
 pub mod kv;
+pub mod status;
 pub mod validate;
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tonic::metadata::MetadataMap;
+use tonic::service::Routes;
 
-use crate::listener::{ConnectionLimits, limited_incoming};
 use crate::node::Node;
 use crate::pb;
 use crate::types::NodeId;
-use error::ApiError;
 
-/// Serves every service until the listener fails or the caller drops the future (how a node stops:
-/// see server.rs).
-pub async fn serve(
+/// Every public service of one node, as routes for server.rs to mount, and the health probe that must
+/// run for as long as they are served (drop it with the server).
+pub async fn services(
     node: Arc<Node>,
-    listener: TcpListener,
-    connections: ConnectionLimits,
-    max_concurrent_streams: u32,
-    tls: Option<Arc<crate::tls::ServerTls>>,
-) -> anyhow::Result<()> {
-    let max_request = node.limits.max_request_bytes;
+) -> anyhow::Result<(Routes, impl Future<Output = ()> + Send)> {
+    let max_request = node.limits().max_request_bytes;
     let kv = pb::v1::kv_server::KvServer::new(kv::KvService { node: node.clone() })
         .max_decoding_message_size(max_request)
         .max_encoding_message_size(usize::MAX);
@@ -49,26 +44,12 @@ pub async fn serve(
         .with_service_name("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()?;
 
-    let incoming = limited_incoming(listener, connections, "public", tls);
-    // A JoinSet aborts its tasks when dropped: the probe stops with the server, also when the server's
-    // future is dropped rather than finished (as server.rs does on a signal or a fatal error).
-    let mut background = tokio::task::JoinSet::new();
-    background.spawn(health::keep_reporting(node.clone(), health_reporter));
-    let served = crate::listener::bounded_server(max_concurrent_streams)
-        .layer(AnswerByDeadlineLayer { node_id: node.id })
-        .layer(tower::util::MapResponseLayer::new(
-            oversize_is_resource_exhausted,
-        ))
-        .add_service(kv)
+    let routes = Routes::new(kv)
         .add_service(cluster)
         .add_service(health)
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .serve_with_incoming(incoming)
-        .await;
-    background.abort_all();
-    served?;
-    Ok(())
+        .add_service(reflection_v1alpha);
+    Ok((routes, health::keep_reporting(node, health_reporter)))
 }
 
 /// Reflection lists the public services only. The node-to-node Raft service shares the descriptor
@@ -90,7 +71,7 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 /// tonic rejects a message over the size limit with OUT_OF_RANGE; gRPC's convention (and what etcd
 /// clients expect) is RESOURCE_EXHAUSTED. The rejection happens before any handler runs, so it is
 /// rewritten on the way out.
-fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+pub fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
     let is_out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
     let is_size = headers
@@ -112,8 +93,14 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
 /// stopped or starved). It wins the race with tonic's timer: tonic calls it before starting that
 /// timer, so its deadline is no later, and tonic polls the service before its timer.
 #[derive(Clone, Copy)]
-struct AnswerByDeadlineLayer {
+pub struct AnswerByDeadlineLayer {
     node_id: NodeId,
+}
+
+impl AnswerByDeadlineLayer {
+    pub fn new(node_id: NodeId) -> Self {
+        AnswerByDeadlineLayer { node_id }
+    }
 }
 
 impl<S> tower::Layer<S> for AnswerByDeadlineLayer {
@@ -128,7 +115,7 @@ impl<S> tower::Layer<S> for AnswerByDeadlineLayer {
 }
 
 #[derive(Clone)]
-struct AnswerByDeadline<S> {
+pub struct AnswerByDeadline<S> {
     inner: S,
     node_id: NodeId,
 }
@@ -151,11 +138,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let timeout = request
-            .headers()
-            .get(GRPC_TIMEOUT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
+        let timeout = crate::grpc::timeout_in(request.headers());
         let Some(timeout) = timeout else {
             return Box::pin(self.inner.call(request));
         };
@@ -165,60 +148,23 @@ where
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, answer).await {
                 Ok(response) => response,
-                Err(_) => Ok(ApiError::DeadlineExceeded(format!(
-                    "the request's deadline ({timeout:?}) passed before node {node_id} could answer"
-                ))
-                .into_status(node_id)
+                Err(_) => Ok(status::of(
+                    node_id,
+                    crate::node::Error::Deadline(format!(
+                        "the request's deadline ({timeout:?}) passed before node {node_id} could answer"
+                    )),
+                )
                 .into_http()),
             }
         })
     }
 }
 
-const GRPC_TIMEOUT_HEADER: &str = "grpc-timeout";
-
-/// The client's deadline from the `grpc-timeout` header (e.g. `500m`, `5S`), if it sent one.
-pub fn grpc_timeout(metadata: &MetadataMap) -> Option<Duration> {
-    parse_grpc_timeout(metadata.get(GRPC_TIMEOUT_HEADER)?.to_str().ok()?)
-}
-
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    if value.len() < 2 {
-        return None;
-    }
-    let (digits, unit) = value.split_at(value.len() - 1);
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
 
-    #[test]
-    fn parses_grpc_timeouts() {
-        let mut md = MetadataMap::new();
-        assert_eq!(grpc_timeout(&md), None);
-        for (v, want) in [
-            ("500m", Duration::from_millis(500)),
-            ("5S", Duration::from_secs(5)),
-            ("2M", Duration::from_secs(120)),
-            ("100u", Duration::from_micros(100)),
-        ] {
-            md.insert("grpc-timeout", v.parse().unwrap());
-            assert_eq!(grpc_timeout(&md), Some(want), "{v}");
-        }
-        md.insert("grpc-timeout", "5x".parse().unwrap());
-        assert_eq!(grpc_timeout(&md), None);
-    }
+    use super::*;
 
     /// A handler that has not answered by the client's deadline: DEADLINE_EXCEEDED from the node.
     /// One that answers in time, or a call without a deadline, passes through untouched.

@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 
 use super::checker::{self, RegOp};
 use super::history::{History, OpRecord, Outcome};
-use crate::api::error::{NODE_ID_HEADER, certainly_not_proposed};
+use crate::api::status::{NODE_ID_HEADER, certainly_not_proposed};
 use crate::pb::v1 as pb;
 use crate::pb::v1::kv_client::KvClient;
 

@@ -23,7 +23,7 @@ use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{
     NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2, stream_append_sequential};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
     TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
@@ -38,13 +38,12 @@ use super::backoff::PeerHealth;
 use super::{PeerChannels, PeerRpc, Purpose, SNAPSHOT_CHUNK_BYTES};
 use crate::codec;
 use crate::pb::internal::{Payload, SnapshotChunk};
+use crate::sync::lock;
 use crate::types::{Member, NodeId, Snapshot, SnapshotData, TypeConfig, Vote};
 
 pub struct NetworkFactory {
     pub id: NodeId,
     pub channels: PeerChannels,
-    /// `--dial` overrides of membership addresses.
-    pub routes: std::sync::Arc<std::collections::BTreeMap<NodeId, String>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -61,7 +60,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
 impl NetworkFactory {
     fn client(&self, target: NodeId, node: &Member, purpose: Purpose) -> PeerClient {
-        let addr = self.routes.get(&target).unwrap_or(&node.peer_addr);
+        let addr = self.channels.route(target, &node.peer_addr);
         let connect = |purpose| {
             self.channels
                 .client(addr, purpose)
@@ -72,7 +71,6 @@ impl NetworkFactory {
             target,
             client: connect(purpose),
             streams: connect(Purpose::Replication),
-            unary_until: None,
             health: self.channels.health(addr),
         }
     }
@@ -86,20 +84,13 @@ pub struct PeerClient {
     /// Replication streams, on a connection of their own: a follower that stops reading leaves its
     /// stream's data filling the HTTP/2 connection window, which must not stall votes.
     streams: Result<PeerRpc, String>,
-    /// Set when the peer answers `StreamAppend` with UNIMPLEMENTED (a binary from before it existed,
-    /// mid rolling upgrade): until then, replication to it goes one unary call at a time.
-    unary_until: Option<Instant>,
     /// Shared with every other client of the same peer (heartbeats, replication, snapshots).
     health: Arc<PeerHealth>,
 }
 
-/// How long a peer without `StreamAppend` is replicated to with unary calls before streaming is
-/// tried again (it may have been upgraded meanwhile).
-const UNARY_FALLBACK: Duration = Duration::from_secs(60);
-
 /// Requests sent and not yet answered on one replication stream. It bounds what a follower that stops
 /// reading leaves buffered, and matches the queue openraft keeps on the receiving side.
-const MAX_IN_FLIGHT: usize = 64;
+const MAX_APPENDS_IN_FLIGHT: usize = 64;
 
 impl PeerClient {
     fn client(&self) -> Result<PeerRpc, RPCError<TypeConfig>> {
@@ -132,7 +123,7 @@ impl PeerClient {
         S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
         let sent = Arc::new(Mutex::new(VecDeque::new()));
-        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let in_flight = Arc::new(Semaphore::new(MAX_APPENDS_IN_FLIGHT));
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let pump = AbortOnDrop(tokio::spawn(pump(
             input,
@@ -157,14 +148,6 @@ impl PeerClient {
             })?;
         let inbound = match opened {
             Ok(response) => response.into_inner(),
-            Err(status) if status.code() == tonic::Code::Unimplemented => {
-                tracing::info!(
-                    peer = self.target,
-                    "peer has no StreamAppend; replicating to it one call at a time for a while"
-                );
-                self.unary_until = Some(Instant::now() + UNARY_FALLBACK);
-                return Err(RPCError::Network(NetworkError::new(&status)));
-            }
             Err(status) => return Err(self.status_to_error(RPCTypes::AppendEntries, ttl, status)),
         };
         Ok(Answers {
@@ -225,11 +208,7 @@ fn status_to_error(
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Moves openraft's requests onto the wire, at most [`MAX_IN_FLIGHT`] unanswered at a time, noting
+/// Moves openraft's requests onto the wire, at most [`MAX_APPENDS_IN_FLIGHT`] unanswered at a time, noting
 /// when each was handed over so its answer can be timed.
 async fn pump<S>(
     mut input: S,
@@ -403,9 +382,6 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             + Unpin
             + 'static,
     {
-        if self.unary_until.is_some_and(|until| Instant::now() < until) {
-            return stream_append_sequential(self, input, option);
-        }
         Box::pin(async move {
             // Also how heartbeats to a dead peer are kept cheap: openraft's heartbeat worker gives
             // up after one interval, usually while it is still waiting here.
@@ -421,10 +397,6 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             let opened = self.open_append_stream(input, option.soft_ttl()).await;
             match &opened {
                 Ok(_) => attempt.succeeded(),
-                // It answered UNIMPLEMENTED (see `open_append_stream`): there, only older.
-                Err(_) if self.unary_until.is_some_and(|until| Instant::now() < until) => {
-                    attempt.succeeded()
-                }
                 Err(e) => attempt.failed(e),
             }
             let answers = opened?;

@@ -16,12 +16,16 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use crate::sync::lock;
 use crate::types::{Member, NodeId};
 
 /// The metadata key of the sender's cluster id (16 hex digits).
@@ -106,6 +110,114 @@ pub fn sender(metadata: &MetadataMap, cluster: ClusterId) -> Result<NodeId, Iden
         });
     }
     from.parse().map_err(|_| IdentityError::Missing)
+}
+
+/// The sender of a peer request, as its metadata names it (see `identity`), once its cluster checked.
+#[derive(Clone, Copy)]
+struct PeerSender(NodeId);
+
+/// Refuses requests from another cluster, or that do not say where they come from, before their
+/// bodies are read; tags the rest with their sender.
+#[derive(Clone)]
+pub struct Identify {
+    cluster: ClusterId,
+    refusals: Arc<Refusals>,
+}
+
+impl Identify {
+    pub fn new(cluster: ClusterId, refusals: Arc<Refusals>) -> Self {
+        Identify { cluster, refusals }
+    }
+}
+
+impl Interceptor for Identify {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        match sender(request.metadata(), self.cluster) {
+            Ok(from) => {
+                if let Some(certified) = certified_node(&request)
+                    && certified != from
+                {
+                    // A member's certificate used to speak in another member's name.
+                    self.refusals
+                        .note("any", from, "sender differs from its certificate");
+                    return Err(Status::permission_denied(format!(
+                        "the request claims node {from}, its TLS certificate is node {certified}'s"
+                    )));
+                }
+                request.extensions_mut().insert(PeerSender(from));
+                Ok(request)
+            }
+            Err(e) => {
+                let why = match e {
+                    IdentityError::Missing => "no cluster id or sender",
+                    IdentityError::OtherCluster { .. } => "another cluster",
+                };
+                // The claimed sender, for the log line only (0: none that parses).
+                let claimed = request
+                    .metadata()
+                    .get(FROM_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                self.refusals.note("any", claimed, why);
+                Err(Status::failed_precondition(e.to_string()))
+            }
+        }
+    }
+}
+
+/// The node id in the certificate the peer showed (peer TLS, a certificate from `raftkv certs`).
+/// None without TLS or for a certificate that names no node: the CA check alone then applies.
+fn certified_node(request: &Request<()>) -> Option<NodeId> {
+    let info = request
+        .extensions()
+        .get::<crate::listener::ConnectionInfo>()?;
+    crate::tls::node_id_of(info.peer_certs.as_ref()?.first()?)
+}
+
+/// The sender `Identify` found. Every request passed it, so a missing tag is a bug, refused all the same.
+pub fn sent_by<T>(request: &Request<T>) -> Result<NodeId, Status> {
+    request
+        .extensions()
+        .get::<PeerSender>()
+        .map(|f| f.0)
+        .ok_or_else(|| Status::internal("peer request without a checked sender"))
+}
+
+/// How often a burst of refused peer messages is logged.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts refused peer messages and logs them at most once per [`REFUSAL_LOG_EVERY`], so a flood of
+/// forgeries costs a log line a second, not one per message. Hand-written: a rate limiter crate
+/// (governor) would drop the suppressed events rather than count them.
+#[derive(Default)]
+pub struct Refusals {
+    total: AtomicU64,
+    window: std::sync::Mutex<Option<(Instant, u64)>>,
+}
+
+impl Refusals {
+    pub fn note(&self, rpc: &'static str, from: NodeId, reason: &str) {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut window = lock(&self.window);
+        let now = Instant::now();
+        match window.as_mut() {
+            Some((since, count)) if now.duration_since(*since) < REFUSAL_LOG_EVERY => *count += 1,
+            _ => {
+                let since_last = window.map_or(1, |(_, count)| count + 1);
+                *window = Some((now, 0));
+                drop(window);
+                tracing::warn!(
+                    rpc,
+                    from,
+                    reason,
+                    refused_since_last_line = since_last,
+                    refused_total = total,
+                    "refused a peer message"
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

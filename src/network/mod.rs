@@ -1,7 +1,7 @@
-//! Raft traffic between nodes over tonic: [`client`] is openraft's side (it calls peers), [`server`]
-//! answers peers on the peer listener (`--peer-listen`), a port of its own: the public port never
-//! serves it, so a client can neither call it nor crowd it out. [`identity`] is what every peer
-//! request says about where it comes from.
+//! openraft's transport over tonic: [`client`] is openraft's side (it calls peers), [`server`] answers
+//! peers on the peer listener (`--peer-listen`), a port of its own: the public port never serves it,
+//! so a client can neither call it nor crowd it out. [`identity`] is what every peer request says about
+//! where it comes from. The channels here also carry the node's forwarding (`node::forward`).
 
 pub mod backoff;
 pub mod client;
@@ -10,20 +10,20 @@ pub mod server;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use crate::limits::MAX_PEER_MESSAGE_BYTES;
+use crate::pb::internal::forward_client::ForwardClient;
 use crate::pb::internal::raft_client::RaftClient;
+use crate::sync::lock;
+use crate::types::NodeId;
 use backoff::PeerHealth;
 use identity::PeerIdentity;
-
-/// Largest node-to-node message. It bounds an AppendEntries batch: `max_payload_entries` is derived
-/// from it and the largest client request, so a full batch always fits.
-pub const MAX_PEER_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
 /// The data in one InstallSnapshot chunk; a receiver refuses larger ones.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
@@ -40,10 +40,15 @@ pub struct PeerChannels {
     identity: PeerIdentity,
     /// With peer TLS: peers are dialed over https and shown this node's certificate.
     tls: Option<ClientTlsConfig>,
+    /// `--dial` overrides: where to reach a peer when it is not at its membership peer address (the
+    /// fault harness routes each link through a proxy of its own).
+    routes: Arc<BTreeMap<NodeId, String>>,
 }
 
 /// A client of a peer's Raft service whose every request carries this node's [`PeerIdentity`].
 pub type PeerRpc = RaftClient<InterceptedService<Channel, PeerIdentity>>;
+/// A client of a peer's Forward service (see `node::forward`), identified the same way.
+pub type ForwardRpc = ForwardClient<InterceptedService<Channel, PeerIdentity>>;
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Purpose {
@@ -52,18 +57,28 @@ pub enum Purpose {
     Replication,
     Snapshot,
     /// Forwarded client writes and read-index requests.
-    Client,
+    Forward,
 }
 
 impl PeerChannels {
     /// `tls`: dial peers over TLS with this configuration (peer TLS), else in plaintext.
-    pub fn new(identity: PeerIdentity, tls: Option<ClientTlsConfig>) -> Self {
+    pub fn new(
+        identity: PeerIdentity,
+        tls: Option<ClientTlsConfig>,
+        routes: BTreeMap<NodeId, String>,
+    ) -> Self {
         PeerChannels {
             channels: Arc::default(),
             health: Arc::default(),
             identity,
             tls,
+            routes: Arc::new(routes),
         }
+    }
+
+    /// Where to dial `peer`, whose membership records `peer_addr`.
+    pub fn route<'a>(&'a self, peer: NodeId, peer_addr: &'a str) -> &'a str {
+        self.routes.get(&peer).map_or(peer_addr, String::as_str)
     }
 
     /// A Raft client on the shared channel for `addr` and `purpose`.
@@ -74,20 +89,26 @@ impl PeerChannels {
             .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES))
     }
 
+    /// A Forward client on the shared forwarding channel for `addr`.
+    pub fn forward_client(&self, addr: &str) -> Result<ForwardRpc, tonic::transport::Error> {
+        let channel = self.get(addr, Purpose::Forward)?;
+        Ok(
+            ForwardClient::with_interceptor(channel, self.identity.clone())
+                .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES),
+        )
+    }
+
     pub fn health(&self, addr: &str) -> Arc<PeerHealth> {
-        let mut map = self
-            .health
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        map.entry(addr.to_string()).or_default().clone()
+        lock(&self.health)
+            .entry(addr.to_string())
+            .or_default()
+            .clone()
     }
 
     fn get(&self, addr: &str, purpose: Purpose) -> Result<Channel, tonic::transport::Error> {
         let key = (addr.to_string(), purpose);
-        let mut map = self
-            .channels
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut map = lock(&self.channels);
         if let Some(ch) = map.get(&key) {
             return Ok(ch.clone());
         }
@@ -122,4 +143,22 @@ pub fn endpoint(
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+/// True when a failed peer call certainly never reached the peer's handler, so the request in it was
+/// certainly not acted on: the connection could not be made.
+// TODO(client crate): typed rule from the transport error's source chain.
+pub fn certainly_not_sent(status: &tonic::Status) -> bool {
+    if status.code() != tonic::Code::Unavailable {
+        return false;
+    }
+    let text = format!("{status:?}").to_ascii_lowercase();
+    [
+        "tcp connect error",
+        "error trying to connect",
+        "connection refused",
+        "client error (connect)",
+    ]
+    .iter()
+    .any(|p| text.contains(p))
 }

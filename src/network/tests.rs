@@ -1,7 +1,6 @@
 //! The replication stream's client against peers that misbehave in ways a healthy raftkv never does:
-//! one that stops answering (a paused process), one that stops reading, one that hangs up early, and
-//! one from before `StreamAppend` existed (a rolling upgrade). Each test serves a stand-in peer on a
-//! loopback port.
+//! one that stops answering (a paused process), one that stops reading, and one that hangs up early.
+//! Each test serves a stand-in peer on a loopback port.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,10 +18,7 @@ use super::PeerChannels;
 use super::client::{NetworkFactory, PeerClient};
 use crate::codec;
 use crate::pb::internal::raft_server::{Raft as RaftRpc, RaftServer};
-use crate::pb::internal::{
-    Payload, ProposeBatchRequest, ProposeBatchResponse, ReadIndexRequest, ReadIndexResponse,
-    SnapshotChunk,
-};
+use crate::pb::internal::{Payload, SnapshotChunk};
 use crate::types::{LogId, TypeConfig, Vote};
 
 #[derive(Clone, Copy)]
@@ -33,8 +29,6 @@ enum Peer {
     Deaf,
     /// Reads the first request, then ends the stream without answering it.
     Quitter,
-    /// Knows only the unary AppendEntries, which it accepts.
-    Old,
 }
 
 fn not_here<T>() -> Result<T, Status> {
@@ -56,7 +50,6 @@ impl RaftRpc for Peer {
         request: Request<Streaming<Payload>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
         match self {
-            Peer::Old => not_here(),
             Peer::Deaf => {
                 let unread = request.into_inner();
                 let never = futures::stream::pending().map(move |answer| {
@@ -98,27 +91,6 @@ impl RaftRpc for Peer {
     ) -> Result<Response<Payload>, Status> {
         not_here()
     }
-
-    async fn read_index(
-        &self,
-        _: Request<ReadIndexRequest>,
-    ) -> Result<Response<ReadIndexResponse>, Status> {
-        not_here()
-    }
-
-    async fn write_blank(
-        &self,
-        _: Request<ReadIndexRequest>,
-    ) -> Result<Response<ReadIndexResponse>, Status> {
-        not_here()
-    }
-
-    async fn propose_batch(
-        &self,
-        _: Request<ProposeBatchRequest>,
-    ) -> Result<Response<ProposeBatchResponse>, Status> {
-        not_here()
-    }
 }
 
 /// Serves `peer` on a free loopback port and returns a client of it, as node 1 would hold for node 2.
@@ -138,8 +110,8 @@ async fn client_of(peer: Peer) -> PeerClient {
                 node: 1,
             },
             None,
+            Default::default(),
         ),
-        routes: Default::default(),
     };
     factory
         .new_client(2, &crate::types::Member::new("unused", addr))
@@ -186,32 +158,6 @@ async fn an_unanswered_replication_stream_times_out() {
         answers.next().await.is_none(),
         "the stream ends after the timeout"
     );
-}
-
-#[tokio::test]
-async fn a_peer_without_stream_append_is_replicated_one_call_at_a_time() {
-    let mut client = client_of(Peer::Old).await;
-    let option = RPCOption::new(Duration::from_secs(1));
-    let refused = client
-        .stream_append(one_request(), option.clone())
-        .await
-        .err();
-    assert!(
-        matches!(refused, Some(RPCError::Network(_))),
-        "the first session fails, so openraft starts another: {refused:?}"
-    );
-    let mut answers = client
-        .stream_append(one_request(), option)
-        .await
-        .expect("the next session uses unary calls");
-    let answer = tokio::time::timeout(Duration::from_secs(5), answers.next())
-        .await
-        .expect("the unary call is answered");
-    let matched = match answer {
-        Some(Ok(Ok(matched))) => matched,
-        other => panic!("expected the follower to match the request, got {other:?}"),
-    };
-    assert_eq!(matched, heartbeat().prev_log_id);
 }
 
 /// Sets its flag when dropped, to tell when openraft's request generator is let go.

@@ -37,6 +37,10 @@ pub use integrity::Integrity;
 pub use log::LogStore;
 pub use state_machine::StateMachineStore;
 
+/// The Raft handle over this store. Named here, where the state machine type is, so the model types
+/// (`types`) stay free of storage.
+pub type Raft = openraft::Raft<crate::types::TypeConfig, StateMachineStore>;
+
 use crate::types::NodeId;
 
 pub(crate) const NODE_ID_KEY: &[u8] = b"node_id";

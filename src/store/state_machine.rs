@@ -466,7 +466,7 @@ impl StateMachineStore {
         while let Some((entry, responder)) = entries.try_next().await? {
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::None,
-                EntryPayload::Normal(cmd) => match crate::api::validate::applicable(&cmd) {
+                EntryPayload::Normal(cmd) => match crate::limits::applicable(&cmd) {
                     Ok(()) => execute(cmd, entry.log_id.index, &mut view)?,
                     // Every replica decides the same (the rules are fixed), so skipping keeps them
                     // identical; the entry stays in the log and counts as applied.

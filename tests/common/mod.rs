@@ -17,6 +17,9 @@ use tonic::codegen::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig};
 
 pub type PeerRpc = RaftClient<InterceptedService<Channel, raftkv::network::identity::PeerIdentity>>;
+pub type ForwardRpc = raftkv::pb::internal::forward_client::ForwardClient<
+    InterceptedService<Channel, raftkv::network::identity::PeerIdentity>,
+>;
 
 pub struct Node {
     pub id: u64,
@@ -194,6 +197,17 @@ impl Cluster {
     pub fn peer_client_on(&self, channel: Channel, from: u64) -> PeerRpc {
         RaftClient::with_interceptor(
             channel,
+            raftkv::network::identity::PeerIdentity {
+                cluster: self.cluster_id(),
+                node: from,
+            },
+        )
+    }
+
+    /// A client of node `id`'s Forward service (forwarded writes, read index) in node `from`'s name.
+    pub fn forward_client(&self, id: u64, from: u64) -> ForwardRpc {
+        raftkv::pb::internal::forward_client::ForwardClient::with_interceptor(
+            channel(&self.peer_addr(id)),
             raftkv::network::identity::PeerIdentity {
                 cluster: self.cluster_id(),
                 node: from,

@@ -1,0 +1,104 @@
+//! The one table from raftkv's failures to gRPC statuses, for every public call.
+//!
+//! The status code tells a client what it may do next: `UNAVAILABLE` means the request was not
+//! proposed and is safe to retry anywhere (the `raftkv-leader-*` headers say where); `UNKNOWN` and
+//! `DEADLINE_EXCEEDED` on a write mean it may or may not have been applied. Every status raftkv itself
+//! produces carries `raftkv-node-id`, so a client can tell a node's considered answer from a transport
+//! failure.
+
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
+
+use crate::limits::Invalid;
+use crate::node::Error;
+use crate::types::NodeId;
+
+pub const NODE_ID_HEADER: &str = "raftkv-node-id";
+pub const LEADER_ID_HEADER: &str = "raftkv-leader-id";
+pub const LEADER_ADDR_HEADER: &str = "raftkv-leader-addr";
+
+/// The status node `node_id` answers with for `e`.
+pub fn of(node_id: NodeId, e: Error) -> Status {
+    let code = match &e {
+        Error::NotLeader { .. } | Error::Stopped(_) => Code::Unavailable,
+        Error::MaybeApplied(_) => Code::Unknown,
+        Error::Deadline(_) => Code::DeadlineExceeded,
+        Error::Invalid(_) => Code::InvalidArgument,
+        Error::Exhausted(_) => Code::ResourceExhausted,
+        Error::Storage(_) | Error::Internal(_) => Code::Internal,
+    };
+    let mut status = Status::new(code, e.to_string());
+    let md = status.metadata_mut();
+    md.insert(NODE_ID_HEADER, MetadataValue::from(node_id));
+    if let Error::NotLeader { hint, .. } = &e {
+        if let Some(id) = hint.id {
+            md.insert(LEADER_ID_HEADER, MetadataValue::from(id));
+        }
+        if let Some(addr) = hint.addr.as_deref().and_then(|a| a.parse().ok()) {
+            md.insert(LEADER_ADDR_HEADER, addr);
+        }
+    }
+    status
+}
+
+/// A request the API refused before it reached the node.
+pub fn invalid(node_id: NodeId, e: Invalid) -> Status {
+    of(node_id, e.into())
+}
+
+/// True when a status is a raftkv node's own `UNAVAILABLE` or the request never reached a server, i.e.
+/// it was certainly not proposed. Anything else from a write leaves its fate unknown.
+pub fn certainly_not_proposed(status: &Status) -> bool {
+    if status.code() != Code::Unavailable {
+        return false;
+    }
+    status.metadata().contains_key(NODE_ID_HEADER) || crate::network::certainly_not_sent(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::LeaderHint;
+
+    /// Each kind of failure keeps the code clients already act on.
+    #[test]
+    fn every_failure_has_its_code() {
+        let hint = LeaderHint {
+            id: Some(3),
+            addr: Some("127.0.0.1:7003".into()),
+        };
+        for (e, code) in [
+            (
+                Error::not_leader("not the leader", hint.clone()),
+                Code::Unavailable,
+            ),
+            (Error::Stopped("fatal".into()), Code::Unavailable),
+            (Error::MaybeApplied("?".into()), Code::Unknown),
+            (Error::Deadline("late".into()), Code::DeadlineExceeded),
+            (Error::Invalid("bad".into()), Code::InvalidArgument),
+            (Error::Exhausted("full".into()), Code::ResourceExhausted),
+            (Error::Storage("disk".into()), Code::Internal),
+            (Error::Internal("bug".into()), Code::Internal),
+        ] {
+            let status = of(2, e.clone());
+            assert_eq!(status.code(), code, "{e:?}");
+            assert_eq!(status.metadata().get(NODE_ID_HEADER).unwrap(), "2");
+        }
+        let refused = of(2, Error::not_leader("not the leader", hint));
+        assert_eq!(refused.metadata().get(LEADER_ID_HEADER).unwrap(), "3");
+        assert_eq!(
+            refused.metadata().get(LEADER_ADDR_HEADER).unwrap(),
+            "127.0.0.1:7003"
+        );
+        assert!(refused.message().contains("node 3 at 127.0.0.1:7003"));
+        assert!(certainly_not_proposed(&refused));
+        assert!(!certainly_not_proposed(&of(
+            2,
+            Error::MaybeApplied("?".into())
+        )));
+        // Not raftkv's own verdict and not a connect failure: unknown.
+        assert!(!certainly_not_proposed(&Status::unavailable(
+            "connection reset"
+        )));
+    }
+}

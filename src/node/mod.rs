@@ -1,0 +1,486 @@
+//! A running raftkv node: the Raft handle and the operations the API is built from.
+//!
+//! Writes and strong reads need the leader's authority; this module finds it. A follower forwards a write
+//! to the leader (one hop: the leader never forwards again) and asks the leader for a read index before a
+//! strong read. While there is no leader, or the one it knew is unreachable, a request waits for the
+//! next leader until its deadline, so clients ride through a failover instead of seeing errors.
+//!
+//! - [`write`]: where a write goes (propose here, forward, or wait for a leader) and what its failure
+//!   means;
+//! - [`forward`]: the follower's batches of forwarded writes and read-index requests, and the leader's
+//!   answers to them;
+//! - [`read`]: linearizable reads (read index, here or at the leader) and waiting for an applied revision;
+//! - [`vote_hold`]: refusing votes for a while after a start;
+//! - [`error`]: what a caller may do after a failure.
+
+pub mod error;
+pub mod forward;
+mod read;
+pub mod vote_hold;
+mod write;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::error::{InitializeError, RaftError};
+use openraft::{LinearizerOption, ServerState};
+use tokio::time::Instant;
+
+use crate::config::ServerArgs;
+use crate::limits::Limits;
+use crate::network::PeerChannels;
+use crate::network::client::NetworkFactory;
+use crate::network::identity::{ClusterId, PeerIdentity};
+use crate::store::{self, Integrity, Raft, StateMachineStore};
+use crate::types::{KeyValue, Member, NodeId, TypeConfig};
+pub use error::{Error, LeaderHint};
+use forward::Forwarder;
+use read::{ApplyWaiters, ReadIndexRounds};
+pub use vote_hold::VoteHold;
+
+/// How long a start waits for the replay of the committed log before serving anyway (with a WARN).
+const MAX_REPLAY_WAIT: Duration = Duration::from_secs(60);
+
+pub struct Node {
+    id: NodeId,
+    /// The cluster this node belongs to; peer requests from any other are refused.
+    cluster: ClusterId,
+    raft: Raft,
+    sm: StateMachineStore,
+    channels: PeerChannels,
+    limits: Limits,
+    request_timeout: Duration,
+    /// `--max-snapshot-bytes`: the most an InstallSnapshot may make this node buffer.
+    max_snapshot_bytes: usize,
+    /// The initial voters' addresses: a node that has not yet received the membership (a fresh or
+    /// wiped one) still knows where its peers are.
+    peers: BTreeMap<NodeId, Member>,
+    /// Strong reads on a follower waiting for a read index from the leader.
+    read_rounds: Arc<ReadIndexRounds>,
+    /// Reads waiting for this node to apply a revision.
+    apply_waiters: Arc<ApplyWaiters>,
+    /// Writes on a follower on their way to the leader, sent in batches.
+    forwarder: Forwarder,
+    /// How this leader confirms it still leads before a strong read: a quorum acknowledgement younger
+    /// than the read lease, or a fresh heartbeat round (see `ServerArgs::read_lease`).
+    read_option: LinearizerOption,
+    vote_hold: VoteHold,
+    /// Reads the whole store in the background while the node lives (see `store::integrity`).
+    _scrubber: Option<store::integrity::Scrubber>,
+}
+
+/// What a response header reports: who answered, who it thinks leads, and the revision the answer
+/// reflects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub node_id: NodeId,
+    pub leader_id: NodeId,
+    pub term: u64,
+    pub revision: u64,
+}
+
+/// What an operator sees of one node (`Cluster/Status`).
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub header: Header,
+    pub role: &'static str,
+    pub leader_addr: Option<String>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub snapshot_index: u64,
+    pub first_log_index: u64,
+    pub voters: Vec<(NodeId, Member)>,
+    pub cluster: ClusterId,
+}
+
+/// What this node currently knows about leadership, read once from the metrics.
+struct View {
+    leader: Option<NodeId>,
+    /// The leader's client address, for hints to clients.
+    leader_addr: Option<String>,
+    /// Where this node itself reaches the leader (see `PeerChannels::route`).
+    leader_dial: Option<String>,
+}
+
+impl Node {
+    /// Opens storage, starts Raft and, on a fresh data directory, bootstraps the cluster from `--peers`.
+    pub async fn start(args: &ServerArgs) -> anyhow::Result<Arc<Node>> {
+        let read_lease = args.read_lease()?;
+        let vote_hold = VoteHold::from_now(Duration::from_millis(args.election_max_ms));
+        let mut config = args.raft_config()?;
+        // No campaign of its own during the hold either: a node's vote for itself never passes through
+        // `vote_held`. Turned on by `end_vote_hold`. A TransferLeader from the current leader still
+        // makes it campaign: only that leader's own lease could count on this node, and it is the one
+        // giving up (raftkv itself no longer sends one).
+        config.enable_elect = false;
+        let config = Arc::new(config);
+        std::fs::create_dir_all(&args.data_dir)?;
+        let (log, sm) = store::open(&args.data_dir, args.id)?;
+        let scrubber = store::integrity::Scrubber::start(
+            sm.db().clone(),
+            sm.integrity().clone(),
+            args.scrub_bytes_per_sec,
+            Duration::from_secs(args.scrub_interval_secs),
+        )?;
+        let derived = ClusterId::derive(&args.cluster_token, &args.peers);
+        let cluster = ClusterId(store::cluster_id(sm.db(), derived.0)?);
+        if cluster != derived {
+            // Expected after a membership change; worth a line when it is a different --peers or token.
+            tracing::info!(%cluster, from_flags = %derived, "using the cluster id stored at the first start");
+        }
+        let channels = PeerChannels::new(
+            PeerIdentity {
+                cluster,
+                node: args.id,
+            },
+            args.peer_tls()?.map(|tls| tls.client),
+            args.dial.clone().unwrap_or_default(),
+        );
+        let network = NetworkFactory {
+            id: args.id,
+            channels: channels.clone(),
+        };
+        // Where openraft's replay of the committed log will reach (see `store::state_machine`).
+        let replay_to = {
+            use openraft::storage::RaftLogStorage;
+            log.clone().read_committed().await?
+        };
+        let raft = Raft::new(args.id, config, network, log, sm.clone()).await?;
+        // Not served before the replay: an eventual read would otherwise see this node go back in
+        // time after a crash, to its last snapshot, for as long as the replay takes.
+        if let Some(to) = replay_to {
+            let wait = raft.wait(Some(MAX_REPLAY_WAIT));
+            if let Err(e) = wait.applied_index_at_least(Some(to.index), "replay").await {
+                tracing::warn!(error = %e, to = to.index, "serving before the committed log is replayed");
+            }
+        }
+        let node = Arc::new(Node {
+            id: args.id,
+            cluster,
+            raft,
+            sm,
+            channels: channels.clone(),
+            limits: args.limits(),
+            request_timeout: args.request_timeout(),
+            max_snapshot_bytes: args.max_snapshot_bytes,
+            peers: args.peers.clone(),
+            read_rounds: Arc::new(ReadIndexRounds::new(args.max_apply_waiters)),
+            apply_waiters: Arc::new(ApplyWaiters::new(args.max_apply_waiters)),
+            forwarder: Forwarder::start(channels.clone()),
+            // A round is still started at once when the acknowledgement is too old (or the lease is 0).
+            read_option: LinearizerOption::new(Some(read_lease), true),
+            vote_hold,
+            _scrubber: scrubber,
+        });
+        tokio::spawn(vote_hold.end(node.raft.clone()));
+        node.bootstrap(&args.peers).await?;
+        Ok(node)
+    }
+
+    /// Exactly one node, the lowest id in `--peers`, initializes a fresh cluster; the others start empty
+    /// and receive the first entry by replication. One initializer means one identical first entry
+    /// everywhere: if every node initialized, each would write that entry under its own id, and a node
+    /// that later lost its disk would hold a conflicting first entry that replication cannot repair.
+    /// A node with any Raft state never initializes again, and a wiped non-initializer simply rejoins.
+    async fn bootstrap(&self, peers: &BTreeMap<NodeId, Member>) -> anyhow::Result<()> {
+        if self.raft.is_initialized().await? {
+            tracing::info!("existing Raft state found; not bootstrapping");
+            return Ok(());
+        }
+        if !peers.contains_key(&self.id) {
+            anyhow::bail!(
+                "node {} is not in --peers; a fresh node must be one of the initial voters",
+                self.id
+            );
+        }
+        let initializer = peers.keys().next().copied();
+        if initializer != Some(self.id) {
+            tracing::info!(
+                initializer = ?initializer,
+                "fresh data directory; waiting for the cluster to replicate to this node"
+            );
+            return Ok(());
+        }
+        match self.raft.initialize(peers.clone()).await {
+            Ok(()) => tracing::info!(
+                voters = ?peers,
+                cluster = %self.cluster,
+                "bootstrapped a new cluster"
+            ),
+            Err(RaftError::APIError(InitializeError::NotAllowed(e))) => {
+                tracing::info!(reason = %e, "already initialized")
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(())
+    }
+
+    fn view(&self) -> View {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let leader = m.current_leader;
+        let member = leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .or_else(|| self.peers.get(&l))
+                .cloned()
+        });
+        let leader_dial = leader.and_then(|l| {
+            member
+                .as_ref()
+                .map(|m| self.channels.route(l, &m.peer_addr).to_string())
+        });
+        let leader_addr = member.map(|m| m.addr);
+        View {
+            leader,
+            leader_addr,
+            leader_dial,
+        }
+    }
+
+    pub fn hint(&self) -> LeaderHint {
+        let v = self.view();
+        LeaderHint {
+            id: v.leader,
+            addr: v.leader_addr,
+        }
+    }
+
+    /// The header for a response. Read it *before* reading data, so `revision` never claims more than
+    /// the data shows.
+    pub fn header(&self, revision: Option<u64>) -> Header {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        Header {
+            node_id: self.id,
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            revision: revision.unwrap_or_else(|| m.last_applied.as_ref().map_or(0, |l| l.index)),
+        }
+    }
+
+    /// The time by which this node answers. With a client deadline, it answers a little before it, so
+    /// the client hears raftkv's own status (what happened, who leads) rather than its local timeout.
+    pub fn deadline(&self, requested: Option<Duration>) -> Instant {
+        let budget = match requested {
+            Some(d) => {
+                let d = d.min(self.request_timeout * 6);
+                d.saturating_sub((d / 10).min(Duration::from_millis(100)))
+            }
+            None => self.request_timeout,
+        };
+        Instant::now() + budget
+    }
+
+    /// Waits for `cond` on this node's metrics, for at most `cap` and never past `deadline`, then lets
+    /// the caller retry. Whether `cond` held does not matter to the caller, only whether time is left.
+    async fn wait_metrics(
+        &self,
+        cap: Duration,
+        deadline: Instant,
+        what: &str,
+        cond: impl Fn(&openraft::RaftMetrics<TypeConfig>) -> bool + Send,
+    ) -> bool {
+        let now = Instant::now();
+        if now < deadline {
+            let cap = deadline.saturating_duration_since(now).min(cap);
+            let _ = self.raft.wait(Some(cap)).metrics(cond, what).await;
+        }
+        Instant::now() < deadline
+    }
+
+    /// Waits a little for leadership to move away from `not` (None: for any leader), then lets the caller
+    /// retry. The wait is capped because a leader whose lease lapsed (e.g. after a pause) refuses work
+    /// while still reporting itself leader, and recovers without any change a watcher could see.
+    async fn await_leader(
+        &self,
+        not: Option<NodeId>,
+        deadline: Instant,
+        why: &str,
+    ) -> Result<(), Error> {
+        let new_leader = |m: &openraft::RaftMetrics<TypeConfig>| {
+            m.current_leader.is_some() && m.current_leader != not
+        };
+        if self
+            .wait_metrics(
+                Duration::from_millis(200),
+                deadline,
+                "a new leader",
+                new_leader,
+            )
+            .await
+        {
+            return Ok(());
+        }
+        Err(Error::not_leader(
+            format!("{why}; no usable leader before the deadline"),
+            self.hint(),
+        ))
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .as_ref()
+            .map_or(0, |l| l.index)
+    }
+
+    pub fn role(&self) -> &'static str {
+        match self.raft.metrics().borrow_watched().state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        }
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn cluster(&self) -> ClusterId {
+        self.cluster
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Reports storage corruption found by reads, applies or the scrubber (see `store::integrity`).
+    pub fn integrity(&self) -> &Arc<Integrity> {
+        self.sm.integrity()
+    }
+
+    /// The local replica's current value of `key`, without any freshness guarantee of its own: the
+    /// caller brings the node up to date first (`linearize`, `wait_applied`).
+    pub fn local_get(&self, key: &[u8]) -> Result<Option<KeyValue>, Error> {
+        Ok(self.sm.get(key)?)
+    }
+
+    /// The local replica's pairs in `[start, end)` (`end` empty: to the last key), at most `limit` of
+    /// them and no more than a response may carry (`--max-response-bytes`), and whether more follow.
+    /// Like [`Node::local_get`], as fresh as the caller made the node.
+    pub fn local_scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<KeyValue>, bool), Error> {
+        let max_bytes = self
+            .limits
+            .max_response_bytes
+            .saturating_sub(crate::limits::RESPONSE_OVERHEAD_BYTES);
+        Ok(self.sm.scan(
+            start,
+            end,
+            limit,
+            max_bytes,
+            crate::limits::PAIR_OVERHEAD_BYTES,
+        )?)
+    }
+
+    pub fn status(&self) -> Status {
+        let header = self.header(None);
+        let role = self.role();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        let voters = membership
+            .voter_ids()
+            .map(|id| (id, membership.get_node(&id).cloned().unwrap_or_default()))
+            .collect();
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| membership.get_node(&l))
+            .map(|n| n.addr.clone());
+        Status {
+            header,
+            role,
+            leader_addr,
+            commit_index: m
+                .cluster_committed
+                .as_ref()
+                .or(m.local_committed.as_ref())
+                .map_or(0, |l| l.index),
+            applied_index: m.last_applied.as_ref().map_or(0, |l| l.index),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
+            first_log_index: m.purged.as_ref().map_or(0, |l| l.index + 1),
+            voters,
+            cluster: self.cluster,
+        }
+    }
+
+    /// Resolves with why once Raft has stopped on its own (a storage error is fatal by design). Polled,
+    /// not watched: the metrics channel changes several times per write, and waking the waiting task for
+    /// each change costs the leader a share of a core.
+    pub async fn stopped(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        let mut ticker = tokio::time::interval(STOPPED_POLL);
+        loop {
+            ticker.tick().await;
+            if let Err(e) = &metrics.borrow_watched().running_state {
+                return format!("{e}");
+            }
+            // Only Raft's core task sends metrics, so a closed channel means that task is gone (a
+            // panic) without reporting an error. Checked without waiting: Ok for an unseen change (now
+            // marked seen), Err once the sender is gone, so at most one tick late.
+            if let Some(Err(_)) = futures::FutureExt::now_or_never(metrics.changed()) {
+                return "raft metrics closed".to_string();
+            }
+        }
+    }
+
+    /// Stops Raft, bounded by `within` when given (a store that cannot be read may not let it finish).
+    pub async fn stop_raft(&self, within: Option<Duration>) {
+        let shutdown = self.raft.shutdown();
+        let result = match within {
+            Some(limit) => match tokio::time::timeout(limit, shutdown).await {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+            None => shutdown.await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+
+    /// After [`Node::stop_raft`]: marks the state machine clean, so the next start keeps the applied
+    /// state instead of rebuilding it from the last snapshot.
+    pub async fn close(&self) {
+        if let Err(e) = self.sm.close().await {
+            tracing::warn!(error = %e, "could not mark the state machine clean; the next start rebuilds it");
+        }
+    }
+
+    /// The Raft service this node offers its peers (see `network::server`).
+    pub fn raft_service(&self) -> crate::network::server::RaftService {
+        crate::network::server::RaftService::new(
+            self.raft.clone(),
+            crate::network::server::Admission {
+                id: self.id,
+                cluster: self.cluster,
+                bootstrap_peers: self.peers.clone(),
+                vote_hold: self.vote_hold,
+                max_snapshot_bytes: self.max_snapshot_bytes,
+            },
+        )
+    }
+
+    /// Whether `from` may send this node peer requests: a voter or learner of the membership it
+    /// knows, or, while it knows none yet (fresh or wiped), one of its bootstrap `--peers`.
+    pub fn admits(&self, from: NodeId) -> bool {
+        crate::network::server::admits(&self.raft, &self.peers, self.id, from)
+    }
+}
+
+/// How soon a node notices that Raft stopped on its own.
+const STOPPED_POLL: Duration = Duration::from_millis(200);
