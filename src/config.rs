@@ -265,7 +265,7 @@ impl ServerArgs {
     /// index is current, unless some follower's clock ran over election-max / read-lease times faster
     /// than the leader's. Capping the lease at a quarter of election-max-ms keeps that factor at 4 or
     /// more; `raftkv jepsen`'s clock fault skews rates by up to 2x. A follower's lease lives in memory,
-    /// so a restarted node neither votes nor campaigns for election-max-ms (see `Node::vote_held`).
+    /// so a restarted node neither votes nor campaigns for election-max-ms (see `node::vote_hold`).
     pub fn read_lease(&self) -> anyhow::Result<Duration> {
         if self.read_lease_ms.saturating_mul(4) > self.election_max_ms {
             anyhow::bail!(
@@ -300,7 +300,7 @@ impl ServerArgs {
             // A node whose disk was wiped or replaced comes back with an empty log under its old id.
             // The leader's progress still records the log it had; without this, openraft never moves
             // that progress backwards and, in a release build, re-sends the same append to it in a
-            // tight loop (one round trip after another, ~0.4 ms each) until leadership changes.
+            // tight loop (one round trip after another) until leadership changes.
             // With it, the first conflict (a heartbeat's log check finds it) restarts replication to
             // that node from scratch, by snapshot once the log is purged, with a warning in the log.
             // It never lowers the commit index, and the node counts toward a quorum again only for
@@ -376,6 +376,33 @@ fn host_port(id: NodeId, addr: &str) -> Result<String, String> {
         return Err(format!("peer {id} address {addr:?} is not HOST:PORT"));
     }
     Ok(addr.to_string())
+}
+
+/// Server flags for in-process tests: node 1 of `peers` with its data in `data_dir`, plus `extra`.
+#[cfg(test)]
+pub(crate) fn test_args(data_dir: &std::path::Path, peers: &str, extra: &[&str]) -> ServerArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+    let dir = data_dir.display().to_string();
+    let mut argv = vec![
+        "raftkv",
+        "--id",
+        "1",
+        "--listen",
+        "127.0.0.1:1",
+        "--peer-listen",
+        "127.0.0.1:2",
+        "--data-dir",
+        &dir,
+        "--peers",
+        peers,
+    ];
+    argv.extend_from_slice(extra);
+    Cli::parse_from(argv).server
 }
 
 #[cfg(test)]

@@ -131,3 +131,43 @@ fn check_command(limits: &Limits, cmd: &Command, values: bool) -> Result<(), Inv
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::Txn;
+
+    #[test]
+    fn apply_refuses_what_no_client_could_send_whatever_the_value_limit() {
+        let key = |n: usize| vec![b'k'; n];
+        let put = |k: Vec<u8>, v: usize| Command::Put {
+            key: k,
+            value: vec![0; v],
+            prev_kv: false,
+        };
+        // Values are a per-node flag: apply never refuses one for its size.
+        assert_eq!(applicable(&put(key(1), 10 << 20)), Ok(()));
+        assert!(applicable(&put(key(MAX_KEY_BYTES + 1), 1)).is_err());
+        assert!(applicable(&put(vec![], 1)).is_err());
+        let ops = vec![TxnOp::Get { key: key(1) }; MAX_TXN_OPS + 1];
+        let txn = Command::Txn(Txn {
+            compare: vec![],
+            success: ops,
+            failure: vec![],
+        });
+        assert!(applicable(&txn).is_err());
+
+        // A forwarded command also meets this node's value limit.
+        let limits = Limits {
+            max_key_bytes: MAX_KEY_BYTES,
+            max_value_bytes: 8,
+            max_request_bytes: 1 << 20,
+            max_txn_ops: MAX_TXN_OPS,
+            default_scan_limit: 1,
+            max_scan_limit: 1,
+            max_response_bytes: 1 << 20,
+        };
+        assert!(command(&limits, &put(key(1), 9)).is_err());
+        assert_eq!(command(&limits, &put(key(1), 8)), Ok(()));
+    }
+}

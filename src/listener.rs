@@ -185,7 +185,7 @@ impl Accepting {
             match self.slots.clone().try_acquire_owned() {
                 Ok(permit) => {
                     // Sockets from an incoming stream keep Nagle's algorithm unless it is turned off
-                    // here; with it, a small response waits for the peer's delayed ACK (~40 ms).
+                    // here; with it, a small response waits for the peer's delayed ACK (see docs/measurements.md).
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "TCP_NODELAY");
                     }

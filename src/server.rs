@@ -198,7 +198,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
 
 /// Serves the public services (see `api`) until the listener fails or the caller drops the future (how
 /// a node stops: see [`run`]).
-async fn serve_public(
+pub(crate) async fn serve_public(
     node: Arc<Node>,
     listener: TcpListener,
     connections: ConnectionLimits,

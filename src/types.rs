@@ -58,8 +58,8 @@ pub type SnapshotData = Cursor<Vec<u8>>;
 ///
 /// Keys and values here and in the types below are `serde_bytes`: bincode writes a byte string as its
 /// length and the raw bytes either way, but handles a plain `Vec<u8>` one element at a time, and every
-/// put is encoded or decoded about 19 times across the cluster (log, replication, forwarding,
-/// reads of the log). The bytes are the same, pinned by `the_encoding_of_stored_and_sent_types_is_unchanged`.
+/// put is encoded or decoded many times across the cluster (log, replication, forwarding, reads of
+/// the log; see docs/measurements.md). The bytes are the same, pinned by `the_encoding_of_stored_and_sent_types_is_unchanged`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Put {

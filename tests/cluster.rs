@@ -251,7 +251,7 @@ async fn vote_probe(
     };
     let held = response
         .metadata()
-        .get(raftkv::network::server::VOTE_HELD_HEADER)
+        .get(raftkv::network::service::VOTE_HELD_HEADER)
         .map(|v| v.to_str().unwrap().parse().unwrap());
     let answer: VoteResponse = raftkv::codec::decode(&response.get_ref().data).unwrap();
     assert!(

@@ -5,6 +5,8 @@
 
 pub mod cluster;
 mod health;
+#[cfg(test)]
+mod in_process_tests;
 pub mod kv;
 pub mod status;
 pub mod validate;

@@ -134,3 +134,145 @@ fn ops(limits: &Limits, ops: Vec<pb::Op>) -> Result<Vec<TxnOp>, Invalid> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limits::{MAX_KEY_BYTES, MAX_TXN_OPS};
+
+    fn limits() -> Limits {
+        Limits {
+            max_key_bytes: MAX_KEY_BYTES,
+            max_value_bytes: 10,
+            max_request_bytes: 1 << 20,
+            max_txn_ops: MAX_TXN_OPS,
+            default_scan_limit: 100,
+            max_scan_limit: 1000,
+            max_response_bytes: 1 << 20,
+        }
+    }
+
+    fn op(op: pb::op::Op) -> pb::Op {
+        pb::Op { op: Some(op) }
+    }
+
+    #[test]
+    fn puts_and_deletes_keep_their_fields_and_check_sizes() {
+        let l = limits();
+        let cmd = put(
+            &l,
+            pb::PutRequest {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                prev_kv: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            cmd,
+            Command::Put {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                prev_kv: true
+            }
+        );
+        let too_long = pb::PutRequest {
+            key: b"k".to_vec(),
+            value: vec![0; 11],
+            prev_kv: false,
+        };
+        assert!(
+            put(&l, too_long)
+                .unwrap_err()
+                .0
+                .contains("--max-value-bytes")
+        );
+        let no_key = pb::DeleteRequest {
+            key: vec![],
+            prev_kv: false,
+        };
+        assert!(
+            delete(&l, no_key)
+                .unwrap_err()
+                .0
+                .contains("must not be empty")
+        );
+        let long_key = pb::DeleteRequest {
+            key: vec![b'k'; MAX_KEY_BYTES + 1],
+            prev_kv: false,
+        };
+        assert!(delete(&l, long_key).is_err());
+    }
+
+    #[test]
+    fn scans_get_the_default_limit_and_refuse_bad_ranges() {
+        let l = limits();
+        let mut r = pb::ScanRequest::default();
+        assert_eq!(scan(&l, &r), Ok(100));
+        r.limit = 1000;
+        assert_eq!(scan(&l, &r), Ok(1000));
+        r.limit = 1001;
+        assert!(scan(&l, &r).unwrap_err().0.contains("page through"));
+        r.limit = 0;
+        r.start = b"b".to_vec();
+        r.end = b"a".to_vec();
+        assert!(scan(&l, &r).is_err(), "end before start");
+        r.end = vec![];
+        assert_eq!(scan(&l, &r), Ok(100), "an empty end means to the last key");
+        assert!(consistency(pb::Consistency::Eventual as i32).is_ok());
+        assert!(consistency(99).is_err());
+    }
+
+    #[test]
+    fn txns_are_built_op_by_op_and_refuse_what_is_incomplete() {
+        let l = limits();
+        let txn_req = pb::TxnRequest {
+            compare: vec![pb::Compare {
+                key: b"c".to_vec(),
+                result: pb::CompareResult::Greater as i32,
+                target: Some(pb::compare::Target::Version(3)),
+            }],
+            success: vec![
+                op(pb::op::Op::Put(pb::PutRequest {
+                    key: b"p".to_vec(),
+                    value: b"q".to_vec(),
+                    prev_kv: false,
+                })),
+                op(pb::op::Op::Get(pb::GetRequest {
+                    key: b"g".to_vec(),
+                    ..Default::default()
+                })),
+            ],
+            failure: vec![op(pb::op::Op::Delete(pb::DeleteRequest {
+                key: b"d".to_vec(),
+                prev_kv: true,
+            }))],
+        };
+        let Command::Txn(t) = txn(&l, txn_req.clone()).unwrap() else {
+            panic!("a txn request builds a txn");
+        };
+        assert_eq!(t.compare[0].result, CompareResult::Greater);
+        assert_eq!(t.compare[0].target, CompareTarget::Version(3));
+        assert_eq!(t.success.len(), 2);
+        assert_eq!(
+            t.failure,
+            vec![TxnOp::Delete {
+                key: b"d".to_vec(),
+                prev_kv: true
+            }]
+        );
+
+        let mut no_target = txn_req.clone();
+        no_target.compare[0].target = None;
+        assert!(txn(&l, no_target).unwrap_err().0.contains("needs a target"));
+        let mut bad_result = txn_req.clone();
+        bad_result.compare[0].result = 17;
+        assert!(txn(&l, bad_result).is_err());
+        let mut empty_op = txn_req.clone();
+        empty_op.success.push(pb::Op { op: None });
+        assert!(txn(&l, empty_op).unwrap_err().0.contains("txn op is empty"));
+        let mut too_many = txn_req;
+        too_many.failure = vec![too_many.failure[0].clone(); MAX_TXN_OPS + 1];
+        assert!(txn(&l, too_many).unwrap_err().0.contains("the limit is"));
+    }
+}

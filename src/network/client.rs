@@ -477,7 +477,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         // The whole stream is built before the call: a client-streaming call awaited before its
         // producer runs would wait forever.
         let mut request = tonic::Request::new(futures::stream::iter(chunks));
-        // Sized for the transfer, not for a heartbeat: ~1 s per 8 MiB on top of openraft's budget.
+        // Sized for the transfer, not for a heartbeat: a second per 8 MiB on top of openraft's budget,
+        // a rate any link between nodes exceeds.
         let ttl = option.hard_ttl().max(Duration::from_secs(10))
             + Duration::from_secs((data.len() / (8 << 20)) as u64);
         request.set_timeout(ttl);

@@ -1,4 +1,4 @@
-//! openraft's transport over tonic: [`client`] is openraft's side (it calls peers), [`server`] answers
+//! openraft's transport over tonic: [`client`] is openraft's side (it calls peers), [`service`] answers
 //! peers on the peer listener (`--peer-listen`), a port of its own: the public port never serves it,
 //! so a client can neither call it nor crowd it out. [`identity`] is what every peer request says about
 //! where it comes from. The channels here also carry the node's forwarding (`node::forward`).
@@ -6,7 +6,7 @@
 pub mod backoff;
 pub mod client;
 pub mod identity;
-pub mod server;
+pub mod service;
 #[cfg(test)]
 mod tests;
 

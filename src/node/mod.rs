@@ -112,7 +112,7 @@ impl Node {
         let vote_hold = VoteHold::from_now(Duration::from_millis(args.election_max_ms));
         let mut config = args.raft_config()?;
         // No campaign of its own during the hold either: a node's vote for itself never passes through
-        // `vote_held`. Turned on by `end_vote_hold`. A TransferLeader from the current leader still
+        // the vote hold. Turned on by `VoteHold::end`. A TransferLeader from the current leader still
         // makes it campaign: only that leader's own lease could count on this node, and it is the one
         // giving up (raftkv itself no longer sends one).
         config.enable_elect = false;
@@ -461,11 +461,11 @@ impl Node {
         }
     }
 
-    /// The Raft service this node offers its peers (see `network::server`).
-    pub fn raft_service(&self) -> crate::network::server::RaftService {
-        crate::network::server::RaftService::new(
+    /// The Raft service this node offers its peers (see `network::service`).
+    pub fn raft_service(&self) -> crate::network::service::RaftService {
+        crate::network::service::RaftService::new(
             self.raft.clone(),
-            crate::network::server::Admission {
+            crate::network::service::Admission {
                 id: self.id,
                 cluster: self.cluster,
                 bootstrap_peers: self.peers.clone(),
@@ -478,7 +478,7 @@ impl Node {
     /// Whether `from` may send this node peer requests: a voter or learner of the membership it
     /// knows, or, while it knows none yet (fresh or wiped), one of its bootstrap `--peers`.
     pub fn admits(&self, from: NodeId) -> bool {
-        crate::network::server::admits(&self.raft, &self.peers, self.id, from)
+        crate::network::service::admits(&self.raft, &self.peers, self.id, from)
     }
 }
 
