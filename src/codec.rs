@@ -42,6 +42,10 @@ pub enum CodecError {
     Version(u8),
     #[error("{0} trailing bytes after the value")]
     Trailing(usize),
+    /// The bytes decode, but not into a value the type allows (e.g. a membership whose voter has no
+    /// address).
+    #[error("invalid value: {0}")]
+    Invalid(String),
 }
 
 impl From<CodecError> for std::io::Error {

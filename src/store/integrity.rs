@@ -27,12 +27,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::log::{COMMITTED_KEY, LAST_PURGED_KEY, VOTE_KEY};
+use super::migrate::{SnapshotMetaV2, StoredSnapshotV2};
+use super::record::Record;
 use super::snapshot::{self, SNAPSHOT_KEY, SNAPSHOT_META_KEY};
 use super::state_machine::{
     CLEAN_SHUTDOWN_KEY, LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StoredValue,
 };
-use super::{NODE_ID_KEY, trees};
-use crate::codec;
+use super::{MIGRATES_FROM, NODE_ID_KEY, trees};
 use crate::types::{Entry, LogId, NodeId, SnapshotMeta, StoredMembership, Vote};
 
 /// Shared by every handle on one data directory: the first corruption any of them meets trips it.
@@ -148,7 +149,7 @@ fn describe_sled(e: &sled::Error) -> String {
 }
 
 /// Reads and decodes one value, recording a problem if it is unreadable.
-fn read_one<T: serde::de::DeserializeOwned>(
+fn read_one<T: Record>(
     report: &mut Report,
     tree: &sled::Tree,
     tree_name: &str,
@@ -156,7 +157,7 @@ fn read_one<T: serde::de::DeserializeOwned>(
 ) -> Option<T> {
     let label = format!("{tree_name}/{}", String::from_utf8_lossy(key));
     match tree.get(key) {
-        Ok(Some(bytes)) => match codec::decode::<T>(&bytes) {
+        Ok(Some(bytes)) => match T::decode(&bytes) {
             Ok(v) => {
                 report.checked.push(format!("{label}: decodes"));
                 Some(v)
@@ -182,8 +183,8 @@ fn decode_entry(key: &[u8], bytes: &[u8]) -> Result<Entry, String> {
     let index = <[u8; 8]>::try_from(key)
         .map(u64::from_be_bytes)
         .map_err(|_| format!("raft_log key {key:02x?} is not 8 bytes"))?;
-    let entry: Entry =
-        codec::decode(bytes).map_err(|e| format!("raft_log entry {index} does not decode: {e}"))?;
+    let entry =
+        Entry::decode(bytes).map_err(|e| format!("raft_log entry {index} does not decode: {e}"))?;
     if entry.log_id.index != index {
         return Err(format!(
             "raft_log entry stored at index {index} is entry {}",
@@ -224,10 +225,25 @@ fn ends_of_log(report: &mut Report, logs: &sled::Tree) -> (Option<LogId>, Option
     (first, last)
 }
 
-/// The start check: every metadata value decodes and the invariants between them hold. Cheap (a few
-/// reads), so it runs before every start. Runs before `repair` and `recover`, on the directory as the
-/// last run left it, so it accepts what a crash may leave (see the crash reasoning in `store`).
-pub fn check_meta(db: &sled::Db, node_id: Option<NodeId>) -> Report {
+/// Snapshot metadata in the shape of storage format `format`.
+fn read_snapshot_meta(
+    report: &mut Report,
+    tree: &sled::Tree,
+    tree_name: &str,
+    format: u32,
+) -> Option<SnapshotMeta> {
+    if format == MIGRATES_FROM {
+        read_one::<SnapshotMetaV2>(report, tree, tree_name, SNAPSHOT_META_KEY).map(|m| m.0)
+    } else {
+        read_one::<SnapshotMeta>(report, tree, tree_name, SNAPSHOT_META_KEY)
+    }
+}
+
+/// The start check: every metadata value decodes (in the shape of storage format `format`) and the
+/// invariants between them hold. Cheap (a few reads), so it runs before every start. Runs before
+/// `repair` and `recover`, on the directory as the last run left it, so it accepts what a crash may
+/// leave (see the crash reasoning in `store`).
+pub fn check_meta(db: &sled::Db, node_id: Option<NodeId>, format: u32) -> Report {
     let mut report = Report::default();
     let trees = match trees(db) {
         Ok(t) => t,
@@ -254,14 +270,9 @@ pub fn check_meta(db: &sled::Db, node_id: Option<NodeId>) -> Report {
     read_one::<StoredMembership>(&mut report, &trees.sm_meta, "sm_meta", LAST_MEMBERSHIP_KEY);
     read_one::<Option<LogId>>(&mut report, &trees.sm_meta, "sm_meta", CLEAN_SHUTDOWN_KEY);
     // A snapshot an older build left in sm_meta is moved at open; its metadata still has to read.
-    let snapshot = read_one::<SnapshotMeta>(
-        &mut report,
-        &trees.sm_snapshot,
-        "sm_snapshot",
-        SNAPSHOT_META_KEY,
-    )
-    .or_else(|| read_one::<SnapshotMeta>(&mut report, &trees.sm_meta, "sm_meta", SNAPSHOT_META_KEY))
-    .and_then(|m| m.last_log_id);
+    let snapshot = read_snapshot_meta(&mut report, &trees.sm_snapshot, "sm_snapshot", format)
+        .or_else(|| read_snapshot_meta(&mut report, &trees.sm_meta, "sm_meta", format))
+        .and_then(|m| m.last_log_id);
     let (first, last) = ends_of_log(&mut report, &trees.raft_log);
 
     let mut invariant = |holds: bool, what: String| {
@@ -293,11 +304,12 @@ pub fn check_meta(db: &sled::Db, node_id: Option<NodeId>) -> Report {
     report
 }
 
-/// Reads and decodes every value of every tree at the pacer's rate, giving up early once `stop` says so.
-/// sled 0.34 can panic on some damaged pages instead of returning an error; that counts as corruption
-/// too, rather than ending the scrub thread unseen.
-pub fn scrub(db: &sled::Db, pacer: &mut Pacer<'_>, stop: &dyn Fn() -> bool) -> Report {
-    let run = std::panic::AssertUnwindSafe(|| scrub_trees(db, pacer, stop));
+/// Reads and decodes every value of every tree (in the shape of storage format `format`) at the
+/// pacer's rate, giving up early once `stop` says so. sled 0.34 can panic on some damaged pages
+/// instead of returning an error; that counts as corruption too, rather than ending the scrub thread
+/// unseen.
+pub fn scrub(db: &sled::Db, pacer: &mut Pacer<'_>, stop: &dyn Fn() -> bool, format: u32) -> Report {
+    let run = std::panic::AssertUnwindSafe(|| scrub_trees(db, pacer, stop, format));
     std::panic::catch_unwind(run).unwrap_or_else(|panic| {
         let why = panic
             .downcast_ref::<&str>()
@@ -310,7 +322,12 @@ pub fn scrub(db: &sled::Db, pacer: &mut Pacer<'_>, stop: &dyn Fn() -> bool) -> R
     })
 }
 
-fn scrub_trees(db: &sled::Db, pacer: &mut Pacer<'_>, stop: &dyn Fn() -> bool) -> Report {
+fn scrub_trees(
+    db: &sled::Db,
+    pacer: &mut Pacer<'_>,
+    stop: &dyn Fn() -> bool,
+    format: u32,
+) -> Report {
     let mut report = Report::default();
     let mut names: Vec<sled::IVec> = db.tree_names();
     names.sort();
@@ -344,7 +361,7 @@ fn scrub_trees(db: &sled::Db, pacer: &mut Pacer<'_>, stop: &dyn Fn() -> bool) ->
             values += 1;
             let size = (k.len() + v.len()) as u64;
             bytes += size;
-            if let Err(problem) = check_value(&name_text, &k, &v, &mut previous) {
+            if let Err(problem) = check_value(&name_text, &k, &v, &mut previous, format) {
                 report.problem(problem);
             }
             pacer.consumed(size);
@@ -362,13 +379,10 @@ fn check_value(
     key: &[u8],
     value: &[u8],
     previous_log_id: &mut Option<LogId>,
+    format: u32,
 ) -> Result<(), String> {
-    fn decodes<T: serde::de::DeserializeOwned>(
-        tree: &str,
-        key: &[u8],
-        value: &[u8],
-    ) -> Result<(), String> {
-        codec::decode::<T>(value).map(|_| ()).map_err(|e| {
+    fn decodes<T: Record>(tree: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
+        T::decode(value).map(|_| ()).map_err(|e| {
             format!(
                 "{tree}/{} does not decode: {e}",
                 String::from_utf8_lossy(key)
@@ -396,7 +410,15 @@ fn check_value(
         ("sm_meta", LAST_APPLIED_KEY) => decodes::<LogId>(tree, key, value),
         ("sm_meta", LAST_MEMBERSHIP_KEY) => decodes::<StoredMembership>(tree, key, value),
         ("sm_meta", CLEAN_SHUTDOWN_KEY) => decodes::<Option<LogId>>(tree, key, value),
+        ("sm_meta" | "sm_snapshot", SNAPSHOT_META_KEY) if format == MIGRATES_FROM => {
+            decodes::<SnapshotMetaV2>(tree, key, value)
+        }
         ("sm_meta" | "sm_snapshot", SNAPSHOT_META_KEY) => decodes::<SnapshotMeta>(tree, key, value),
+        ("sm_meta" | "sm_snapshot", SNAPSHOT_KEY) if format == MIGRATES_FROM => {
+            StoredSnapshotV2::decode(value)
+                .and_then(|s| snapshot::check_image(&s.0.data))
+                .map_err(|e| format!("{tree}/snapshot does not decode: {e}"))
+        }
         ("sm_meta" | "sm_snapshot", SNAPSHOT_KEY) => snapshot::verify_stored(value)
             .map(|_| ())
             .map_err(|e| format!("{tree}/snapshot does not decode: {e}")),
@@ -489,7 +511,7 @@ fn run_scrubber(
                 let _ = stop_rx.recv_timeout(d);
             }),
         );
-        let report = scrub(db, &mut pacer, &stopped);
+        let report = scrub(db, &mut pacer, &stopped, super::FORMAT);
         if stopped() {
             return;
         }
@@ -554,12 +576,26 @@ pub fn check_offline(dir: &Path) -> Result<Report, CheckError> {
         }
         Err(e) => return Err(CheckError::Open(dir.to_path_buf(), e)),
     };
-    // Another version's layout cannot be judged by this one's decoders.
-    if let Err(e @ super::StoreError::Format { .. }) = super::check_format(&db, dir) {
-        return Err(CheckError::Format(e));
+    // Another version's layout cannot be judged by this one's decoders; the one it migrates from is
+    // checked in its own shape and left as it is (the node migrates it when it starts).
+    let format = match super::check_format(&db, dir) {
+        Ok(format) => format,
+        Err(e @ super::StoreError::Format { .. }) => return Err(CheckError::Format(e)),
+        Err(e) => {
+            let mut report = Report::default();
+            report.problem(format_args!("raft_meta/format: {e}"));
+            return Ok(report);
+        }
+    };
+    let mut report = check_meta(&db, None, format);
+    if format == MIGRATES_FROM {
+        report.checked.push(format!(
+            "storage format {format}, checked as it is: the node rewrites it as format {} when it \
+             next starts",
+            super::FORMAT
+        ));
     }
-    let mut report = check_meta(&db, None);
-    let scrubbed = scrub(&db, &mut Pacer::unpaced(), &|| false);
+    let scrubbed = scrub(&db, &mut Pacer::unpaced(), &|| false, format);
     report.checked.extend(scrubbed.checked);
     report.problems.extend(scrubbed.problems);
     Ok(report)

@@ -18,8 +18,8 @@ use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
 use std::sync::{Arc, mpsc};
 
+use super::record::Record;
 use super::{Integrity, io_err, read_decoded};
-use crate::codec;
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
 pub(super) const VOTE_KEY: &[u8] = b"vote";
@@ -95,7 +95,7 @@ impl LogStore {
         self.db.flush_async().await.map(|_| ()).map_err(io_err)
     }
 
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
+    fn read_meta<T: Record>(&self, key: &[u8]) -> io::Result<Option<T>> {
         read_decoded(&self.meta, key)
     }
 }
@@ -178,7 +178,7 @@ impl LogStore {
         };
         iter.map(|item| {
             let (_, bytes) = item.map_err(io_err)?;
-            Ok(codec::decode::<Entry>(&bytes)?)
+            Ok(Entry::decode(&bytes)?)
         })
         .collect()
     }
@@ -186,7 +186,7 @@ impl LogStore {
     fn log_state(&self) -> io::Result<LogState<TypeConfig>> {
         let last_purged: Option<LogId> = self.read_meta(LAST_PURGED_KEY)?;
         let last = match self.logs.last().map_err(io_err)? {
-            Some((_, bytes)) => Some(codec::decode::<Entry>(&bytes)?.log_id),
+            Some((_, bytes)) => Some(Entry::decode(&bytes)?.log_id),
             None => None,
         };
         // A crash between `purge` making its marker durable and its deletes reaching disk leaves
@@ -219,7 +219,7 @@ impl LogStore {
         let index = committed.index.min(last.index);
         match self.logs.get(index_key(index)).map_err(io_err)? {
             Some(bytes) => {
-                let found = codec::decode::<Entry>(&bytes)?.log_id;
+                let found = Entry::decode(&bytes)?.log_id;
                 // At the saved index the entry must be the very one that was committed.
                 Ok((index < committed.index || found == committed).then_some(found))
             }
@@ -242,7 +242,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
         let result = async {
             self.meta
-                .insert(COMMITTED_KEY, codec::encode(&committed)?)
+                .insert(COMMITTED_KEY, committed.encode()?)
                 .map_err(io_err)?;
             io::Result::Ok(())
         }
@@ -266,9 +266,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
         let result = async {
-            self.meta
-                .insert(VOTE_KEY, codec::encode(vote)?)
-                .map_err(io_err)?;
+            self.meta.insert(VOTE_KEY, vote.encode()?).map_err(io_err)?;
             self.flush().await
         }
         .await;
@@ -286,7 +284,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // a crash left after a hole.
             for entry in entries {
                 self.logs
-                    .insert(index_key(entry.log_id.index), codec::encode(&entry)?)
+                    .insert(index_key(entry.log_id.index), entry.encode()?)
                     .map_err(io_err)?;
             }
             // The entries are readable now; they are durable once the flusher completes the callback.
@@ -327,7 +325,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // The marker must be durable before any delete is: a crash must never leave a log whose
             // first entries are gone without the marker that says so (`repair` would cut the rest).
             self.meta
-                .insert(LAST_PURGED_KEY, codec::encode(&log_id)?)
+                .insert(LAST_PURGED_KEY, log_id.encode()?)
                 .map_err(io_err)?;
             self.flush().await?;
             let logs = self.logs.clone();

@@ -2,7 +2,7 @@
 //!
 //! Keeping everything in one `Db` means one flush makes every earlier write durable, log and state
 //! machine alike, so group commit covers both. The trees:
-//! - `raft_log`: big-endian log index -> encoded `Entry` (big-endian so iteration is in index order);
+//! - `raft_log`: big-endian log index -> encoded entry (big-endian so iteration is in index order);
 //! - `raft_meta`: the vote, the last purged log id, the node id and cluster id this directory belongs
 //!   to, and the storage format it is written in;
 //! - `sm_data`: user key -> encoded [`state_machine::StoredValue`];
@@ -22,9 +22,14 @@
 //!
 //! So after a crash: `purged <= snapshot <= last_applied`, and every committed entry after the snapshot
 //! is still in a quorum's logs for openraft to re-apply.
+//!
+//! Every value is stored through a `record` of raftkv's own shape, never openraft's serde shape,
+//! so that only raftkv decides what its directories contain (docs/storage-format.md).
 
 pub mod integrity;
 pub mod log;
+mod migrate;
+pub(crate) mod record;
 pub mod snapshot;
 pub mod state_machine;
 #[cfg(test)]
@@ -47,11 +52,15 @@ pub(crate) const NODE_ID_KEY: &[u8] = b"node_id";
 pub(crate) const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
 pub(crate) const FORMAT_KEY: &[u8] = b"format";
 
-/// The layout of what this version stores. 2: a member has a client and a peer address. Directories
-/// without the key were written before it existed (format 1, one address per member); their
-/// membership does not decode as format 2, so they are refused with [`StoreError::Format`] rather
-/// than reported corrupt.
-pub const FORMAT: u32 = 2;
+/// The layout of what this version stores. 3: every openraft value through raftkv's own records.
+/// 2: openraft's serde shapes, a member with a client and a peer address; migrated to 3 at open (see
+/// `migrate`). Directories without the key were written before it existed (format 1, one address per
+/// member); their membership does not decode as format 2, so they are refused with
+/// [`StoreError::Format`] rather than reported corrupt. The history is in docs/storage-format.md.
+pub const FORMAT: u32 = 3;
+
+/// The older format this version migrates from at open.
+pub const MIGRATES_FROM: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -70,9 +79,9 @@ pub enum StoreError {
     )]
     Corrupt { dir: PathBuf, what: String },
     #[error(
-        "the data in {} is in storage format {found}; this raftkv reads format {FORMAT} only. Start \
-         it with the raftkv that wrote it, or wipe the directory and let the node rejoin by snapshot \
-         from peers that run this version",
+        "the data in {} is in storage format {found}; this raftkv reads format {FORMAT} (and \
+         migrates format {MIGRATES_FROM} to it at start). Start it with the raftkv that wrote it, or \
+         wipe the directory and let the node rejoin by snapshot from peers that run this version",
         .dir.display()
     )]
     Format { dir: PathBuf, found: u32 },
@@ -137,8 +146,9 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore)
     let db = sled_config(dir)
         .open()
         .map_err(|e| classify(&integrity, "opening sled", e))?;
-    check_format(&db, dir)?;
-    let report = integrity::check_meta(&db, Some(node_id));
+    let format = check_format(&db, dir)?;
+    // In the shape the directory is in: corruption is found before anything is rewritten.
+    let report = integrity::check_meta(&db, Some(node_id), format);
     if let Some(problem) = report.problems.first() {
         let what = format!(
             "start check: {problem} ({} problems in all)",
@@ -149,6 +159,9 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore)
             dir: dir.to_path_buf(),
             what,
         });
+    }
+    if format == MIGRATES_FROM {
+        migrate::to_3(&db).map_err(|e| classify(&integrity, "migrating to format 3", e))?;
     }
     open_checked(db, node_id, integrity.clone())
         .map_err(|e| classify(&integrity, "opening the stores", e))
@@ -186,23 +199,24 @@ fn open_checked(
     Ok((log, sm))
 }
 
-/// [`StoreError::Format`] unless the directory is new or in this version's [`FORMAT`].
-pub fn check_format(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
+/// The storage format the directory is in ([`FORMAT`] for a new one), or [`StoreError::Format`]
+/// unless that is [`FORMAT`] or [`MIGRATES_FROM`].
+pub fn check_format(db: &sled::Db, dir: &Path) -> Result<u32, StoreError> {
     let meta = db.open_tree("raft_meta")?;
     if meta.get(NODE_ID_KEY)?.is_none() {
-        return Ok(());
+        return Ok(FORMAT);
     }
     let found = match meta.get(FORMAT_KEY)? {
         Some(bytes) => crate::codec::decode(&bytes)?,
         None => 1,
     };
-    if found != FORMAT {
+    if found != FORMAT && found != MIGRATES_FROM {
         return Err(StoreError::Format {
             dir: dir.to_path_buf(),
             found,
         });
     }
-    Ok(())
+    Ok(found)
 }
 
 /// The cluster this data directory belongs to: the one stored at its first start, or `derived` (which
@@ -219,12 +233,12 @@ pub fn cluster_id(db: &sled::Db, derived: u64) -> Result<u64, StoreError> {
 }
 
 /// Reads and decodes one stored value; `None` if the key is absent.
-pub(crate) fn read_decoded<T: serde::de::DeserializeOwned>(
+pub(crate) fn read_decoded<T: record::Record>(
     tree: &sled::Tree,
     key: &[u8],
 ) -> std::io::Result<Option<T>> {
     match tree.get(key).map_err(io_err)? {
-        Some(bytes) => Ok(Some(crate::codec::decode(&bytes)?)),
+        Some(bytes) => Ok(Some(T::decode(&bytes)?)),
         None => Ok(None),
     }
 }

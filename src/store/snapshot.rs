@@ -11,6 +11,7 @@ use openraft::RaftSnapshotBuilder;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{TransactionError, Transactional};
 
+use super::record::{self, Record};
 use super::state_machine::{LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StateMachineStore};
 use super::{io_err, read_decoded, tx_err};
 use crate::codec;
@@ -47,11 +48,36 @@ struct PairRef<'a>(
     #[serde(with = "serde_bytes")] &'a [u8],
 );
 
+/// The current snapshot: its metadata and its image.
+pub(super) struct StoredSnapshot {
+    pub(super) meta: SnapshotMeta,
+    pub(super) data: Vec<u8>,
+}
+
+/// [`StoredSnapshot`] as it is stored: the metadata's record (format 3's, or format 2's in
+/// `migrate`) and the image as a byte string, written from a borrowed image (`&Bytes`) and read into
+/// an owned one (`ByteBuf`), with the same bytes.
 #[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta,
-    #[serde(with = "serde_bytes")]
-    data: Vec<u8>,
+pub(super) struct StoredSnapshotRecord<M, D> {
+    pub(super) meta: M,
+    pub(super) data: D,
+}
+
+impl Record for StoredSnapshot {
+    fn encode(&self) -> Result<Vec<u8>, codec::CodecError> {
+        codec::encode(&StoredSnapshotRecord {
+            meta: record::SnapshotMeta::from(&self.meta),
+            data: serde_bytes::Bytes::new(&self.data),
+        })
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, codec::CodecError> {
+        let stored: StoredSnapshotRecord<record::SnapshotMeta, serde_bytes::ByteBuf> =
+            codec::decode(bytes)?;
+        Ok(StoredSnapshot {
+            meta: stored.meta.try_into()?,
+            data: stored.data.into_vec(),
+        })
+    }
 }
 
 /// Runs CPU-heavy snapshot work on tokio's blocking pool. With two cores the runtime has two workers;
@@ -142,8 +168,8 @@ impl SnapshotBuilder {
 async fn store_unless_older(sm: &StateMachineStore, stored: &StoredSnapshot) -> io::Result<bool> {
     let inner = &sm.inner;
     let mut batch = sled::Batch::default();
-    batch.insert(SNAPSHOT_KEY, codec::encode(stored)?);
-    batch.insert(SNAPSHOT_META_KEY, codec::encode(&stored.meta)?);
+    batch.insert(SNAPSHOT_KEY, stored.encode()?);
+    batch.insert(SNAPSHOT_META_KEY, stored.meta.encode()?);
     let _guard = inner.write_lock.lock().await;
     let current: Option<SnapshotMeta> = read_decoded(&inner.snapshots, SNAPSHOT_META_KEY)?;
     if current.is_some_and(|c| c.last_log_id >= stored.meta.last_log_id) {
@@ -161,7 +187,7 @@ pub fn check_image(data: &[u8]) -> Result<(), codec::CodecError> {
 
 /// Whether `bytes` decode as a stored snapshot (for the decoder property tests).
 pub fn check_stored(bytes: &[u8]) -> Result<(), codec::CodecError> {
-    codec::decode::<StoredSnapshot>(bytes).map(|_| ())
+    StoredSnapshot::decode(bytes).map(|_| ())
 }
 
 /// Replaces the whole state with the snapshot's (never merges: a merge would resurrect deleted keys).
@@ -190,17 +216,17 @@ pub(super) async fn install(
     }
     let mut meta_batch = sled::Batch::default();
     match &meta.last_log_id {
-        Some(id) => meta_batch.insert(LAST_APPLIED_KEY, codec::encode(id)?),
+        Some(id) => meta_batch.insert(LAST_APPLIED_KEY, id.encode()?),
         None => meta_batch.remove(LAST_APPLIED_KEY),
     }
-    meta_batch.insert(LAST_MEMBERSHIP_KEY, codec::encode(&meta.last_membership)?);
+    meta_batch.insert(LAST_MEMBERSHIP_KEY, meta.last_membership.encode()?);
     let stored = StoredSnapshot {
         meta: meta.clone(),
         data,
     };
     let mut snapshot_batch = sled::Batch::default();
-    snapshot_batch.insert(SNAPSHOT_KEY, codec::encode(&stored)?);
-    snapshot_batch.insert(SNAPSHOT_META_KEY, codec::encode(meta)?);
+    snapshot_batch.insert(SNAPSHOT_KEY, stored.encode()?);
+    snapshot_batch.insert(SNAPSHOT_META_KEY, meta.encode()?);
     sm.commit(data_batch, meta_batch, snapshot_batch).await?;
     tracing::info!(last_log_id = ?meta.last_log_id, keys, "installed snapshot");
     Ok(())
@@ -224,13 +250,10 @@ pub(super) fn restore_current(sm: &StateMachineStore) -> io::Result<Option<LogId
     inner.data.apply_batch(batch).map_err(io_err)?;
     inner
         .meta
-        .insert(
-            LAST_MEMBERSHIP_KEY,
-            codec::encode(&stored.meta.last_membership)?,
-        )
+        .insert(LAST_MEMBERSHIP_KEY, stored.meta.last_membership.encode()?)
         .map_err(io_err)?;
     match &stored.meta.last_log_id {
-        Some(id) => inner.meta.insert(LAST_APPLIED_KEY, codec::encode(id)?),
+        Some(id) => inner.meta.insert(LAST_APPLIED_KEY, id.encode()?),
         None => inner.meta.remove(LAST_APPLIED_KEY),
     }
     .map_err(io_err)?;
@@ -263,7 +286,7 @@ pub(super) fn move_out_of_meta(sm: &StateMachineStore) -> io::Result<()> {
 
 /// Decodes a stored snapshot and the image inside it, for the checks in `integrity`.
 pub(super) fn verify_stored(bytes: &[u8]) -> Result<SnapshotMeta, codec::CodecError> {
-    let stored: StoredSnapshot = codec::decode(bytes)?;
+    let stored = StoredSnapshot::decode(bytes)?;
     codec::decode::<Image>(&stored.data)?;
     Ok(stored.meta)
 }
@@ -300,7 +323,7 @@ mod tests {
         }
         #[derive(Serialize)]
         struct OldStored {
-            meta: SnapshotMeta,
+            meta: record::SnapshotMeta,
             data: Vec<u8>,
         }
         let long = vec![7u8; 300];
@@ -325,11 +348,11 @@ mod tests {
             data: bytes.clone(),
         };
         let old_stored = OldStored {
-            meta: meta_at(3),
+            meta: (&meta_at(3)).into(),
             data: bytes,
         };
         assert_eq!(
-            codec::encode(&stored).unwrap(),
+            stored.encode().unwrap(),
             codec::encode(&old_stored).unwrap()
         );
     }

@@ -42,6 +42,7 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 use sled::transaction::{TransactionError, Transactional};
 
+use super::record::Record;
 use super::snapshot::{self, SnapshotBuilder};
 use super::{Integrity, io_err, read_decoded, tx_err};
 use crate::codec;
@@ -64,6 +65,16 @@ pub struct StoredValue {
     pub create_revision: u64,
     pub mod_revision: u64,
     pub version: u64,
+}
+
+/// raftkv's own type, so its serde shape is its record (pinned in `types`).
+impl Record for StoredValue {
+    fn encode(&self) -> Result<Vec<u8>, codec::CodecError> {
+        codec::encode(self)
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, codec::CodecError> {
+        codec::decode(bytes)
+    }
 }
 
 impl StoredValue {
@@ -142,7 +153,7 @@ impl StateMachineStore {
         let integrity = &self.inner.integrity;
         integrity.ensure_sound()?;
         let read = match self.inner.data.get(key).map_err(io_err) {
-            Ok(Some(bytes)) => codec::decode::<StoredValue>(&bytes)
+            Ok(Some(bytes)) => StoredValue::decode(&bytes)
                 .map(|v| Some(v.into_kv(key)))
                 .map_err(Into::into),
             Ok(None) => Ok(None),
@@ -193,15 +204,12 @@ impl StateMachineStore {
                 return Ok((out, true));
             }
             bytes_used += cost;
-            out.push(codec::decode::<StoredValue>(&bytes)?.into_kv(&key));
+            out.push(StoredValue::decode(&bytes)?.into_kv(&key));
         }
         Ok((out, false))
     }
 
-    pub(super) fn read_meta<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-    ) -> io::Result<Option<T>> {
+    pub(super) fn read_meta<T: Record>(&self, key: &[u8]) -> io::Result<Option<T>> {
         read_decoded(&self.inner.meta, key)
     }
 
@@ -246,7 +254,7 @@ impl StateMachineStore {
         self.inner.db.flush_async().await.map_err(io_err)?;
         self.inner
             .meta
-            .insert(CLEAN_SHUTDOWN_KEY, codec::encode(&applied)?)
+            .insert(CLEAN_SHUTDOWN_KEY, applied.encode()?)
             .map_err(io_err)?;
         self.inner.db.flush_async().await.map_err(io_err)?;
         Ok(())
@@ -262,7 +270,7 @@ impl StateMachineStore {
         let applied = self.read_meta::<LogId>(LAST_APPLIED_KEY);
         let clean = match (&marker, &applied) {
             (Some(bytes), Ok(applied)) => {
-                codec::decode::<Option<LogId>>(bytes).is_ok_and(|marked| &marked == applied)
+                Option::<LogId>::decode(bytes).is_ok_and(|marked| &marked == applied)
             }
             _ => false,
         };
@@ -295,7 +303,7 @@ impl Overlay<'_> {
             return Ok(v.clone());
         }
         match self.data.get(key).map_err(io_err)? {
-            Some(bytes) => Ok(Some(codec::decode(&bytes)?)),
+            Some(bytes) => Ok(Some(StoredValue::decode(&bytes)?)),
             None => Ok(None),
         }
     }
@@ -496,17 +504,17 @@ impl StateMachineStore {
         guard.torn = true;
         for (key, value) in view.changed {
             match value {
-                Some(v) => self.inner.data.insert(key, codec::encode(&v)?),
+                Some(v) => self.inner.data.insert(key, v.encode()?),
                 None => self.inner.data.remove(key),
             }
             .map_err(io_err)?;
         }
         let meta = &self.inner.meta;
         if let Some(m) = &membership {
-            meta.insert(LAST_MEMBERSHIP_KEY, codec::encode(m)?)
+            meta.insert(LAST_MEMBERSHIP_KEY, m.encode()?)
                 .map_err(io_err)?;
         }
-        meta.insert(LAST_APPLIED_KEY, codec::encode(&last_applied)?)
+        meta.insert(LAST_APPLIED_KEY, last_applied.encode()?)
             .map_err(io_err)?;
         guard.torn = false;
         drop(guard);

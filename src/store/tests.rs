@@ -605,8 +605,12 @@ async fn an_undecodable_value_trips_the_store_and_no_read_is_answered_after() {
     );
     assert!(sm.scan(b"", b"", 10, usize::MAX, 0).is_err());
 
-    let report =
-        super::integrity::scrub(sm.db(), &mut super::integrity::Pacer::unpaced(), &|| false);
+    let report = super::integrity::scrub(
+        sm.db(),
+        &mut super::integrity::Pacer::unpaced(),
+        &|| false,
+        super::FORMAT,
+    );
     assert!(
         report.problems.iter().any(|p| p.contains("sm_data/b")),
         "{:?}",
@@ -811,4 +815,240 @@ async fn a_directory_in_another_format_is_refused_and_the_cluster_id_is_kept() {
         Err(e) => panic!("expected a format refusal, got {e}"),
         Ok(_) => panic!("a format 1 directory was opened"),
     }
+}
+
+/// The entries of [`format_2_dir`]: a blank, a membership with both addresses, puts and a delete.
+fn migration_entries() -> Vec<crate::types::Entry> {
+    let nodes: std::collections::BTreeMap<u64, crate::types::Member> = (1..=3)
+        .map(|id| {
+            let member =
+                crate::types::Member::new(format!("127.0.0.1:{id}1"), format!("127.0.0.1:{id}2"));
+            (id, member)
+        })
+        .collect();
+    let members = Membership::new(vec![[1u64, 2, 3].into()], nodes).unwrap();
+    let mut entries = vec![
+        Entry {
+            log_id: log_id(1, 1),
+            payload: EntryPayload::Blank,
+        },
+        Entry {
+            log_id: log_id(1, 2),
+            payload: EntryPayload::Membership(members),
+        },
+    ];
+    entries.extend((3..=40).map(|i| put(i, &format!("k{}", i % 7), &format!("v{i}"))));
+    entries.push(delete(41, "k3"));
+    entries
+}
+
+/// A directory as a format 2 raftkv left it after a clean stop: a vote, a purged log, a snapshot
+/// and applied state after it. Written by this build, then given format 2's snapshot metadata
+/// (openraft 0.10's own serde shape, as format 2 stored it; every other value had the same bytes)
+/// and format key. tests/migration.rs does the same with a directory made by the format 2 binary.
+async fn format_2_dir() -> tempfile::TempDir {
+    use super::snapshot::{SNAPSHOT_KEY, SNAPSHOT_META_KEY};
+    /// How format 2 stored the snapshot: openraft's `SnapshotMeta` as it serializes itself.
+    #[derive(serde::Serialize)]
+    struct StoredSnapshotV2 {
+        meta: crate::types::SnapshotMeta,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = open(dir.path(), 1).unwrap();
+    let entries = migration_entries();
+    append(&mut log, entries.clone()).await;
+    log.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
+    log.save_committed(Some(log_id(1, 41))).await.unwrap();
+    apply(&mut sm, entries[..30].to_vec()).await;
+    build_snapshot(&mut sm).await;
+    log.purge(log_id(1, 20)).await.unwrap();
+    apply(&mut sm, entries[30..].to_vec()).await;
+    sm.close().await.unwrap();
+
+    let snapshots = sm.inner.snapshots.clone();
+    let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+    let v2 = StoredSnapshotV2 {
+        meta: snapshot.meta.clone(),
+        data: snapshot.snapshot.into_inner(),
+    };
+    let v2_bytes = crate::codec::encode(&v2).unwrap();
+    // The migration's own reader of format 2 agrees with what openraft's shape gave.
+    let ours = super::migrate::StoredSnapshotV2(super::snapshot::StoredSnapshot {
+        meta: v2.meta.clone(),
+        data: v2.data.clone(),
+    });
+    assert_eq!(v2_bytes, super::record::Record::encode(&ours).unwrap());
+    snapshots.insert(SNAPSHOT_KEY, v2_bytes).unwrap();
+    snapshots
+        .insert(SNAPSHOT_META_KEY, crate::codec::encode(&v2.meta).unwrap())
+        .unwrap();
+    log.meta
+        .insert(super::FORMAT_KEY, crate::codec::encode(&2u32).unwrap())
+        .unwrap();
+    sm.db().flush().unwrap();
+    dir
+}
+
+/// Opens a directory with sled alone, once the handles a test dropped have let go of its lock.
+async fn raw_db(dir: &std::path::Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match super::sled_config(dir).open() {
+            Err(e) if e.to_string().contains("lock") && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
+/// Every value of the trees whose bytes format 2 and 3 share.
+fn unchanged_trees(db: &sled::Db) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    ["raft_log", "sm_data"]
+        .iter()
+        .flat_map(|name| {
+            let tree = db.open_tree(name).unwrap();
+            tree.iter()
+                .map(|kv| {
+                    let (k, v) = kv.unwrap();
+                    (name.to_string(), k.to_vec(), v.to_vec())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// What a migrated directory must hold: everything [`format_2_dir`] wrote, read through format 3.
+async fn assert_migrated(dir: &std::path::Path) {
+    let (mut log, mut sm) = reopen(dir, 1).await.unwrap();
+    let format: u32 =
+        crate::codec::decode(&log.meta.get(super::FORMAT_KEY).unwrap().unwrap()).unwrap();
+    assert_eq!(format, super::FORMAT);
+    assert_eq!(
+        log.read_vote().await.unwrap(),
+        Some(Vote::new_committed(1, 1))
+    );
+    let state = log.get_log_state().await.unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 20)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 41)));
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 41)));
+    let entries = log.try_get_log_entries(0..100).await.unwrap();
+    assert_eq!(entries, migration_entries()[20..].to_vec());
+
+    let snapshot = sm
+        .get_current_snapshot()
+        .await
+        .unwrap()
+        .expect("the snapshot is kept");
+    assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 30)));
+    assert_eq!(snapshot.meta.last_membership.log_id(), &Some(log_id(1, 2)));
+    let (applied, membership) = sm.applied_state().await.unwrap();
+    assert_eq!(
+        applied,
+        Some(log_id(1, 41)),
+        "the clean stop's state is kept"
+    );
+    let peer = membership
+        .membership()
+        .get_node(&2)
+        .map(|m| m.peer_addr.clone());
+    assert_eq!(peer.as_deref(), Some("127.0.0.1:22"));
+    let k3 = sm.get(b"k3").unwrap();
+    assert_eq!(k3, None, "deleted at 41");
+    let k5 = sm.get(b"k5").unwrap().unwrap();
+    assert_eq!(
+        (
+            k5.value.as_slice(),
+            k5.create_revision,
+            k5.mod_revision,
+            k5.version
+        ),
+        (&b"v40"[..], 5, 40, 6)
+    );
+    // Cleanly again, so the next open keeps this state too.
+    sm.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_format_2_directory_is_migrated_at_open_and_checked_as_it_is_before() {
+    let dir = format_2_dir().await;
+    let before = unchanged_trees(&raw_db(dir.path()).await);
+    let report = check_offline(dir.path()).await;
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert!(
+        report
+            .checked
+            .iter()
+            .any(|c| c.contains("storage format 2")),
+        "{:?}",
+        report.checked
+    );
+    // The old shape is not readable as the new one: the migration is what makes it open.
+    assert!(
+        super::integrity::check_meta(&raw_db(dir.path()).await, Some(1), super::FORMAT)
+            .problems
+            .iter()
+            .any(|p| p.contains("snapshot_meta")),
+    );
+    assert_migrated(dir.path()).await;
+    assert_eq!(
+        unchanged_trees(&raw_db(dir.path()).await),
+        before,
+        "the log and the data are not rewritten"
+    );
+    let report = check_offline(dir.path()).await;
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert!(
+        !report
+            .checked
+            .iter()
+            .any(|c| c.contains("storage format 2"))
+    );
+    // Opened again: format 3, nothing left to migrate.
+    assert_migrated(dir.path()).await;
+    // A crash after the migration rebuilds the state from the migrated snapshot.
+    drop(reopen(dir.path(), 1).await.unwrap());
+    let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 30)));
+    assert_eq!(sm.get(b"k3").unwrap().unwrap().mod_revision, 24);
+}
+
+/// A migration stopped at any point (a crash) leaves a directory the next start opens correctly:
+/// untouched format 2 before the transaction, complete format 3 after it.
+#[tokio::test]
+async fn an_interrupted_migration_is_finished_or_redone_at_the_next_open() {
+    use super::migrate::{Step, to_3_until};
+    for (stop, format_after) in [(Step::Converted, 2), (Step::Written, 3)] {
+        let dir = format_2_dir().await;
+        {
+            let db = raw_db(dir.path()).await;
+            to_3_until(&db, Some(stop)).unwrap();
+            assert_eq!(
+                super::check_format(&db, dir.path()).unwrap(),
+                format_after,
+                "stopped after {stop:?}"
+            );
+        }
+        assert_migrated(dir.path()).await;
+    }
+}
+
+/// A format 2 snapshot still in the place older builds kept it (`sm_meta`) is migrated there, then
+/// moved.
+#[tokio::test]
+async fn a_format_2_snapshot_in_the_old_place_is_migrated_and_moved() {
+    use super::snapshot::{SNAPSHOT_KEY, SNAPSHOT_META_KEY};
+    let dir = format_2_dir().await;
+    {
+        let db = raw_db(dir.path()).await;
+        let t = super::trees(&db).unwrap();
+        for key in [SNAPSHOT_KEY, SNAPSHOT_META_KEY] {
+            let v = t.sm_snapshot.remove(key).unwrap().unwrap();
+            t.sm_meta.insert(key, v).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    assert_migrated(dir.path()).await;
 }

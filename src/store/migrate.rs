@@ -1,0 +1,154 @@
+//! Storage format 2 -> 3, run at open before anything else reads the directory.
+//!
+//! Format 3 stores openraft's values through raftkv's own records (see `record`). Those were laid
+//! out so that every value format 2 stored in openraft's serde shape keeps its bytes (log entries,
+//! the vote, log ids, memberships; pinned in `record`'s tests), except snapshot metadata: format 2
+//! stored openraft 0.10's `SnapshotMeta`, which ends with a reserved, always-empty `snapshot_id`
+//! string, and format 3's record has no such field. So the migration rewrites only the snapshot
+//! metadata: `snapshot_meta` alone and inside the stored `snapshot`, in `sm_snapshot` (or in
+//! `sm_meta`, where older builds kept them; `snapshot::move_out_of_meta` moves them later, bytes
+//! as they are). Rewriting the log as well would write the same bytes again, at the risk of a
+//! crash half way for no gain.
+//!
+//! Crash safety: the rewritten values and the new format key go into one sled transaction across
+//! the trees, which is then flushed. sled recovers a transaction whole or not at all, so after a
+//! crash the directory is either still format 2 throughout (the next start migrates again from
+//! scratch: the migration reads only format 2 values) or format 3 throughout. Nothing is deleted.
+//!
+//! Format 2's shapes are spelt out here too, so this migration keeps reading format 2 whatever a
+//! later openraft does to its own types. They reuse format 3's records for the parts whose bytes are
+//! the same; a format that changes one of those records must give this module its own copy first.
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{TransactionError, Transactional};
+
+use super::record::{self, Record};
+use super::snapshot::{SNAPSHOT_KEY, SNAPSHOT_META_KEY, StoredSnapshot, StoredSnapshotRecord};
+use super::{FORMAT_KEY, StoreError, trees, tx_err};
+use crate::codec::{self, CodecError};
+use crate::types;
+
+/// Format 2's snapshot metadata: openraft 0.10's serde shape, with its reserved `snapshot_id` last
+/// (empty when openraft 0.10 wrote it, a transfer id when 0.9 did; ignored either way).
+#[derive(Serialize, Deserialize)]
+struct SnapshotMetaRecordV2 {
+    last_log_id: Option<record::LogId>,
+    last_membership: record::StoredMembership,
+    snapshot_id: String,
+}
+
+/// Snapshot metadata as format 2 stored it.
+pub(super) struct SnapshotMetaV2(pub types::SnapshotMeta);
+
+/// The stored snapshot as format 2 stored it (the image inside is the same in both formats).
+pub(super) struct StoredSnapshotV2(pub StoredSnapshot);
+
+impl Record for SnapshotMetaV2 {
+    fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        codec::encode(&v2_meta(&self.0))
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        Ok(SnapshotMetaV2(from_v2_meta(codec::decode(bytes)?)?))
+    }
+}
+
+impl Record for StoredSnapshotV2 {
+    fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        codec::encode(&StoredSnapshotRecord {
+            meta: v2_meta(&self.0.meta),
+            data: serde_bytes::Bytes::new(&self.0.data),
+        })
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, CodecError> {
+        let stored: StoredSnapshotRecord<SnapshotMetaRecordV2, serde_bytes::ByteBuf> =
+            codec::decode(bytes)?;
+        Ok(StoredSnapshotV2(StoredSnapshot {
+            meta: from_v2_meta(stored.meta)?,
+            data: stored.data.into_vec(),
+        }))
+    }
+}
+
+fn v2_meta(meta: &types::SnapshotMeta) -> SnapshotMetaRecordV2 {
+    let record::SnapshotMeta {
+        last_log_id,
+        last_membership,
+    } = meta.into();
+    SnapshotMetaRecordV2 {
+        last_log_id,
+        last_membership,
+        snapshot_id: String::new(),
+    }
+}
+
+fn from_v2_meta(meta: SnapshotMetaRecordV2) -> Result<types::SnapshotMeta, CodecError> {
+    record::SnapshotMeta {
+        last_log_id: meta.last_log_id,
+        last_membership: meta.last_membership,
+    }
+    .try_into()
+}
+
+/// The points a migration can be stopped at, for the tests that show a stop anywhere is harmless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Everything format 2 stored was read and converted; nothing written yet.
+    Converted,
+    /// The transaction is written (durable at the next flush, sled's own or the node's).
+    Written,
+}
+
+/// Rewrites a format 2 directory as format 3 (see the module doc).
+pub(super) fn to_3(db: &sled::Db) -> Result<(), StoreError> {
+    to_3_until(db, None)
+}
+
+/// [`to_3`], returning early after `stop` when one is given.
+pub(super) fn to_3_until(db: &sled::Db, stop: Option<Step>) -> Result<(), StoreError> {
+    let t = trees(db)?;
+    let mut meta_writes: Vec<(&'static [u8], sled::IVec)> = Vec::new();
+    let mut snapshot_writes: Vec<(&'static [u8], sled::IVec)> = Vec::new();
+    let mut covers = None;
+    for (tree, writes) in [
+        (&t.sm_meta, &mut meta_writes),
+        (&t.sm_snapshot, &mut snapshot_writes),
+    ] {
+        if let Some(bytes) = tree.get(SNAPSHOT_META_KEY)? {
+            let SnapshotMetaV2(meta) = SnapshotMetaV2::decode(&bytes)?;
+            covers = meta.last_log_id;
+            writes.push((SNAPSHOT_META_KEY, meta.encode()?.into()));
+        }
+        if let Some(bytes) = tree.get(SNAPSHOT_KEY)? {
+            let StoredSnapshotV2(stored) = StoredSnapshotV2::decode(&bytes)?;
+            writes.push((SNAPSHOT_KEY, stored.encode()?.into()));
+        }
+    }
+    if stop == Some(Step::Converted) {
+        return Ok(());
+    }
+    let format: sled::IVec = codec::encode(&3u32)?.into();
+    let result: Result<(), TransactionError<String>> = (&t.raft_meta, &t.sm_meta, &t.sm_snapshot)
+        .transaction(|(raft_meta, sm_meta, sm_snapshot)| {
+            for (key, value) in &meta_writes {
+                sm_meta.insert(*key, value.clone())?;
+            }
+            for (key, value) in &snapshot_writes {
+                sm_snapshot.insert(*key, value.clone())?;
+            }
+            raft_meta.insert(FORMAT_KEY, format.clone())?;
+            Ok(())
+        });
+    result.map_err(tx_err)?;
+    if stop == Some(Step::Written) {
+        return Ok(());
+    }
+    db.flush()?;
+    tracing::info!(
+        snapshot = ?covers,
+        rewritten = meta_writes.len() + snapshot_writes.len(),
+        "migrated the data directory from storage format 2 to 3: rewrote the snapshot metadata \
+         without openraft's reserved snapshot_id; the log, vote and memberships already had \
+         format 3's bytes"
+    );
+    Ok(())
+}
