@@ -7,7 +7,6 @@
 pub mod api;
 pub mod bench;
 pub mod cli;
-pub mod client;
 pub mod codec;
 pub mod config;
 pub mod forward;

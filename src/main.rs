@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use raftkv::cli::{Encoding, TxnFile, key_after, parse_compare, parse_op};
-use raftkv::client::Client;
 use raftkv::config::ServerArgs;
 use raftkv::pb::v1 as pb;
+use raftkv_client::Client;
 
 #[derive(Parser)]
 #[command(name = "raftkv", version, about = "A Raft-replicated key-value store")]
@@ -239,15 +239,15 @@ fn kv_json(kv: &pb::KeyValue, enc: Encoding) -> serde_json::Value {
 }
 
 fn client(args: &ClientArgs) -> anyhow::Result<Client> {
-    Client::with_tls(
+    Ok(Client::with_tls(
         &args.endpoints,
         Duration::from_millis(args.timeout_ms),
         args.tls.config()?,
-    )
+    )?)
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    let s = raftkv::client::own_timeout_is_deadline_exceeded(s);
+    let s = raftkv_client::own_timeout_is_deadline_exceeded(s);
     anyhow::anyhow!("{}: {}", code_name(s.code()), s.message())
 }
 

@@ -9,9 +9,7 @@ use tonic::metadata::MetadataValue;
 
 use crate::types::NodeId;
 
-pub const NODE_ID_HEADER: &str = "raftkv-node-id";
-pub const LEADER_ID_HEADER: &str = "raftkv-leader-id";
-pub const LEADER_ADDR_HEADER: &str = "raftkv-leader-addr";
+pub use raftkv_client::{LEADER_ADDR_HEADER, LEADER_ID_HEADER, NODE_ID_HEADER};
 
 /// Who this node believes leads, for hints in `UNAVAILABLE` answers.
 #[derive(Debug, Clone, Default)]
@@ -82,59 +80,20 @@ impl ApiError {
     }
 }
 
-/// True when a status is a raftkv node's own `UNAVAILABLE` or the request never reached a server, i.e.
-/// it was certainly not proposed. Anything else from a forwarded write leaves its fate unknown.
-pub fn certainly_not_proposed(status: &tonic::Status) -> bool {
-    if status.code() != tonic::Code::Unavailable {
-        return false;
-    }
-    if status.metadata().contains_key(NODE_ID_HEADER) {
-        return true;
-    }
-    // tonic's connect failures never sent a byte of the request. Match them exactly: a connection that
-    // breaks mid-call ("error reading a body from connection", "connection reset") also says
-    // "connect", and that request may well have been proposed.
-    let text = format!("{status:?}").to_ascii_lowercase();
-    CONNECT_FAILURES.iter().any(|p| text.contains(p))
-}
-
-const CONNECT_FAILURES: [&str; 4] = [
-    "tcp connect error",
-    "error trying to connect",
-    "connection refused",
-    "client error (connect)",
-];
+/// The client crate's retry rule: a status is certainly not proposed when it is a raftkv node's own
+/// `UNAVAILABLE` or its transport error shows the request never reached a server.
+pub use raftkv_client::certainly_not_proposed;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The rule the client crate applies reads the header this node stamps on its refusals.
     #[test]
-    fn only_refusals_before_sending_are_certainly_not_proposed() {
+    fn this_nodes_refusal_is_certainly_not_proposed() {
         let own = ApiError::unavailable("not the leader", LeaderHint::default()).into_status(2);
         assert!(certainly_not_proposed(&own));
-        for before in [
-            "tcp connect error",
-            "error trying to connect: tcp connect error: Connection refused (os error 111)",
-        ] {
-            assert!(
-                certainly_not_proposed(&tonic::Status::unavailable(before)),
-                "{before}"
-            );
-        }
-        for during in [
-            "error reading a body from connection",
-            "connection reset",
-            "transport error: connection closed before message completed",
-            "h2 protocol error: broken pipe",
-        ] {
-            assert!(
-                !certainly_not_proposed(&tonic::Status::unavailable(during)),
-                "{during}"
-            );
-        }
-        assert!(!certainly_not_proposed(&tonic::Status::unknown(
-            "tcp connect error"
-        )));
+        let unknown = ApiError::Unknown("in flight".into()).into_status(2);
+        assert!(!certainly_not_proposed(&unknown));
     }
 }
