@@ -5,12 +5,10 @@
 //! per layer.
 
 pub mod api;
-pub mod bench;
 pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod forward;
-pub mod jepsen;
 pub mod listener;
 pub mod network;
 pub mod node;

@@ -143,16 +143,26 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Load a raftkv (or etcd) cluster and report throughput and latency.
-    Bench(Box<raftkv::bench::BenchArgs>),
+    /// Load a raftkv (or etcd) cluster and report throughput and latency (runs raftkv-bench).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Passed to raftkv-bench as they are (`raftkv bench --help` shows them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Show every node's role, term, leader and indexes.
     Status {
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Fault test: start a fresh cluster, inject partitions, crashes and pauses under load, check the
-    /// history (exit 0 pass, 1 anomaly, 2 unknown).
-    Jepsen(raftkv::jepsen::JepsenArgs),
+    /// history (exit 0 pass, 1 anomaly, 2 unknown). Runs raftkv-jepsen.
+    #[command(disable_help_flag = true)]
+    Jepsen {
+        /// Passed to raftkv-jepsen as they are (`raftkv jepsen --help` shows them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Verify a stopped node's data directory (exit 0 clean, 1 corrupt, 2 could not check).
     Check(raftkv::store::integrity::CheckArgs),
     /// Make a CA, a certificate per node (server and client auth, for both ports) and a client
@@ -192,14 +202,45 @@ fn init_tracing() {
         .init();
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// Replaces this process with the tool `name` found next to this binary (so signals and the exit
+/// status are the tool's own); returns only if that failed.
+fn exec_sibling(name: &str, args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
+    use std::os::unix::process::CommandExt as _;
+    let path = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name(name),
+        Err(e) => {
+            eprintln!("error: locating the raftkv binary to find {name} beside it: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let e = std::process::Command::new(&path).args(args).exec();
+    if e.kind() == std::io::ErrorKind::NotFound {
+        eprintln!(
+            "error: {} not found: `raftkv {}` runs it from beside raftkv; build it with \
+             `cargo build --release`",
+            path.display(),
+            name.trim_start_matches("raftkv-"),
+        );
+    } else {
+        eprintln!("error: running {}: {e}", path.display());
+    }
+    std::process::ExitCode::from(2)
+}
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Command::Jepsen { args } => exec_sibling("raftkv-jepsen", args),
+        Command::Bench { args } => exec_sibling("raftkv-bench", args),
+        command => run(command),
+    }
+}
+
+#[tokio::main]
+async fn run(command: Command) -> std::process::ExitCode {
     init_tracing();
-    let result = match cli.command {
+    let result = match command {
         Command::Server(args) => raftkv::server::run(*args).await,
-        Command::Jepsen(args) => raftkv::jepsen::run(args).await,
-        Command::Bench(args) => raftkv::bench::run(*args).await.map_err(Into::into),
         Command::Check(args) => Ok(raftkv::store::integrity::run_check(&args)),
         Command::Certs(args) => raftkv::tls::run_certs(&args),
         other => run_client(other).await,
@@ -286,8 +327,8 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
     let mut out = std::io::BufWriter::new(std::io::stdout());
     let code = match command {
         Command::Server(_)
-        | Command::Jepsen(_)
-        | Command::Bench(_)
+        | Command::Jepsen { .. }
+        | Command::Bench { .. }
         | Command::Check(_)
         | Command::Certs(_) => {
             unreachable!("handled by main")
