@@ -170,38 +170,6 @@ enum Command {
     Certs(raftkv::tls::CertsArgs),
 }
 
-/// Targets whose warnings raftkv replaces with rate-limited lines of its own, and the directive that
-/// quiets each. openraft's heartbeat worker warns on every failed heartbeat, tens a second for each
-/// peer that is down; raftkv's network reports such a peer instead (network/backoff.rs). A filter
-/// that names the target gets them back.
-const QUIETED: &[(&str, &str)] = &[(
-    "openraft::core::heartbeat",
-    "openraft::core::heartbeat=error",
-)];
-
-fn init_tracing() {
-    let spec = std::env::var("RAFTKV_LOG").ok();
-    let mut filter = spec
-        .as_deref()
-        .and_then(|s| tracing_subscriber::EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn")
-        });
-    for (target, directive) in QUIETED {
-        let named = spec.as_deref().is_some_and(|s| s.contains(target));
-        if let (false, Ok(directive)) = (named, directive.parse()) {
-            filter = filter.add_directive(directive);
-        }
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for people: logs redirected to files stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
-}
-
 /// Replaces this process with the tool `name` found next to this binary (so signals and the exit
 /// status are the tool's own); returns only if that failed.
 fn exec_sibling(name: &str, args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
@@ -238,7 +206,7 @@ fn main() -> std::process::ExitCode {
 
 #[tokio::main]
 async fn run(command: Command) -> std::process::ExitCode {
-    init_tracing();
+    raftkv::cli::init_tracing();
     let result = match command {
         Command::Server(args) => raftkv::server::run(*args).await,
         Command::Check(args) => Ok(raftkv::store::integrity::run_check(&args)),

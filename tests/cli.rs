@@ -326,3 +326,30 @@ async fn check_no_quorum(cluster: &Cluster, id: u64) {
     eprintln!("node {id}, write: {:?}: {}", err.code(), err.message());
     assert!(says_no_quorum(err.message()), "node {id}: {err:?}");
 }
+
+/// `raftkv jepsen` and `raftkv bench` run the tools beside the binary with every argument, `--help`
+/// included, and say how to build a tool that is missing.
+#[test]
+fn jepsen_and_bench_run_the_sibling_binaries() {
+    for (verb, flag) in [("jepsen", "--register-clients"), ("bench", "--connections")] {
+        let out = Command::new(bin())
+            .args([verb, "--help"])
+            .output()
+            .expect("run the CLI");
+        assert!(out.status.success(), "raftkv {verb} --help: {out:?}");
+        assert!(stdout(&out).contains(flag), "{}", stdout(&out));
+    }
+    let alone = tempfile::tempdir().expect("tempdir");
+    let copy = alone.path().join("raftkv");
+    std::fs::copy(bin(), &copy).expect("copy the binary");
+    let out = Command::new(&copy)
+        .args(["jepsen", "--time=1"])
+        .output()
+        .expect("run the copy");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("raftkv-jepsen not found") && err.contains("cargo build --release"),
+        "{err}"
+    );
+}
