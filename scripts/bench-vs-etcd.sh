@@ -37,7 +37,7 @@ fi
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 BIN=$TARGET_DIR/release/raftkv
 log "building raftkv with etcd support"
-(cd "$REPO" && cargo build --release --features etcd --quiet) || die "build failed"
+(cd "$REPO" && cargo build --release --quiet && cargo build --release --quiet -p raftkv-bench --features etcd) || die "build failed"
 
 WORK=$(mktemp -d -t raftkv-bench.XXXXXX)
 OUT=${BENCH_OUT:-$WORK/results}

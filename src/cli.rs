@@ -10,6 +10,54 @@ use serde::Deserialize;
 
 use crate::pb::v1 as pb;
 
+/// Targets whose warnings raftkv replaces with rate-limited lines of its own, and the directive that
+/// quiets each. openraft's heartbeat worker warns on every failed heartbeat, tens a second for each
+/// peer that is down; raftkv's network reports such a peer instead (network/backoff.rs). A filter
+/// that names the target gets them back.
+const QUIETED: &[(&str, &str)] = &[(
+    "openraft::core::heartbeat",
+    "openraft::core::heartbeat=error",
+)];
+
+/// The log setup of every raftkv binary (the server, the CLI and the tools beside it): `RAFTKV_LOG`
+/// or a default that keeps dependencies' chatter out, to standard error.
+pub fn init_tracing() {
+    let spec = std::env::var("RAFTKV_LOG").ok();
+    let mut filter = spec
+        .as_deref()
+        .and_then(|s| tracing_subscriber::EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| {
+            tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn")
+        });
+    for (target, directive) in QUIETED {
+        let named = spec.as_deref().is_some_and(|s| s.contains(target));
+        if let (false, Ok(directive)) = (named, directive.parse()) {
+            filter = filter.add_directive(directive);
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // Colour only for people: logs redirected to files stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
+/// The exit status of a tool beside the CLI (raftkv-jepsen, raftkv-bench): its own, or 2 with the
+/// error printed when it could not run.
+pub fn tool_exit(
+    result: Result<std::process::ExitCode, impl std::fmt::Display>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 /// How keys and values are typed on the command line and printed.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub enum Encoding {

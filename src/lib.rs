@@ -25,13 +25,10 @@
 //! openraft's types appear only in `node`, `network`, `store`, `types` and `config` (its settings).
 
 pub mod api;
-pub mod bench;
 pub mod cli;
-pub mod client;
 pub mod codec;
 pub mod config;
 pub mod grpc;
-pub mod jepsen;
 pub mod limits;
 pub mod listener;
 pub mod network;

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use raftkv::cli::{Encoding, TxnFile, key_after, parse_compare, parse_op};
-use raftkv::client::Client;
 use raftkv::config::ServerArgs;
 use raftkv::pb::v1 as pb;
+use raftkv_client::Client;
 
 #[derive(Parser)]
 #[command(name = "raftkv", version, about = "A Raft-replicated key-value store")]
@@ -143,16 +143,26 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Load a raftkv (or etcd) cluster and report throughput and latency.
-    Bench(Box<raftkv::bench::BenchArgs>),
+    /// Load a raftkv (or etcd) cluster and report throughput and latency (runs raftkv-bench).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Passed to raftkv-bench as they are (`raftkv bench --help` shows them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Show every node's role, term, leader and indexes.
     Status {
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Fault test: start a fresh cluster, inject partitions, crashes and pauses under load, check the
-    /// history (exit 0 pass, 1 anomaly, 2 unknown).
-    Jepsen(raftkv::jepsen::JepsenArgs),
+    /// history (exit 0 pass, 1 anomaly, 2 unknown). Runs raftkv-jepsen.
+    #[command(disable_help_flag = true)]
+    Jepsen {
+        /// Passed to raftkv-jepsen as they are (`raftkv jepsen --help` shows them).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Verify a stopped node's data directory (exit 0 clean, 1 corrupt, 2 could not check).
     Check(raftkv::store::integrity::CheckArgs),
     /// Make a CA, a certificate per node (server and client auth, for both ports) and a client
@@ -160,46 +170,45 @@ enum Command {
     Certs(raftkv::tls::CertsArgs),
 }
 
-/// Targets whose warnings raftkv replaces with rate-limited lines of its own, and the directive that
-/// quiets each. openraft's heartbeat worker warns on every failed heartbeat, tens a second for each
-/// peer that is down; raftkv's network reports such a peer instead (network/backoff.rs). A filter
-/// that names the target gets them back.
-const QUIETED: &[(&str, &str)] = &[(
-    "openraft::core::heartbeat",
-    "openraft::core::heartbeat=error",
-)];
-
-fn init_tracing() {
-    let spec = std::env::var("RAFTKV_LOG").ok();
-    let mut filter = spec
-        .as_deref()
-        .and_then(|s| tracing_subscriber::EnvFilter::try_new(s).ok())
-        .unwrap_or_else(|| {
-            tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn,h2=warn,tower=warn")
-        });
-    for (target, directive) in QUIETED {
-        let named = spec.as_deref().is_some_and(|s| s.contains(target));
-        if let (false, Ok(directive)) = (named, directive.parse()) {
-            filter = filter.add_directive(directive);
+/// Replaces this process with the tool `name` found next to this binary (so signals and the exit
+/// status are the tool's own); returns only if that failed.
+fn exec_sibling(name: &str, args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
+    use std::os::unix::process::CommandExt as _;
+    let path = match std::env::current_exe() {
+        Ok(exe) => exe.with_file_name(name),
+        Err(e) => {
+            eprintln!("error: locating the raftkv binary to find {name} beside it: {e}");
+            return std::process::ExitCode::from(2);
         }
+    };
+    let e = std::process::Command::new(&path).args(args).exec();
+    if e.kind() == std::io::ErrorKind::NotFound {
+        eprintln!(
+            "error: {} not found: `raftkv {}` runs it from beside raftkv; build it with \
+             `cargo build --release`",
+            path.display(),
+            name.trim_start_matches("raftkv-"),
+        );
+    } else {
+        eprintln!("error: running {}: {e}", path.display());
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for people: logs redirected to files stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    std::process::ExitCode::from(2)
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Jepsen { args } => exec_sibling("raftkv-jepsen", args),
+        Command::Bench { args } => exec_sibling("raftkv-bench", args),
+        command => run(command),
+    }
 }
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    init_tracing();
-    let result = match cli.command {
+async fn run(command: Command) -> std::process::ExitCode {
+    raftkv::cli::init_tracing();
+    let result = match command {
         Command::Server(args) => raftkv::server::run(*args).await,
-        Command::Jepsen(args) => raftkv::jepsen::run(args).await,
-        Command::Bench(args) => raftkv::bench::run(*args).await.map_err(Into::into),
         Command::Check(args) => Ok(raftkv::store::integrity::run_check(&args)),
         Command::Certs(args) => raftkv::tls::run_certs(&args),
         other => run_client(other).await,
@@ -239,15 +248,15 @@ fn kv_json(kv: &pb::KeyValue, enc: Encoding) -> serde_json::Value {
 }
 
 fn client(args: &ClientArgs) -> anyhow::Result<Client> {
-    Client::with_tls(
+    Ok(Client::with_tls(
         &args.endpoints,
         Duration::from_millis(args.timeout_ms),
         args.tls.config()?,
-    )
+    )?)
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    let s = raftkv::client::own_timeout_is_deadline_exceeded(s);
+    let s = raftkv_client::own_timeout_is_deadline_exceeded(s);
     anyhow::anyhow!("{}: {}", code_name(s.code()), s.message())
 }
 
@@ -286,8 +295,8 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
     let mut out = std::io::BufWriter::new(std::io::stdout());
     let code = match command {
         Command::Server(_)
-        | Command::Jepsen(_)
-        | Command::Bench(_)
+        | Command::Jepsen { .. }
+        | Command::Bench { .. }
         | Command::Check(_)
         | Command::Certs(_) => {
             unreachable!("handled by main")

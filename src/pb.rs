@@ -1,9 +1,7 @@
 //! Generated protobuf and gRPC code.
 
-/// The public API, `raftkv.v1`.
-pub mod v1 {
-    tonic::include_proto!("raftkv.v1");
-}
+/// The public API, `raftkv.v1`, generated once by the client crate.
+pub use raftkv_client::pb::v1;
 
 /// Node-to-node traffic, `raftkv.internal.v1`.
 pub mod internal {

@@ -103,22 +103,3 @@ async fn leader_and_probe_helpers_work() {
         .expect("probe prints milliseconds");
     assert!(ms >= 0.0);
 }
-
-#[cfg(not(feature = "etcd"))]
-#[test]
-fn etcd_target_without_the_feature_says_how_to_get_it() {
-    let out = Command::new(env!("CARGO_BIN_EXE_raftkv"))
-        .args([
-            "bench",
-            "put",
-            "--target",
-            "etcd",
-            "--endpoints",
-            "127.0.0.1:1",
-        ])
-        .output()
-        .expect("run raftkv bench");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--features etcd"), "{err}");
-}

@@ -217,7 +217,7 @@ async fn txn_from_flags_and_from_a_file() {
 
 /// What the README's error table says about a node without a quorum: a strong read that cannot reach
 /// a quorum or a leader is UNAVAILABLE with a message that says so, on the old leader and on a
-/// follower alike, through tonic, `raftkv::client` and the CLI; an eventual read still answers from
+/// follower alike, through tonic, `raftkv_client` and the CLI; an eventual read still answers from
 /// the node's own state. A write is UNAVAILABLE once the leader's lease has lapsed (refused before it
 /// is proposed); one proposed just before may only be DEADLINE_EXCEEDED (its fate is unknown).
 #[tokio::test]
@@ -280,7 +280,7 @@ async fn check_no_quorum(cluster: &Cluster, id: u64) {
         "node {id}: raftkv's own answer, not the transport's: {err:?}"
     );
 
-    let client = raftkv::client::Client::new(&[cluster.addr(id)], timeout).expect("client");
+    let client = raftkv_client::Client::new(&[cluster.addr(id)], timeout).expect("client");
     let err = client
         .get(b"ready".to_vec(), pb::Consistency::Strong, 0)
         .await
@@ -325,4 +325,31 @@ async fn check_no_quorum(cluster: &Cluster, id: u64) {
     };
     eprintln!("node {id}, write: {:?}: {}", err.code(), err.message());
     assert!(says_no_quorum(err.message()), "node {id}: {err:?}");
+}
+
+/// `raftkv jepsen` and `raftkv bench` run the tools beside the binary with every argument, `--help`
+/// included, and say how to build a tool that is missing.
+#[test]
+fn jepsen_and_bench_run_the_sibling_binaries() {
+    for (verb, flag) in [("jepsen", "--register-clients"), ("bench", "--connections")] {
+        let out = Command::new(bin())
+            .args([verb, "--help"])
+            .output()
+            .expect("run the CLI");
+        assert!(out.status.success(), "raftkv {verb} --help: {out:?}");
+        assert!(stdout(&out).contains(flag), "{}", stdout(&out));
+    }
+    let alone = tempfile::tempdir().expect("tempdir");
+    let copy = alone.path().join("raftkv");
+    std::fs::copy(bin(), &copy).expect("copy the binary");
+    let out = Command::new(&copy)
+        .args(["jepsen", "--time=1"])
+        .output()
+        .expect("run the copy");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("raftkv-jepsen not found") && err.contains("cargo build --release"),
+        "{err}"
+    );
 }

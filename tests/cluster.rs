@@ -535,7 +535,7 @@ async fn sigkill_of_the_whole_cluster_loses_no_acknowledged_write() {
         let acked = acked.clone();
         let stop = stop.clone();
         writers.push(tokio::spawn(async move {
-            let client = raftkv::client::Client::new(&endpoints, 2 * SECOND).unwrap();
+            let client = raftkv_client::Client::new(&endpoints, 2 * SECOND).unwrap();
             for i in 0..100_000u64 {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     break;

@@ -1,8 +1,9 @@
 //! The fault tests (`raftkv jepsen`) as part of the test suite: a short run of every fault kind that
 //! must pass, the no-root proxy mode, and a deliberately broken client that the checker must catch.
 //!
-//! Each test runs the release binary's own `jepsen` subcommand, which starts its own cluster of release
-//! binaries, so what CI checks is exactly what `scripts/jepsen.sh` runs for longer.
+//! Each test runs `raftkv jepsen` (which runs the raftkv-jepsen binary beside it), and that starts its
+//! own cluster of release binaries, so what CI checks is exactly what `scripts/jepsen.sh` runs for
+//! longer.
 
 use std::path::Path;
 use std::process::Command;

@@ -13,9 +13,7 @@ use crate::limits::Invalid;
 use crate::node::Error;
 use crate::types::NodeId;
 
-pub const NODE_ID_HEADER: &str = "raftkv-node-id";
-pub const LEADER_ID_HEADER: &str = "raftkv-leader-id";
-pub const LEADER_ADDR_HEADER: &str = "raftkv-leader-addr";
+pub use raftkv_client::{LEADER_ADDR_HEADER, LEADER_ID_HEADER, NODE_ID_HEADER};
 
 /// The status node `node_id` answers with for `e`.
 pub fn of(node_id: NodeId, e: Error) -> Status {
@@ -44,15 +42,6 @@ pub fn of(node_id: NodeId, e: Error) -> Status {
 /// A request the API refused before it reached the node.
 pub fn invalid(node_id: NodeId, e: Invalid) -> Status {
     of(node_id, e.into())
-}
-
-/// True when a status is a raftkv node's own `UNAVAILABLE` or the request never reached a server, i.e.
-/// it was certainly not proposed. Anything else from a write leaves its fate unknown.
-pub fn certainly_not_proposed(status: &Status) -> bool {
-    if status.code() != Code::Unavailable {
-        return false;
-    }
-    status.metadata().contains_key(NODE_ID_HEADER) || crate::network::certainly_not_sent(status)
 }
 
 #[cfg(test)]
@@ -91,14 +80,9 @@ mod tests {
             "127.0.0.1:7003"
         );
         assert!(refused.message().contains("node 3 at 127.0.0.1:7003"));
-        assert!(certainly_not_proposed(&refused));
-        assert!(!certainly_not_proposed(&of(
-            2,
-            Error::MaybeApplied("?".into())
-        )));
-        // Not raftkv's own verdict and not a connect failure: unknown.
-        assert!(!certainly_not_proposed(&Status::unavailable(
-            "connection reset"
-        )));
+        // The client crate's retry rule reads the header this table stamps on a refusal.
+        assert!(raftkv_client::certainly_not_proposed(&refused));
+        let unknown = of(2, Error::MaybeApplied("?".into()));
+        assert!(!raftkv_client::certainly_not_proposed(&unknown));
     }
 }

@@ -12,10 +12,9 @@ mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tonic::codegen::InterceptedService;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::limits::MAX_PEER_MESSAGE_BYTES;
 use crate::pb::internal::forward_client::ForwardClient;
@@ -118,47 +117,9 @@ impl PeerChannels {
     }
 }
 
-/// How long a TLS handshake with a node may take before the connection attempt fails.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The connection settings every raftkv-to-raftkv (and CLI-to-raftkv) connection uses. With `tls`
-/// the address is dialed over https (whatever scheme it was written with), and the server's
-/// certificate must be valid for the address' host.
-pub fn endpoint(
-    addr: &str,
-    tls: Option<&ClientTlsConfig>,
-) -> Result<Endpoint, tonic::transport::Error> {
-    let uri = match (addr.split_once("://"), tls) {
-        (Some((_, rest)), Some(_)) => format!("https://{rest}"),
-        (Some(_), None) => addr.to_string(),
-        (None, Some(_)) => format!("https://{addr}"),
-        (None, None) => format!("http://{addr}"),
-    };
-    let mut endpoint = Endpoint::from_shared(uri)?;
-    if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls.clone().timeout(TLS_HANDSHAKE_TIMEOUT))?;
-    }
-    Ok(endpoint
-        .connect_timeout(Duration::from_millis(500))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5)))
-}
+/// The connection settings every raftkv-to-raftkv connection uses: the same as every client's.
+pub use raftkv_client::endpoint;
 
 /// True when a failed peer call certainly never reached the peer's handler, so the request in it was
-/// certainly not acted on: the connection could not be made.
-// TODO(client crate): typed rule from the transport error's source chain.
-pub fn certainly_not_sent(status: &tonic::Status) -> bool {
-    if status.code() != tonic::Code::Unavailable {
-        return false;
-    }
-    let text = format!("{status:?}").to_ascii_lowercase();
-    [
-        "tcp connect error",
-        "error trying to connect",
-        "connection refused",
-        "client error (connect)",
-    ]
-    .iter()
-    .any(|p| text.contains(p))
-}
+/// certainly not acted on (the client crate's rule, read from the transport error's type).
+pub use raftkv_client::certainly_not_sent;

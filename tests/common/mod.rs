@@ -329,9 +329,9 @@ impl Cluster {
         ClusterClient::new(self.public_channel(id))
     }
 
-    pub fn client(&self) -> raftkv::client::Client {
+    pub fn client(&self) -> raftkv_client::Client {
         let tls = self.tls.as_ref().map(|(_, client)| client.clone());
-        raftkv::client::Client::with_tls(&self.endpoints(), Duration::from_secs(10), tls)
+        raftkv_client::Client::with_tls(&self.endpoints(), Duration::from_secs(10), tls)
             .expect("client")
     }
 

@@ -1,4 +1,4 @@
-//! `raftkv bench`: closed-loop load against raftkv or etcd, through the same client machinery.
+//! `raftkv bench` (the `raftkv-bench` binary): closed-loop load against raftkv or etcd, through the same client machinery.
 //!
 //! Each of `--clients` tasks sends one request, waits for the answer, records its latency and sends the
 //! next (closed loop, like etcd's `benchmark` tool). Clients share `--connections` HTTP/2 connections,
@@ -36,8 +36,9 @@ pub enum BenchError {
     #[error("cannot connect to {endpoint}: {reason}")]
     Connect { endpoint: String, reason: String },
     #[error(
-        "this raftkv was built without etcd support; rebuild with `cargo build --release --features etcd` \
-         (needs protoc on PATH; scripts/bench-vs-etcd.sh does both)"
+        "this raftkv-bench was built without etcd support; rebuild it with \
+         `cargo build --release -p raftkv-bench --features etcd` (needs protoc on PATH; \
+         scripts/bench-vs-etcd.sh does both)"
     )]
     EtcdDisabled,
     #[error("prefill failed: {0}")]
@@ -54,7 +55,7 @@ pub enum BenchError {
     #[error("histogram: {0}")]
     Histogram(String),
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] ::raftkv::tls::TlsError),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -147,7 +148,7 @@ pub struct BenchArgs {
     pub since_unix_ns: Option<u128>,
     /// TLS to raftkv nodes (`--cacert`, `--cert`, `--key`, as for the CLI).
     #[command(flatten)]
-    pub tls: crate::tls::ClientTlsArgs,
+    pub tls: ::raftkv::tls::ClientTlsArgs,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

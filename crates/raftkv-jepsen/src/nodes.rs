@@ -9,9 +9,9 @@ use anyhow::Context;
 use tonic::transport::Channel;
 
 use super::net::Net;
-use crate::pb::v1::StatusRequest;
-use crate::pb::v1::cluster_client::ClusterClient;
-use crate::pb::v1::kv_client::KvClient;
+use raftkv_client::pb::v1::StatusRequest;
+use raftkv_client::pb::v1::cluster_client::ClusterClient;
+use raftkv_client::pb::v1::kv_client::KvClient;
 
 /// The harness' view of one node process.
 struct Proc {
@@ -54,11 +54,11 @@ impl Nodes {
     ) -> anyhow::Result<Nodes> {
         let tls = tls_dir
             .as_deref()
-            .map(crate::tls::client_config_from_dir)
+            .map(raftkv::tls::client_config_from_dir)
             .transpose()?;
         let mut channels = Vec::new();
         for id in 1..=n {
-            channels.push(crate::network::endpoint(&net.addr(id), tls.as_ref())?.connect_lazy());
+            channels.push(raftkv_client::endpoint(&net.addr(id), tls.as_ref())?.connect_lazy());
         }
         Ok(Nodes {
             n,
@@ -116,7 +116,7 @@ impl Nodes {
         .args(
             self.tls_dir
                 .as_deref()
-                .map(|dir| crate::tls::node_server_args(dir, id))
+                .map(|dir| raftkv::tls::node_server_args(dir, id))
                 .unwrap_or_default(),
         )
         .env(

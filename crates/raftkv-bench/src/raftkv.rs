@@ -7,12 +7,12 @@ use tonic::transport::{Channel, ClientTlsConfig};
 
 use super::BenchError;
 use super::driver::{CasOutcome, OpError};
-use crate::pb::v1 as pb;
-use crate::pb::v1::cluster_client::ClusterClient;
-use crate::pb::v1::kv_client::KvClient;
+use raftkv_client::pb::v1 as pb;
+use raftkv_client::pb::v1::cluster_client::ClusterClient;
+use raftkv_client::pb::v1::kv_client::KvClient;
 
 #[derive(Clone)]
-pub(in crate::bench) struct RaftkvConn {
+pub(crate) struct RaftkvConn {
     kv: KvClient<Channel>,
     timeout: Duration,
 }
@@ -29,7 +29,7 @@ impl RaftkvConn {
         timeout: Duration,
         tls: Option<&ClientTlsConfig>,
     ) -> Result<Self, BenchError> {
-        let channel = crate::network::endpoint(endpoint, tls)
+        let channel = raftkv_client::endpoint(endpoint, tls)
             .map_err(|e| BenchError::Connect {
                 endpoint: endpoint.to_string(),
                 reason: e.to_string(),
@@ -126,7 +126,7 @@ pub(super) async fn leader(
 ) -> Option<String> {
     let mut best: Option<(u64, String)> = None;
     for endpoint in endpoints {
-        let Ok(ep) = crate::network::endpoint(endpoint, tls) else {
+        let Ok(ep) = raftkv_client::endpoint(endpoint, tls) else {
             continue;
         };
         let mut client = ClusterClient::new(ep.connect_lazy());

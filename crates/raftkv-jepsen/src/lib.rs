@@ -1,4 +1,4 @@
-//! `raftkv jepsen`: a Jepsen-style fault test of the real release binary.
+//! `raftkv jepsen` (the `raftkv-jepsen` binary): a Jepsen-style fault test of the real release binary.
 //!
 //! It starts a fresh cluster of separate `raftkv server` processes, runs concurrent clients on every node
 //! while the [`nemesis`] partitions, kills and pauses nodes from outside, records every operation in a
@@ -79,7 +79,7 @@ pub struct JepsenArgs {
     /// Where the history, the summary and the node logs go (default: a new directory under $TMPDIR).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// The raftkv binary to test (default: this one).
+    /// The raftkv binary to test (default: the `raftkv` next to this binary).
     #[arg(long)]
     pub bin: Option<PathBuf>,
     /// Extra `raftkv server` arguments for every node, e.g. `--node-arg=--heartbeat-ms=30`.
@@ -151,7 +151,9 @@ pub async fn run(args: JepsenArgs) -> anyhow::Result<std::process::ExitCode> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let bin = match &args.bin {
         Some(b) => b.clone(),
-        None => std::env::current_exe().context("locating the raftkv binary")?,
+        None => std::env::current_exe()
+            .context("locating the raftkv binary")?
+            .with_file_name("raftkv"),
     };
     let out = match &args.out {
         Some(dir) => dir.clone(),
@@ -199,7 +201,7 @@ pub async fn run(args: JepsenArgs) -> anyhow::Result<std::process::ExitCode> {
                 hosts.push(host.to_string());
             }
         }
-        crate::tls::generate("raftkv jepsen", &hosts, &ids)?.write(&dir)?;
+        raftkv::tls::generate("raftkv jepsen", &hosts, &ids)?.write(&dir)?;
         println!("TLS: clients and peers, certificates in {}", dir.display());
         Some(dir)
     } else {

@@ -11,7 +11,7 @@ use super::BenchError;
 use super::driver::{CasOutcome, OpError};
 
 #[derive(Clone)]
-pub(in crate::bench) struct EtcdConn {
+pub(crate) struct EtcdConn {
     kv: KvClient,
 }
 

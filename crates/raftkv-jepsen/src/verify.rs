@@ -13,7 +13,7 @@ use super::history::Outcome;
 use super::nemesis::Fault;
 use super::nodes::Nodes;
 use super::workload::{SET_PREFIX, Shared};
-use crate::pb::v1 as pb;
+use raftkv_client::pb::v1 as pb;
 
 pub struct Inputs<'a> {
     pub nodes: &'a Nodes,

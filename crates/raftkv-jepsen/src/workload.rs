@@ -24,9 +24,9 @@ use tonic::transport::Channel;
 
 use super::checker::{self, RegOp};
 use super::history::{History, OpRecord, Outcome};
-use crate::api::status::{NODE_ID_HEADER, certainly_not_proposed};
-use crate::pb::v1 as pb;
-use crate::pb::v1::kv_client::KvClient;
+use raftkv_client::pb::v1 as pb;
+use raftkv_client::pb::v1::kv_client::KvClient;
+use raftkv_client::{NODE_ID_HEADER, certainly_not_proposed};
 
 pub struct Settings {
     pub request_timeout: Duration,

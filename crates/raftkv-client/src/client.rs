@@ -1,4 +1,4 @@
-//! A leader-aware client for the CLI, the benchmark and the fault tests.
+//! A leader-aware client for the CLI, the benchmark, the fault tests and Rust programs.
 //!
 //! Any node accepts any request, so the client does not need the leader to be correct; it prefers the
 //! leader to save the forwarding hop. A request that fails with `UNAVAILABLE` was not applied, so it is
@@ -12,15 +12,25 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::transport::{Channel, ClientTlsConfig};
 
-use crate::api::status::{LEADER_ADDR_HEADER, NODE_ID_HEADER};
-use crate::network::endpoint;
 use crate::pb::v1 as pb;
 use crate::pb::v1::cluster_client::ClusterClient;
 use crate::pb::v1::kv_client::KvClient;
+use crate::{LEADER_ADDR_HEADER, NODE_ID_HEADER, endpoint};
 
 /// The least time left worth another attempt after a refusal: a node answers a little before the
 /// deadline it is given (see `Node::deadline`), and needs a round trip and a moment's work to do so.
 const MIN_ATTEMPT: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no endpoints given")]
+    NoEndpoints,
+    #[error("endpoint {addr}: {source}")]
+    Endpoint {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+}
 
 pub struct Client {
     nodes: Mutex<Vec<(String, Channel)>>,
@@ -31,7 +41,7 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(endpoints: &[String], timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(endpoints: &[String], timeout: Duration) -> Result<Self, ClientError> {
         Self::with_tls(endpoints, timeout, None)
     }
 
@@ -40,12 +50,20 @@ impl Client {
         endpoints: &[String],
         timeout: Duration,
         tls: Option<ClientTlsConfig>,
-    ) -> anyhow::Result<Self> {
-        anyhow::ensure!(!endpoints.is_empty(), "no endpoints given");
+    ) -> Result<Self, ClientError> {
+        if endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
         let nodes = endpoints
             .iter()
-            .map(|addr| Ok((addr.clone(), endpoint(addr, tls.as_ref())?.connect_lazy())))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .map(|addr| match endpoint(addr, tls.as_ref()) {
+                Ok(e) => Ok((addr.clone(), e.connect_lazy())),
+                Err(source) => Err(ClientError::Endpoint {
+                    addr: addr.clone(),
+                    source,
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             nodes: Mutex::new(nodes),
             preferred: AtomicUsize::new(0),
@@ -107,7 +125,7 @@ impl Client {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Err(s) if crate::api::status::certainly_not_proposed(&s) => s,
+                Err(s) if crate::certainly_not_proposed(&s) => s,
                 Err(s) => return Err(own_timeout_is_deadline_exceeded(s)),
             };
             if self.follow_hint(&last) {
