@@ -434,27 +434,11 @@ mod tests {
     }
 
     fn server_args(extra: &[&str]) -> ServerArgs {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            server: ServerArgs,
-        }
-        let mut argv = vec![
-            "raftkv",
-            "--id",
-            "1",
-            "--listen",
-            "127.0.0.1:1",
-            "--peer-listen",
-            "127.0.0.1:2",
-            "--data-dir",
-            "d",
-            "--peers",
+        test_args(
+            std::path::Path::new("d"),
             "1=127.0.0.1:1/127.0.0.1:2",
-        ];
-        argv.extend_from_slice(extra);
-        Cli::parse_from(argv).server
+            extra,
+        )
     }
 
     #[test]

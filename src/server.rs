@@ -135,17 +135,21 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         tokio::try_join!(
             serve_public(
                 node.clone(),
-                listener,
-                connections,
-                args.max_concurrent_streams,
-                public_tls,
+                Port {
+                    listener,
+                    connections,
+                    max_concurrent_streams: args.max_concurrent_streams,
+                    tls: public_tls,
+                },
             ),
             serve_peers(
                 node.clone(),
-                peer_listener,
-                peer_connections,
-                args.max_concurrent_streams,
-                peer_tls,
+                Port {
+                    listener: peer_listener,
+                    connections: peer_connections,
+                    max_concurrent_streams: args.max_concurrent_streams,
+                    tls: peer_tls,
+                },
             ),
         )
         .map(|_| ())
@@ -196,27 +200,34 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
+/// One bound port and how it is served.
+pub(crate) struct Port {
+    pub listener: TcpListener,
+    pub connections: ConnectionLimits,
+    pub max_concurrent_streams: u32,
+    pub tls: Option<Arc<ServerTls>>,
+}
+
 /// Serves the public services (see `api`) until the listener fails or the caller drops the future (how
 /// a node stops: see [`run`]).
-pub(crate) async fn serve_public(
-    node: Arc<Node>,
-    listener: TcpListener,
-    connections: ConnectionLimits,
-    max_concurrent_streams: u32,
-    tls: Option<Arc<ServerTls>>,
-) -> anyhow::Result<()> {
+pub(crate) async fn serve_public(node: Arc<Node>, port: Port) -> anyhow::Result<()> {
     let (routes, health_probe) = crate::api::services(node.clone()).await?;
     // A JoinSet aborts its tasks when dropped: the probe stops with the server, also when the server's
     // future is dropped rather than finished.
     let mut background = tokio::task::JoinSet::new();
     background.spawn(health_probe);
-    let served = bounded_server(max_concurrent_streams)
+    let served = bounded_server(port.max_concurrent_streams)
         .layer(crate::api::AnswerByDeadlineLayer::new(node.id()))
         .layer(tower::util::MapResponseLayer::new(
             crate::api::oversize_is_resource_exhausted,
         ))
         .add_routes(routes)
-        .serve_with_incoming(limited_incoming(listener, connections, "public", tls))
+        .serve_with_incoming(limited_incoming(
+            port.listener,
+            port.connections,
+            "public",
+            port.tls,
+        ))
         .await;
     background.abort_all();
     Ok(served?)
@@ -224,13 +235,7 @@ pub(crate) async fn serve_public(
 
 /// Serves Raft and forwarding to peers, every request behind the peer identity check (see
 /// `network::identity`), until the listener fails or the caller drops the future.
-async fn serve_peers(
-    node: Arc<Node>,
-    listener: TcpListener,
-    connections: ConnectionLimits,
-    max_concurrent_streams: u32,
-    tls: Option<Arc<ServerTls>>,
-) -> anyhow::Result<()> {
+async fn serve_peers(node: Arc<Node>, port: Port) -> anyhow::Result<()> {
     let raft = node.raft_service();
     let refusals = raft.refusals();
     let identify = Identify::new(node.cluster(), refusals.clone());
@@ -240,10 +245,15 @@ async fn serve_peers(
     let forward = ForwardServer::new(ForwardService::new(node, refusals))
         .max_decoding_message_size(MAX_PEER_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_PEER_MESSAGE_BYTES);
-    bounded_server(max_concurrent_streams)
+    bounded_server(port.max_concurrent_streams)
         .add_service(InterceptedService::new(raft, identify.clone()))
         .add_service(InterceptedService::new(forward, identify))
-        .serve_with_incoming(limited_incoming(listener, connections, "peer", tls))
+        .serve_with_incoming(limited_incoming(
+            port.listener,
+            port.connections,
+            "peer",
+            port.tls,
+        ))
         .await?;
     Ok(())
 }

@@ -31,14 +31,19 @@ async fn serve(peers: &str, extra: &[&str], leader: bool) -> Served {
     let node = Node::start(&args).await.unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let limits = ConnectionLimits {
-        max_connections: 16,
-        handshake_timeout: Duration::from_secs(5),
+    let port = crate::server::Port {
+        listener,
+        connections: ConnectionLimits {
+            max_connections: 16,
+            handshake_timeout: Duration::from_secs(5),
+        },
+        max_concurrent_streams: 16,
+        tls: None,
     };
     let server = tokio::spawn({
         let node = node.clone();
         async move {
-            let _ = crate::server::serve_public(node, listener, limits, 16, None).await;
+            let _ = crate::server::serve_public(node, port).await;
         }
     });
     let channel = Channel::from_shared(format!("http://{addr}"))
