@@ -29,7 +29,7 @@ pub struct ServerArgs {
     /// --peers, else --peer-listen).
     #[arg(long, env = "RAFTKV_PEER_ADVERTISE")]
     pub peer_advertise: Option<String>,
-    /// Where this node keeps its sled database.
+    /// Where this node keeps its Raft log (`raft-log/`) and its sled database (`sled/`).
     #[arg(long, env = "RAFTKV_DATA_DIR")]
     pub data_dir: PathBuf,
     /// The initial voters, `ID=CLIENT_ADDR/PEER_ADDR,...`, e.g. `1=10.0.0.1:7001/10.0.0.1:7101`. A

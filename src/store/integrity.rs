@@ -26,14 +26,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::log::{COMMITTED_KEY, LAST_PURGED_KEY, VOTE_KEY};
-use super::migrate::{SnapshotMetaV2, StoredSnapshotV2};
+use super::log::LogSummary;
+use super::migrate::{COMMITTED_KEY, LAST_PURGED_KEY, SnapshotMetaV2, StoredSnapshotV2, VOTE_KEY};
 use super::record::Record;
 use super::snapshot::{self, SNAPSHOT_KEY, SNAPSHOT_META_KEY};
 use super::state_machine::{
     CLEAN_SHUTDOWN_KEY, LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StoredValue,
 };
-use super::{MIGRATES_FROM, NODE_ID_KEY, trees};
+use super::{NODE_ID_KEY, SERDE_SHAPES, trees};
 use crate::types::{Entry, LogId, NodeId, SnapshotMeta, StoredMembership, Vote};
 
 /// Shared by every handle on one data directory: the first corruption any of them meets trips it.
@@ -225,6 +225,12 @@ fn ends_of_log(report: &mut Report, logs: &sled::Tree) -> (Option<LogId>, Option
     (first, last)
 }
 
+fn show<T: Display>(value: &Option<T>) -> String {
+    value
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |v| v.to_string())
+}
+
 /// Snapshot metadata in the shape of storage format `format`.
 fn read_snapshot_meta(
     report: &mut Report,
@@ -232,7 +238,7 @@ fn read_snapshot_meta(
     tree_name: &str,
     format: u32,
 ) -> Option<SnapshotMeta> {
-    if format == MIGRATES_FROM {
+    if format == SERDE_SHAPES {
         read_one::<SnapshotMetaV2>(report, tree, tree_name, SNAPSHOT_META_KEY).map(|m| m.0)
     } else {
         read_one::<SnapshotMeta>(report, tree, tree_name, SNAPSHOT_META_KEY)
@@ -241,9 +247,15 @@ fn read_snapshot_meta(
 
 /// The start check: every metadata value decodes (in the shape of storage format `format`) and the
 /// invariants between them hold. Cheap (a few reads), so it runs before every start. Runs before
-/// `repair` and `recover`, on the directory as the last run left it, so it accepts what a crash may
-/// leave (see the crash reasoning in `store`).
-pub fn check_meta(db: &sled::Db, node_id: Option<NodeId>, format: u32) -> Report {
+/// `recover`, on the directory as the last run left it, so it accepts what a crash may leave (see
+/// the crash reasoning in `store`). `log` is what the log engine holds (format 4); without it, the
+/// log is read from sled, where formats before 4 kept it.
+pub fn check_meta(
+    db: &sled::Db,
+    node_id: Option<NodeId>,
+    format: u32,
+    log: Option<&LogSummary>,
+) -> Report {
     let mut report = Report::default();
     let trees = match trees(db) {
         Ok(t) => t,
@@ -261,11 +273,30 @@ pub fn check_meta(db: &sled::Db, node_id: Option<NodeId>, format: u32) -> Report
             .checked
             .push(format!("the directory belongs to node {found}"));
     }
-    read_one::<Vote>(&mut report, &trees.raft_meta, "raft_meta", VOTE_KEY);
-    let committed =
-        read_one::<Option<LogId>>(&mut report, &trees.raft_meta, "raft_meta", COMMITTED_KEY)
+    let (committed, purged) = match log {
+        Some(log) => {
+            report.checked.push(format!(
+                "raft-log: vote {}, committed {}, purged {}",
+                show(&log.vote),
+                show(&log.committed),
+                show(&log.purged)
+            ));
+            (log.committed, log.purged)
+        }
+        None => {
+            read_one::<Vote>(&mut report, &trees.raft_meta, "raft_meta", VOTE_KEY);
+            let committed = read_one::<Option<LogId>>(
+                &mut report,
+                &trees.raft_meta,
+                "raft_meta",
+                COMMITTED_KEY,
+            )
             .flatten();
-    let purged = read_one::<LogId>(&mut report, &trees.raft_meta, "raft_meta", LAST_PURGED_KEY);
+            let purged =
+                read_one::<LogId>(&mut report, &trees.raft_meta, "raft_meta", LAST_PURGED_KEY);
+            (committed, purged)
+        }
+    };
     let applied = read_one::<LogId>(&mut report, &trees.sm_meta, "sm_meta", LAST_APPLIED_KEY);
     read_one::<StoredMembership>(&mut report, &trees.sm_meta, "sm_meta", LAST_MEMBERSHIP_KEY);
     read_one::<Option<LogId>>(&mut report, &trees.sm_meta, "sm_meta", CLEAN_SHUTDOWN_KEY);
@@ -273,7 +304,17 @@ pub fn check_meta(db: &sled::Db, node_id: Option<NodeId>, format: u32) -> Report
     let snapshot = read_snapshot_meta(&mut report, &trees.sm_snapshot, "sm_snapshot", format)
         .or_else(|| read_snapshot_meta(&mut report, &trees.sm_meta, "sm_meta", format))
         .and_then(|m| m.last_log_id);
-    let (first, last) = ends_of_log(&mut report, &trees.raft_log);
+    let (first, last) = match log {
+        Some(log) => {
+            report.checked.push(format!(
+                "raft-log first entry: {}, last entry: {}",
+                show(&log.first),
+                show(&log.last)
+            ));
+            (log.first, log.last)
+        }
+        None => ends_of_log(&mut report, &trees.raft_log),
+    };
 
     let mut invariant = |holds: bool, what: String| {
         if holds {
@@ -410,11 +451,11 @@ fn check_value(
         ("sm_meta", LAST_APPLIED_KEY) => decodes::<LogId>(tree, key, value),
         ("sm_meta", LAST_MEMBERSHIP_KEY) => decodes::<StoredMembership>(tree, key, value),
         ("sm_meta", CLEAN_SHUTDOWN_KEY) => decodes::<Option<LogId>>(tree, key, value),
-        ("sm_meta" | "sm_snapshot", SNAPSHOT_META_KEY) if format == MIGRATES_FROM => {
+        ("sm_meta" | "sm_snapshot", SNAPSHOT_META_KEY) if format == SERDE_SHAPES => {
             decodes::<SnapshotMetaV2>(tree, key, value)
         }
         ("sm_meta" | "sm_snapshot", SNAPSHOT_META_KEY) => decodes::<SnapshotMeta>(tree, key, value),
-        ("sm_meta" | "sm_snapshot", SNAPSHOT_KEY) if format == MIGRATES_FROM => {
+        ("sm_meta" | "sm_snapshot", SNAPSHOT_KEY) if format == SERDE_SHAPES => {
             StoredSnapshotV2::decode(value)
                 .and_then(|s| snapshot::check_image(&s.0.data))
                 .map_err(|e| format!("{tree}/snapshot does not decode: {e}"))
@@ -548,7 +589,7 @@ pub enum CheckError {
     #[error("{} holds no raftkv data (no sled directory in it)", .0.display())]
     NoData(PathBuf),
     #[error(
-        "{} is in use: a running node holds sled's lock on it. Stop the node first (or check a copy)",
+        "{} is in use: a running node holds its lock. Stop the node first (or check a copy)",
         .0.display()
     )]
     InUse(PathBuf),
@@ -587,8 +628,36 @@ pub fn check_offline(dir: &Path) -> Result<Report, CheckError> {
             return Ok(report);
         }
     };
-    let mut report = check_meta(&db, None, format);
-    if format == MIGRATES_FROM {
+    let has_node = db
+        .open_tree("raft_meta")
+        .and_then(|meta| meta.get(NODE_ID_KEY))
+        .map_err(|e| CheckError::Open(dir.to_path_buf(), e))?
+        .is_some();
+    let log = if format == super::FORMAT && has_node {
+        // Opening the engine replays and checksums every record it holds (and, as a start would,
+        // cuts a torn record at its end).
+        let log_dir = dir.join(super::log::LOG_DIR);
+        if !log_dir.is_dir() {
+            let mut report = Report::default();
+            report.problem(format_args!("{} is missing", log_dir.display()));
+            return Ok(report);
+        }
+        match super::log::open_wal(&log_dir) {
+            Ok(wal) => Some(super::log::summarize(&wal)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(CheckError::InUse(dir.to_path_buf()));
+            }
+            Err(e) => {
+                let mut report = Report::default();
+                report.problem(format_args!("opening {}: {e}", log_dir.display()));
+                return Ok(report);
+            }
+        }
+    } else {
+        None
+    };
+    let mut report = check_meta(&db, None, format, log.as_ref());
+    if format < super::FORMAT {
         report.checked.push(format!(
             "storage format {format}, checked as it is: the node rewrites it as format {} when it \
              next starts",

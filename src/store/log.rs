@@ -1,138 +1,328 @@
-//! The Raft log and vote, with group commit.
+//! The Raft log and vote, in a dedicated append-only log engine apart from the state machine's sled.
 //!
-//! openraft 0.10 submits appends without waiting for them, so many appends can be in flight. Each append
-//! writes its entries into sled at once (so they are readable) and queues its completion callback for a
-//! single flusher thread. The flusher takes every queued callback, runs one blocking `flush`, and
-//! completes them all: one fsync covers every append that was written before it started. That is the
-//! difference between ~2k and ~10k+ writes/s on this storage.
+//! The engine is `raft-log`: a write-ahead log in chunk files, where every record (a vote, an
+//! entry, a truncation, a purge, a commit point) is appended with a checksum, the latest state is
+//! kept in memory, and a purge deletes whole chunk files. Against sled as a log this removes the
+//! page cache, the segment cleaning and the key-by-key purge from the write path (docs/measurements.md
+//! has the comparison that chose it).
 //!
-//! The flusher is a dedicated OS thread rather than a task awaiting `flush_async`: sled 0.34 runs each
-//! `flush_async` as a job on its I/O pool, which wakes every idle pool thread per job, and the result
-//! then has to hop back to a tokio worker. A thread that blocks in `flush` skips both hand-offs.
+//! **One order for everything.** openraft requires vote saves and log appends to be serialized.
+//! Here they are records of one WAL, written in the order openraft issues them, so whatever a crash
+//! keeps is a prefix of that order: a vote is never durable without the appends issued before it,
+//! nor an append without the vote before it.
+//!
+//! **Group commit.** openraft submits appends without waiting for them. Each append writes its
+//! records into the engine's open chunk in memory (readable at once) and queues its completion for
+//! one flusher thread. The flusher asks the engine for one fsync covering everything buffered, and
+//! completes every queued callback when it returns; appends that arrive meanwhile share the next
+//! fsync. The engine's own worker batches only requests that arrive within a fixed wait of each
+//! other, which would add that wait to every lone write (or, at zero, give each append its own
+//! fsync), so its wait is zero and the batching happens here, by queueing.
+//!
+//! **Bounds.** Entries in the open chunk stay in memory until that chunk is closed and synced, and
+//! older ones are cached up to a byte limit, so the chunk size bounds the log's memory as much as the
+//! cache does; it also bounds what a purge leaves on disk behind the purge point.
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
-use std::sync::{Arc, mpsc};
+use raft_log::api::raft_log_writer::RaftLogWriter;
+use tokio::sync::oneshot;
 
+use super::Integrity;
 use super::record::Record;
-use super::{Integrity, io_err, read_decoded};
+use crate::sync::lock;
 use crate::types::{Entry, LogId, TypeConfig, Vote};
 
-pub(super) const VOTE_KEY: &[u8] = b"vote";
-pub(super) const COMMITTED_KEY: &[u8] = b"committed";
-pub(super) const LAST_PURGED_KEY: &[u8] = b"last_purged";
+/// Where a data directory keeps the log engine's chunk files, beside `sled/`.
+pub const LOG_DIR: &str = "raft-log";
 
-/// A cheap handle: sled trees are reference counted, and the flusher queue is shared.
+/// Chunk files close at this size: it bounds the entries held in memory until their chunk is synced,
+/// and the dead bytes a purge cannot delete yet (those in the chunk holding the purge point).
+const CHUNK_MAX_BYTES: usize = 32 * 1024 * 1024;
+/// Entries read back for replication or apply are served from this cache before the chunk files.
+const CACHE_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Appends are queued for the flush worker up to this many bytes before an append blocks.
+const FLUSH_QUEUE_MAX_BYTES: usize = 64 * 1024 * 1024;
+
+/// The engine's view of raftkv's types: ids, vote and entries encoded as raftkv's own records, so
+/// that the engine's files, like sled's, hold only shapes raftkv defines (see `record`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct WalTypes;
+
+impl raft_log::Types for WalTypes {
+    type LogId = WalLogId;
+    type LogPayload = WalEntry;
+    type Vote = WalVote;
+    type UserData = Vec<u8>;
+    type Callback = mpsc::SyncSender<io::Result<()>>;
+
+    fn log_index(log_id: &WalLogId) -> u64 {
+        log_id.0.index
+    }
+
+    fn payload_size(payload: &WalEntry) -> u64 {
+        payload.size
+    }
+}
+
+pub(crate) type Wal = raft_log::RaftLog<WalTypes>;
+
+/// A log id in the engine. Ordered as openraft orders log ids (leader, then index); the engine
+/// compares them to refuse a purge or truncation that would go backwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WalLogId(pub LogId);
+
+impl Ord for WalLogId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        let key = |id: &LogId| {
+            let id = super::record::LogId::from(id);
+            (id.term, id.node_id, id.index)
+        };
+        key(&self.0).cmp(&key(&other.0))
+    }
+}
+
+impl PartialOrd for WalLogId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The vote in the engine, ordered as openraft orders votes: the engine refuses a vote that goes
+/// backwards, the same rule openraft keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WalVote(pub Vote);
+
+impl PartialOrd for WalVote {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        self.0.partial_cmp(&other.0)
+    }
+}
+
+/// A log entry in the engine, with its encoded size (the cache's measure) kept beside it.
+#[derive(Debug, Clone)]
+pub(crate) struct WalEntry {
+    pub entry: Entry,
+    size: u64,
+}
+
+impl WalEntry {
+    pub fn new(entry: Entry) -> Self {
+        WalEntry { entry, size: 0 }
+    }
+}
+
+/// Each value is one raftkv record behind a length (codeq's byte-string framing, which reads no more
+/// than the bytes that are there, whatever a damaged length claims).
+fn encode_record<W: io::Write>(record: &impl Record, w: W) -> io::Result<usize> {
+    codeq::Encode::encode(&record.encode()?, w)
+}
+
+fn decode_record<T: Record, R: io::Read>(r: R) -> io::Result<(T, usize)> {
+    let bytes: Vec<u8> = codeq::Decode::decode(r)?;
+    Ok((T::decode(&bytes)?, bytes.len()))
+}
+
+/// The codec of a newtype whose one field is a raftkv record.
+macro_rules! record_codec {
+    ($wrapper:ident) => {
+        impl codeq::Encode for $wrapper {
+            fn encode<W: io::Write>(&self, w: W) -> io::Result<usize> {
+                encode_record(&self.0, w)
+            }
+        }
+
+        impl codeq::Decode for $wrapper {
+            fn decode<R: io::Read>(r: R) -> io::Result<Self> {
+                Ok($wrapper(decode_record(r)?.0))
+            }
+        }
+    };
+}
+
+record_codec!(WalLogId);
+record_codec!(WalVote);
+
+impl codeq::Encode for WalEntry {
+    fn encode<W: io::Write>(&self, w: W) -> io::Result<usize> {
+        encode_record(&self.entry, w)
+    }
+}
+
+impl codeq::Decode for WalEntry {
+    fn decode<R: io::Read>(r: R) -> io::Result<Self> {
+        let (entry, size) = decode_record(r)?;
+        Ok(WalEntry {
+            entry,
+            size: size as u64,
+        })
+    }
+}
+
+/// Opens (or creates) the log engine in `dir`.
+pub(crate) fn open_wal(dir: &Path) -> io::Result<Wal> {
+    std::fs::create_dir_all(dir)?;
+    let mut config = raft_log::Config::new(dir.display());
+    config.wal.chunk_max_size = Some(CHUNK_MAX_BYTES);
+    config.wal.flush_batch_wait = Some(Duration::ZERO);
+    config.wal.flush_queue_max_bytes = Some(FLUSH_QUEUE_MAX_BYTES);
+    config.log_cache_capacity = Some(CACHE_MAX_BYTES);
+    Wal::open(Arc::new(config))
+}
+
+/// Asks the engine for an fsync of everything written so far and waits for it. Blocking: for the
+/// flusher thread and for code that runs before the node serves (migration).
+pub(crate) fn sync_blocking(wal: &Mutex<Wal>) -> io::Result<()> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    lock(wal).flush(true, Some(tx))?;
+    rx.recv()
+        .map_err(|_| io::Error::other("the log engine's flush worker stopped"))?
+}
+
+/// Something waiting for the next fsync.
+enum Waiter {
+    Append(IOFlushed<TypeConfig>),
+    Task(oneshot::Sender<io::Result<()>>),
+}
+
+impl Waiter {
+    fn complete(self, result: &io::Result<()>) {
+        let result = match result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        };
+        match self {
+            Waiter::Append(callback) => callback.io_completed(result),
+            // The task gave up waiting (its future was dropped); nothing to tell.
+            Waiter::Task(tx) => drop(tx.send(result)),
+        }
+    }
+}
+
+/// A cheap handle: the engine is shared behind a lock, and the flusher queue is shared.
 #[derive(Clone)]
 pub struct LogStore {
-    pub(super) db: sled::Db,
-    logs: sled::Tree,
-    pub(super) meta: sled::Tree,
-    flusher: mpsc::Sender<IOFlushed<TypeConfig>>,
+    wal: Arc<Mutex<Wal>>,
+    flusher: mpsc::Sender<Waiter>,
     integrity: Arc<Integrity>,
+    dir: PathBuf,
 }
 
 impl LogStore {
-    /// Starts the flusher thread; it ends once every handle (and so every sender) is dropped.
-    pub(super) fn new(
-        db: sled::Db,
-        logs: sled::Tree,
-        meta: sled::Tree,
-        integrity: Arc<Integrity>,
-    ) -> io::Result<Self> {
+    /// Opens the engine in `dir` and starts the flusher thread; the thread ends once every handle
+    /// (and so every sender) is dropped, and the engine closes with it.
+    pub(super) fn open(dir: &Path, integrity: Arc<Integrity>) -> io::Result<Self> {
+        let wal = Arc::new(Mutex::new(open_wal(dir)?));
         let (tx, rx) = mpsc::channel();
-        let flusher_db = db.clone();
+        let flusher_wal = wal.clone();
         let flusher_integrity = integrity.clone();
         std::thread::Builder::new()
             .name("raftkv-log-flush".into())
-            .spawn(move || run_flusher(&flusher_db, &flusher_integrity, &rx))?;
+            .spawn(move || run_flusher(&flusher_wal, &flusher_integrity, &rx))?;
         Ok(Self {
-            db,
-            logs,
-            meta,
+            wal,
             flusher: tx,
             integrity,
+            dir: dir.to_path_buf(),
         })
     }
 
-    /// Cuts the log at its first missing index. Appends are plain inserts and only a flush makes them
-    /// durable, so if sled recovered a later unflushed entry without an earlier one, the log would have a
-    /// gap that openraft cannot read past. No entry after such a gap was ever reported flushed (a flush
-    /// covers every earlier write), so dropping them loses nothing acknowledged. Runs at open.
-    pub(super) fn repair(&self) -> io::Result<()> {
-        let purged: Option<LogId> = self.read_meta(LAST_PURGED_KEY)?;
-        let mut expected = purged.map(|p| p.index.saturating_add(1));
-        let mut orphans = Vec::new();
-        for item in self.logs.range(index_key(expected.unwrap_or(0))..) {
-            let (key, _) = item.map_err(io_err)?;
-            let index = decode_index(&key)?;
-            if !orphans.is_empty() || expected.is_some_and(|e| e != index) {
-                orphans.push(key);
-            } else {
-                expected = Some(index.saturating_add(1));
-            }
-        }
-        if let Some(first) = orphans.first() {
-            tracing::warn!(
-                missing = ?expected,
-                first_dropped = decode_index(first)?,
-                dropped = orphans.len(),
-                "log had a gap after a crash; dropping the unflushed entries after it"
-            );
-            for key in orphans {
-                self.logs.remove(key).map_err(io_err)?;
-            }
-            self.db.flush().map_err(io_err)?;
-        }
-        Ok(())
+    /// What the log holds, for the start check.
+    pub(crate) fn summary(&self) -> LogSummary {
+        summarize(&lock(&self.wal))
     }
 
-    async fn flush(&self) -> io::Result<()> {
-        self.db.flush_async().await.map(|_| ()).map_err(io_err)
+    /// The size of the engine's files on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        lock(&self.wal).on_disk_size()
     }
 
-    fn read_meta<T: Record>(&self, key: &[u8]) -> io::Result<Option<T>> {
-        read_decoded(&self.meta, key)
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Waits for an fsync of everything written before this call.
+    async fn sync(&self) -> io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.flusher
+            .send(Waiter::Task(tx))
+            .map_err(|_| io::Error::other("the log flusher stopped"))?;
+        rx.await
+            .map_err(|_| io::Error::other("the log flusher stopped"))?
+    }
+
+    fn read_entries(&self, range: &impl RangeBounds<u64>) -> io::Result<Vec<Entry>> {
+        self.integrity.ensure_sound()?;
+        let (start, end) = to_half_open(range);
+        let wal = lock(&self.wal);
+        wal.read(start, end.unwrap_or(u64::MAX))
+            .map(|item| item.map(|(_, payload)| payload.entry))
+            .collect()
+    }
+
+    fn log_state(&self) -> LogState<TypeConfig> {
+        let wal = lock(&self.wal);
+        let state = wal.log_state();
+        LogState {
+            last_purged_log_id: state.purged().map(|p| p.0),
+            last_log_id: state.last().map(|l| l.0),
+        }
     }
 }
 
-/// Completes queued append callbacks in batches, one flush per batch. Appends queued while a flush
-/// runs wait for the next one: that flush may have started before their entries were written.
-fn run_flusher(db: &sled::Db, integrity: &Integrity, rx: &mpsc::Receiver<IOFlushed<TypeConfig>>) {
+/// What `wal` holds, for the start check and `raftkv check`.
+pub(crate) fn summarize(wal: &Wal) -> LogSummary {
+    let state = wal.log_state();
+    let first = wal
+        .read(0, u64::MAX)
+        .next()
+        .and_then(|item| item.ok())
+        .map(|(id, _)| id.0);
+    LogSummary {
+        vote: state.vote().map(|v| v.0),
+        committed: state.committed().map(|c| c.0),
+        purged: state.purged().map(|p| p.0),
+        first,
+        last: first.and(state.last().map(|l| l.0)),
+    }
+}
+
+/// What the log holds: the values the start check reads and its invariants relate.
+#[derive(Debug, Clone, Default)]
+pub struct LogSummary {
+    pub vote: Option<Vote>,
+    pub committed: Option<LogId>,
+    pub purged: Option<LogId>,
+    pub first: Option<LogId>,
+    pub last: Option<LogId>,
+}
+
+/// Completes queued waiters in batches, one fsync per batch. Waiters queued while an fsync runs wait
+/// for the next one: that fsync may have started before their records were written.
+fn run_flusher(wal: &Mutex<Wal>, integrity: &Integrity, rx: &mpsc::Receiver<Waiter>) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
         batch.extend(rx.try_iter());
-        // Every callback in `batch` was queued after its entries were written, so this flush covers all.
-        let result = integrity.observe("flushing the log", db.flush().map_err(io_err));
+        // Every waiter in `batch` was queued after its records were written, so this fsync covers all.
+        let result = integrity.observe("flushing the log", sync_blocking(wal));
         if let Err(e) = &result {
             tracing::error!(error = %e, "log flush failed; the node will stop");
         }
-        for callback in batch.drain(..) {
-            callback.io_completed(match &result {
-                Ok(_) => Ok(()),
-                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-            });
+        for waiter in batch.drain(..) {
+            waiter.complete(&result);
         }
     }
 }
 
-fn index_key(index: u64) -> [u8; 8] {
-    index.to_be_bytes()
-}
-
-fn decode_index(key: &[u8]) -> io::Result<u64> {
-    let bytes: [u8; 8] = key
-        .try_into()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "log key is not 8 bytes"))?;
-    Ok(u64::from_be_bytes(bytes))
-}
-
-/// Turns any range of log indexes into the half-open `[start, end)` form sled iterates.
+/// Turns any range of log indexes into the half-open `[start, end)` form the engine reads.
 fn to_half_open(range: &impl RangeBounds<u64>) -> (u64, Option<u64>) {
     let start = match range.start_bound() {
         Bound::Included(&s) => s,
@@ -157,74 +347,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
-        let vote = self.read_meta(VOTE_KEY);
-        self.integrity.observe("reading the vote", vote)
-    }
-}
-
-impl LogStore {
-    fn read_entries(&self, range: &impl RangeBounds<u64>) -> io::Result<Vec<Entry>> {
-        self.integrity.ensure_sound()?;
-        let (start, end) = to_half_open(range);
-        // Never hand out entries a crash left behind at or below the purge marker (see get_log_state).
-        let start = match self.read_meta::<LogId>(LAST_PURGED_KEY)? {
-            Some(p) => start.max(p.index.saturating_add(1)),
-            None => start,
-        };
-        let iter = match end {
-            Some(end) if end <= start => return Ok(Vec::new()),
-            Some(end) => self.logs.range(index_key(start)..index_key(end)),
-            None => self.logs.range(index_key(start)..),
-        };
-        iter.map(|item| {
-            let (_, bytes) = item.map_err(io_err)?;
-            Ok(Entry::decode(&bytes)?)
-        })
-        .collect()
-    }
-
-    fn log_state(&self) -> io::Result<LogState<TypeConfig>> {
-        let last_purged: Option<LogId> = self.read_meta(LAST_PURGED_KEY)?;
-        let last = match self.logs.last().map_err(io_err)? {
-            Some((_, bytes)) => Some(Entry::decode(&bytes)?.log_id),
-            None => None,
-        };
-        // A crash between `purge` making its marker durable and its deletes reaching disk leaves
-        // entries at or below the marker (typically after a snapshot install purged past a lagging
-        // log). They are dead: the log ends at the marker unless something newer follows it.
-        let last = match (last, last_purged) {
-            (Some(l), Some(p)) if l.index <= p.index => Some(p),
-            (l, p) => l.or(p),
-        };
-        Ok(LogState {
-            last_log_id: last,
-            last_purged_log_id: last_purged,
-        })
-    }
-
-    /// See `read_committed`.
-    fn committed(&self) -> io::Result<Option<LogId>> {
-        let Some(committed) = self.read_meta::<Option<LogId>>(COMMITTED_KEY)?.flatten() else {
-            return Ok(None);
-        };
-        let state = self.log_state()?;
-        let purged_index = state.last_purged_log_id.as_ref().map(|p| p.index);
-        if purged_index.is_some_and(|p| committed.index <= p) {
-            // Behind the snapshot: openraft starts from the applied state anyway.
-            return Ok(Some(committed));
-        }
-        let Some(last) = state.last_log_id else {
-            return Ok(None);
-        };
-        let index = committed.index.min(last.index);
-        match self.logs.get(index_key(index)).map_err(io_err)? {
-            Some(bytes) => {
-                let found = Entry::decode(&bytes)?.log_id;
-                // At the saved index the entry must be the very one that was committed.
-                Ok((index < committed.index || found == committed).then_some(found))
-            }
-            None => Ok(None),
-        }
+        Ok(lock(&self.wal).log_state().vote().map(|v| v.0))
     }
 }
 
@@ -232,32 +355,36 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
-        let state = self.log_state();
-        self.integrity.observe("reading the log state", state)
+        Ok(self.log_state())
     }
 
-    /// A plain insert, durable with the next flush (a log append's or sled's once-a-second one). It lets
-    /// a restarted node re-apply its own log up to what it knew was committed before it serves
-    /// anything, instead of falling back to its last snapshot until it hears from a leader.
+    /// A commit record, durable with the next fsync. It lets a restarted node re-apply its own log
+    /// up to what it knew was committed before it serves anything, instead of falling back to its
+    /// last snapshot until it hears from a leader. The engine refuses a commit point past its last
+    /// entry or behind an earlier one; neither is worth failing the node for (a snapshot install
+    /// can move the commit point past the log before the purge catches up), so those are skipped.
     async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
-        let result = async {
-            self.meta
-                .insert(COMMITTED_KEY, committed.encode()?)
-                .map_err(io_err)?;
-            io::Result::Ok(())
-        }
-        .await;
+        let Some(committed) = committed.map(WalLogId) else {
+            return Ok(());
+        };
+        let result = {
+            let mut wal = lock(&self.wal);
+            let state = wal.log_state();
+            let within = state.last().is_some_and(|last| committed <= *last)
+                && state.committed().is_none_or(|c| committed >= *c);
+            if within {
+                wal.commit(committed).map(|_| ())
+            } else {
+                Ok(())
+            }
+        };
         self.integrity.observe("saving the commit point", result)
     }
 
-    /// The saved commit point, but never past what this log still holds: entries after the last
-    /// flush may be gone, and those before it are the ones that were committed (a commit point is
-    /// saved only for entries already in the log, and only a later leader could have replaced them,
-    /// which would have needed them to be uncommitted).
+    /// The saved commit point. A commit record follows the entries it names in the WAL, so if it
+    /// survived a crash they did too.
     async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
-        let committed = self.committed();
-        self.integrity
-            .observe("reading the commit point", committed)
+        Ok(lock(&self.wal).log_state().committed().map(|c| c.0))
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -266,8 +393,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
         let result = async {
-            self.meta.insert(VOTE_KEY, vote.encode()?).map_err(io_err)?;
-            self.flush().await
+            lock(&self.wal).save_vote(WalVote(*vote))?;
+            self.sync().await
         }
         .await;
         self.integrity.observe("saving the vote", result)
@@ -278,69 +405,47 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let result = async {
-            // Plain inserts, not a `Batch`: a sled batch seals the I/O buffer twice (see `state_machine`).
-            // Atomicity is not needed: nothing here counts until the flush, and `repair` removes whatever
-            // a crash left after a hole.
-            for entry in entries {
-                self.logs
-                    .insert(index_key(entry.log_id.index), entry.encode()?)
-                    .map_err(io_err)?;
-            }
+        let written = lock(&self.wal)
+            .append(
+                entries
+                    .into_iter()
+                    .map(|entry| (WalLogId(entry.log_id), WalEntry::new(entry))),
+            )
+            .map(|_| ());
+        let result = written.and_then(|()| {
             // The entries are readable now; they are durable once the flusher completes the callback.
-            if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
-                // Only possible if the flusher thread died; flush inline rather than lose the completion.
-                let result = self.flush().await;
-                callback.io_completed(result);
-            }
-            io::Result::Ok(())
-        }
-        .await;
+            self.flusher
+                .send(Waiter::Append(callback))
+                .map_err(|_| io::Error::other("the log flusher stopped"))
+        });
         self.integrity.observe("appending to the log", result)
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
         let result = async {
             let from = last_log_id.map_or(0, |id| id.index + 1);
-            let mut batch = sled::Batch::default();
-            for item in self.logs.range(index_key(from)..) {
-                let (key, _) = item.map_err(io_err)?;
-                batch.remove(key);
+            {
+                let mut wal = lock(&self.wal);
+                // Nothing after `from`: the engine would look for an entry at `from - 1` to keep.
+                let end = wal.log_state().last().map_or(0, |l| l.0.index + 1);
+                if from >= end {
+                    return Ok(());
+                }
+                wal.truncate(from)?;
             }
-            // One batch is atomic, so a crash cannot leave a hole in the log.
-            self.logs.apply_batch(batch).map_err(io_err)?;
-            self.flush().await
+            self.sync().await
         }
         .await;
         self.integrity.observe("truncating the log", result)
     }
 
-    /// Makes the purge durable with the `last_purged` marker and leaves the deleting to a blocking
-    /// thread. Entries at or below the marker are dead from the moment it is written (reads, the log
-    /// state and `repair` all start after it), so nothing waits for them to go. openraft awaits purge
-    /// inside its core loop: deleting the ~9k entries behind a snapshot there stalled every write for
-    /// tens of milliseconds, the worst of the put tail (max 100 ms; see docs/benchmarks.md).
+    /// A purge record; the chunk files wholly behind it are deleted by the engine once that record
+    /// is synced, so a crash never leaves a log whose first entries are gone without the record that
+    /// says so.
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         let result = async {
-            // The marker must be durable before any delete is: a crash must never leave a log whose
-            // first entries are gone without the marker that says so (`repair` would cut the rest).
-            self.meta
-                .insert(LAST_PURGED_KEY, log_id.encode()?)
-                .map_err(io_err)?;
-            self.flush().await?;
-            let logs = self.logs.clone();
-            tokio::task::spawn_blocking(move || {
-                // Plain removes: a sled batch costs two extra buffer writes (see `append`). A crash part
-                // way leaves dead entries below the marker; the next purge's range covers them.
-                let removed = logs
-                    .range(..=index_key(log_id.index))
-                    .keys()
-                    .try_for_each(|key| logs.remove(key?).map(|_| ()));
-                if let Err(e) = removed {
-                    tracing::warn!(error = %e, upto = log_id.index, "deleting purged log entries failed; they stay dead on disk");
-                }
-            });
-            io::Result::Ok(())
+            lock(&self.wal).purge(WalLogId(log_id))?;
+            self.sync().await
         }
         .await;
         self.integrity.observe("purging the log", result)
@@ -358,5 +463,34 @@ mod tests {
         assert_eq!(to_half_open(&(3..)), (3, None));
         assert_eq!(to_half_open(&(..)), (0, None));
         assert_eq!(to_half_open(&(0..=u64::MAX)), (0, None));
+    }
+
+    /// What the engine's records carry for raftkv: a 4-byte big-endian length, then raftkv's own
+    /// record (the codec's version byte, then the fields as varints). Pinned, like `record`'s.
+    #[test]
+    fn the_bytes_inside_the_engine_records_are_pinned() {
+        let id = WalLogId(openraft::testing::log_id::<TypeConfig>(3, 2, 300));
+        let mut bytes = Vec::new();
+        codeq::Encode::encode(&id, &mut bytes).unwrap();
+        assert_eq!(bytes, [0, 0, 0, 6, 1, 3, 2, 251, 44, 1]);
+        let back: WalLogId = codeq::Decode::decode(&bytes[..]).unwrap();
+        assert_eq!(back, id);
+        let vote = WalVote(Vote::new_committed(4, 1));
+        let mut bytes = Vec::new();
+        codeq::Encode::encode(&vote, &mut bytes).unwrap();
+        assert_eq!(bytes, [0, 0, 0, 4, 1, 4, 1, 1]);
+        // A length that claims more than is there is an error, not an allocation of that size.
+        let short = [0xff, 0xff, 0xff, 0xff, 1, 3];
+        assert!(<WalLogId as codeq::Decode>::decode(&short[..]).is_err());
+    }
+
+    #[test]
+    fn log_ids_order_by_leader_then_index() {
+        let id = |term, node, index| {
+            WalLogId(openraft::testing::log_id::<TypeConfig>(term, node, index))
+        };
+        assert!(id(1, 1, 9) < id(2, 1, 3));
+        assert!(id(2, 1, 3) < id(2, 2, 1));
+        assert!(id(2, 2, 1) < id(2, 2, 2));
     }
 }

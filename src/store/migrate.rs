@@ -1,4 +1,7 @@
-//! Storage format 2 -> 3, run at open before anything else reads the directory.
+//! Older storage formats, rewritten at open before anything else reads the directory: 2 -> 3, then
+//! 3 -> 4 (see [`log_to_engine`]).
+//!
+//! ## 2 -> 3
 //!
 //! Format 3 stores openraft's values through raftkv's own records (see `record`). Those were laid
 //! out so that every value format 2 stored in openraft's serde shape keeps its bytes (log entries,
@@ -22,10 +25,15 @@
 use serde::{Deserialize, Serialize};
 use sled::transaction::{TransactionError, Transactional};
 
+use std::path::Path;
+use std::sync::Mutex;
+
+use super::log::{LOG_DIR, WalEntry, WalLogId, WalVote, open_wal, sync_blocking};
 use super::record::{self, Record};
 use super::snapshot::{SNAPSHOT_KEY, SNAPSHOT_META_KEY, StoredSnapshot, StoredSnapshotRecord};
-use super::{FORMAT_KEY, StoreError, trees, tx_err};
+use super::{FORMAT_KEY, StoreError, Trees, read_decoded, trees, tx_err};
 use crate::codec::{self, CodecError};
+use crate::sync::lock;
 use crate::types;
 
 /// Format 2's snapshot metadata: openraft 0.10's serde shape, with its reserved `snapshot_id` last
@@ -151,4 +159,107 @@ pub(super) fn to_3_until(db: &sled::Db, stop: Option<Step>) -> Result<(), StoreE
          format 3's bytes"
     );
     Ok(())
+}
+
+/// Where format 3 kept the vote, the commit point and the purge point, in `raft_meta`.
+pub(crate) const VOTE_KEY: &[u8] = b"vote";
+pub(crate) const COMMITTED_KEY: &[u8] = b"committed";
+pub(crate) const LAST_PURGED_KEY: &[u8] = b"last_purged";
+
+/// The keys format 3 kept in `raft_meta` for the log, which format 4 keeps in the log engine.
+pub(crate) const LOG_META_KEYS: [&[u8]; 3] = [VOTE_KEY, COMMITTED_KEY, LAST_PURGED_KEY];
+
+/// ## 3 -> 4
+///
+/// Format 4 keeps the vote, the log and the commit and purge points in the log engine (`log`)
+/// instead of sled. The migration copies them into a new engine directory beside `sled/`, fsyncs
+/// it, renames it into place (the step that decides: an engine directory under its real name is
+/// always complete), and only then empties sled's log tree, removes the keys and writes format 4 in
+/// one sled transaction. A crash before the rename leaves format 3 as it was, and the copy starts
+/// again; after it, the next start finds the engine directory and only finishes the sled part.
+///
+/// The copy keeps what format 3's reads kept: entries after the purge point, up to the first gap a
+/// crash may have left (format 3 cut its log there at every open; nothing after a gap was ever
+/// reported flushed).
+pub(super) fn log_to_engine(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
+    let t = trees(db)?;
+    let target = dir.join(LOG_DIR);
+    let mut copied = None;
+    if !target.is_dir() {
+        let staging = dir.join(format!("{LOG_DIR}.migrating"));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging)?;
+        }
+        std::fs::create_dir_all(&staging)?;
+        let wal = Mutex::new(open_wal(&staging)?);
+        copied = Some(copy_log(&t, &wal)?);
+        sync_blocking(&wal)?;
+        drop(wal);
+        std::fs::rename(&staging, &target)?;
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    t.raft_log.clear()?;
+    let format: sled::IVec = codec::encode(&4u32)?.into();
+    t.raft_meta
+        .transaction(|raft_meta| {
+            for key in LOG_META_KEYS {
+                raft_meta.remove(key)?;
+            }
+            raft_meta.insert(FORMAT_KEY, format.clone())?;
+            Ok(())
+        })
+        .map_err(|e: TransactionError<String>| tx_err(e))?;
+    db.flush()?;
+    match copied {
+        Some(entries) => tracing::info!(
+            entries,
+            "migrated the data directory from storage format 3 to 4: the Raft log and vote moved \
+             from sled into {LOG_DIR}/"
+        ),
+        None => tracing::info!(
+            "finished migrating the data directory from storage format 3 to 4: {LOG_DIR}/ was \
+             already complete"
+        ),
+    }
+    Ok(())
+}
+
+/// Copies format 3's log into the engine; returns how many entries it copied.
+fn copy_log(t: &Trees, wal: &Mutex<super::log::Wal>) -> Result<u64, StoreError> {
+    use raft_log::api::raft_log_writer::RaftLogWriter;
+    let vote: Option<types::Vote> = read_decoded(&t.raft_meta, VOTE_KEY)?;
+    let purged: Option<types::LogId> = read_decoded(&t.raft_meta, LAST_PURGED_KEY)?;
+    let committed: Option<types::LogId> =
+        read_decoded::<Option<types::LogId>>(&t.raft_meta, COMMITTED_KEY)?.flatten();
+    let mut wal = lock(wal);
+    if let Some(vote) = vote {
+        wal.save_vote(WalVote(vote))?;
+    }
+    if let Some(purged) = purged {
+        wal.purge(WalLogId(purged))?;
+    }
+    let mut expected = purged.map(|p| p.index + 1);
+    let mut copied = 0u64;
+    for item in t.raft_log.range(expected.unwrap_or(0).to_be_bytes()..) {
+        let (_, bytes) = item?;
+        let entry = types::Entry::decode(&bytes)?;
+        if expected.is_some_and(|e| e != entry.log_id.index) {
+            tracing::warn!(
+                missing = ?expected,
+                "the format 3 log had a gap after a crash; not copying the unflushed entries after it"
+            );
+            break;
+        }
+        expected = Some(entry.log_id.index + 1);
+        wal.append([(WalLogId(entry.log_id), WalEntry::new(entry))])?;
+        copied += 1;
+    }
+    let state = wal.log_state();
+    let commit = committed
+        .map(WalLogId)
+        .filter(|c| state.last().is_some_and(|last| c <= last));
+    if let Some(committed) = commit {
+        wal.commit(committed)?;
+    }
+    Ok(copied)
 }

@@ -1,24 +1,24 @@
-//! Durable storage: one sled `Db` per node holding the Raft log, the vote, and the state machine.
+//! Durable storage: the Raft log and vote in a log engine, the state machine in sled.
 //!
-//! Keeping everything in one `Db` means one flush makes every earlier write durable, log and state
-//! machine alike, so group commit covers both. The trees:
-//! - `raft_log`: big-endian log index -> encoded entry (big-endian so iteration is in index order);
-//! - `raft_meta`: the vote, the last purged log id, the node id and cluster id this directory belongs
-//!   to, and the storage format it is written in;
-//! - `sm_data`: user key -> encoded [`state_machine::StoredValue`];
-//! - `sm_meta`: last applied log id and last membership;
-//! - `sm_snapshot`: the current snapshot, alone in its tree (see `snapshot`).
+//! A data directory holds two stores side by side:
+//! - `raft-log/`: the log engine's chunk files (see `log`): the vote, the log entries, the commit
+//!   point and the purge point, as records of one write-ahead log;
+//! - `sled/`: one sled `Db` with the trees
+//!   - `raft_meta`: the node id and cluster id this directory belongs to, and the storage format;
+//!   - `sm_data`: user key -> encoded [`state_machine::StoredValue`];
+//!   - `sm_meta`: last applied log id and last membership;
+//!   - `sm_snapshot`: the current snapshot, alone in its tree (see `snapshot`);
+//!   - `raft_log`: empty; formats before 4 kept the log here (see `migrate`).
 //!
 //! Crash reasoning, relied on by every part:
-//! 1. Log entries and the vote are flushed before openraft hears they are done. Entries are plain
-//!    inserts; a crash can only lose unflushed ones, and `log::LogStore::repair` cuts the log at any
-//!    gap that leaves.
+//! 1. Log entries and the vote are fsynced before openraft hears they are done, in the order
+//!    openraft issued them (one WAL), so a crash keeps a prefix of what was written and never a hole.
 //! 2. Applying writes `sm_data` and `last_applied` without a transaction or a flush, so after a crash
 //!    the state machine is not trusted: unless the last run ended with a clean shutdown, it is rebuilt
 //!    from the last durable snapshot at open, and openraft re-applies the committed log after it, at
 //!    once up to the saved commit point (see `state_machine`).
-//! 3. A snapshot is flushed before the log behind it is purged, and `last_purged` is flushed before
-//!    the purged entries are deleted.
+//! 3. A snapshot is flushed in sled before openraft purges the log behind it, and the log engine
+//!    deletes purged chunk files only after the purge record is fsynced.
 //!
 //! So after a crash: `purged <= snapshot <= last_applied`, and every committed entry after the snapshot
 //! is still in a quorum's logs for openraft to re-apply.
@@ -52,15 +52,19 @@ pub(crate) const NODE_ID_KEY: &[u8] = b"node_id";
 pub(crate) const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
 pub(crate) const FORMAT_KEY: &[u8] = b"format";
 
-/// The layout of what this version stores. 3: every openraft value through raftkv's own records.
-/// 2: openraft's serde shapes, a member with a client and a peer address; migrated to 3 at open (see
-/// `migrate`). Directories without the key were written before it existed (format 1, one address per
-/// member); their membership does not decode as format 2, so they are refused with
-/// [`StoreError::Format`] rather than reported corrupt. The history is in docs/storage-format.md.
-pub const FORMAT: u32 = 3;
+/// The layout of what this version stores. 4: the Raft log and vote in the log engine. 3: every
+/// openraft value through raftkv's own records, the log in sled. 2: openraft's serde shapes, a member
+/// with a client and a peer address. 2 and 3 are migrated to 4 at open (see `migrate`). Directories
+/// without the key were written before it existed (format 1, one address per member); their
+/// membership does not decode as format 2, so they are refused with [`StoreError::Format`] rather
+/// than reported corrupt. The history is in docs/storage-format.md.
+pub const FORMAT: u32 = 4;
 
-/// The older format this version migrates from at open.
+/// The oldest format this version migrates from at open (every one from it up to [`FORMAT`]).
 pub const MIGRATES_FROM: u32 = 2;
+
+/// The format whose snapshot metadata is openraft's serde shape (see `migrate`).
+pub(crate) const SERDE_SHAPES: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -80,7 +84,7 @@ pub enum StoreError {
     Corrupt { dir: PathBuf, what: String },
     #[error(
         "the data in {} is in storage format {found}; this raftkv reads format {FORMAT} (and \
-         migrates format {MIGRATES_FROM} to it at start). Start it with the raftkv that wrote it, or \
+         migrates formats {MIGRATES_FROM} and later to it at start). Start it with the raftkv that wrote it, or \
          wipe the directory and let the node rejoin by snapshot from peers that run this version",
         .dir.display()
     )]
@@ -139,20 +143,32 @@ fn classify(integrity: &Integrity, what: &str, e: impl Into<StoreError>) -> Stor
 }
 
 /// Opens (or creates) a node's storage, checks that the directory is this node's and that its
-/// metadata is sound (see `integrity`). Corruption found here is [`StoreError::Corrupt`], and trips
-/// the returned stores' [`Integrity`] for anything found later.
+/// metadata is sound (see `integrity`), migrating an older format first. Corruption found here is
+/// [`StoreError::Corrupt`], and trips the returned stores' [`Integrity`] for anything found later.
 pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore), StoreError> {
     let integrity = Integrity::new(dir);
     let db = sled_config(dir)
         .open()
         .map_err(|e| classify(&integrity, "opening sled", e))?;
     let format = check_format(&db, dir)?;
-    // In the shape the directory is in: corruption is found before anything is rewritten.
-    let report = integrity::check_meta(&db, Some(node_id), format);
-    if let Some(problem) = report.problems.first() {
+    let existing = trees(&db)?.raft_meta.get(NODE_ID_KEY)?.is_some();
+    if format < FORMAT {
+        // In the shape the directory is in: corruption is found before anything is rewritten.
+        fail_on_problems(
+            &integrity,
+            integrity::check_meta(&db, Some(node_id), format, None),
+        )?;
+        if format == SERDE_SHAPES {
+            migrate::to_3(&db).map_err(|e| classify(&integrity, "migrating to format 3", e))?;
+        }
+        migrate::log_to_engine(&db, dir)
+            .map_err(|e| classify(&integrity, "migrating to format 4", e))?;
+    }
+    let log_dir = dir.join(log::LOG_DIR);
+    if existing && !log_dir.is_dir() {
         let what = format!(
-            "start check: {problem} ({} problems in all)",
-            report.problems.len()
+            "{} is missing: this node's Raft log and vote are gone",
+            log_dir.display()
         );
         integrity.report(&what);
         return Err(StoreError::Corrupt {
@@ -160,17 +176,35 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore)
             what,
         });
     }
-    if format == MIGRATES_FROM {
-        migrate::to_3(&db).map_err(|e| classify(&integrity, "migrating to format 3", e))?;
-    }
-    open_checked(db, node_id, integrity.clone())
+    let log = LogStore::open(&log_dir, integrity.clone())
+        .map_err(|e| classify(&integrity, "opening the log", e))?;
+    let report = integrity::check_meta(&db, Some(node_id), FORMAT, Some(&log.summary()));
+    fail_on_problems(&integrity, report)?;
+    open_checked(db, node_id, integrity.clone(), log)
         .map_err(|e| classify(&integrity, "opening the stores", e))
+}
+
+/// [`StoreError::Corrupt`] with the start check's first problem, if it found any.
+fn fail_on_problems(integrity: &Integrity, report: integrity::Report) -> Result<(), StoreError> {
+    let Some(problem) = report.problems.first() else {
+        return Ok(());
+    };
+    let what = format!(
+        "start check: {problem} ({} problems in all)",
+        report.problems.len()
+    );
+    integrity.report(&what);
+    Err(StoreError::Corrupt {
+        dir: integrity.dir().to_path_buf(),
+        what,
+    })
 }
 
 fn open_checked(
     db: sled::Db,
     node_id: NodeId,
     integrity: Arc<Integrity>,
+    log: LogStore,
 ) -> Result<(LogStore, StateMachineStore), StoreError> {
     let t = trees(&db)?;
     match t.raft_meta.get(NODE_ID_KEY)? {
@@ -191,8 +225,6 @@ fn open_checked(
             db.flush()?;
         }
     }
-    let log = LogStore::new(db.clone(), t.raft_log, t.raft_meta, integrity.clone())?;
-    log.repair()?;
     let sm = StateMachineStore::new(db, t.sm_data, t.sm_meta, t.sm_snapshot, integrity)?;
     snapshot::move_out_of_meta(&sm)?;
     sm.recover()?;
@@ -200,7 +232,7 @@ fn open_checked(
 }
 
 /// The storage format the directory is in ([`FORMAT`] for a new one), or [`StoreError::Format`]
-/// unless that is [`FORMAT`] or [`MIGRATES_FROM`].
+/// unless that is one this version reads or migrates.
 pub fn check_format(db: &sled::Db, dir: &Path) -> Result<u32, StoreError> {
     let meta = db.open_tree("raft_meta")?;
     if meta.get(NODE_ID_KEY)?.is_none() {
@@ -210,7 +242,7 @@ pub fn check_format(db: &sled::Db, dir: &Path) -> Result<u32, StoreError> {
         Some(bytes) => crate::codec::decode(&bytes)?,
         None => 1,
     };
-    if found != FORMAT && found != MIGRATES_FROM {
+    if !(MIGRATES_FROM..=FORMAT).contains(&found) {
         return Err(StoreError::Format {
             dir: dir.to_path_buf(),
             found,

@@ -56,8 +56,8 @@ fn put(
     }
 }
 
-/// Reopens a directory after its handles were dropped. The flusher task lets go of its `Db` clone only
-/// once the runtime polls it, so the sled file lock is released shortly after, not at once.
+/// Reopens a directory after its handles were dropped. The flusher threads let go of their handles
+/// only once they see the queue closed, so the file locks are released shortly after, not at once.
 async fn reopen(
     dir: &std::path::Path,
     id: u64,
@@ -67,6 +67,12 @@ async fn reopen(
         match open(dir, id) {
             Err(StoreError::Sled(e))
                 if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            Err(StoreError::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
@@ -128,36 +134,65 @@ async fn log_and_vote_survive_reopen() {
     );
 }
 
-/// The state a SIGKILL leaves when it lands inside `purge` after a snapshot install: the purge marker is
-/// durable, the older entries below it are not deleted yet. Found by `raftkv jepsen` (the node refused to
-/// start: "inverted log order").
+/// The chunk files of the log engine under `dir`, in order.
+fn wal_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir.join(super::log::LOG_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// A crash in the middle of a write leaves a torn record at the end of the log: the log ends at the
+/// entry before it (never acknowledged: its fsync had not returned), and goes on from there.
 #[tokio::test]
-async fn entries_left_below_the_purge_marker_are_ignored() {
+async fn a_torn_record_at_the_end_of_the_log_is_cut_at_open() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (mut log, _sm) = open(dir.path(), 7).unwrap();
         append(&mut log, (1..=5).map(|i| put(i, "k", "v")).collect()).await;
-        // What `purge(9)` writes first, without the deletes that follow it.
-        log.meta
-            .insert(
-                super::log::LAST_PURGED_KEY,
-                crate::codec::encode(&log_id(1, 9)).unwrap(),
-            )
-            .unwrap();
-        log.db.flush_async().await.unwrap();
     }
+    let last = wal_files(dir.path()).pop().unwrap();
+    let len = std::fs::metadata(&last).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
+    file.set_len(len - 3).unwrap();
+    drop(file);
     let (mut log, _sm) = reopen(dir.path(), 7).await.unwrap();
-    let state = log.get_log_state().await.unwrap();
-    assert_eq!(state.last_purged_log_id, Some(log_id(1, 9)));
-    assert_eq!(state.last_log_id, Some(log_id(1, 9)));
-    assert!(log.try_get_log_entries(0..100).await.unwrap().is_empty());
-    // The log goes on after the marker, and the next purge removes the leftovers.
-    append(&mut log, (10..=12).map(|i| put(i, "k", "v")).collect()).await;
-    log.purge(log_id(1, 10)).await.unwrap();
-    let state = log.get_log_state().await.unwrap();
-    assert_eq!(state.last_log_id, Some(log_id(1, 12)));
-    let indexes = log_indexes(&mut log).await;
-    assert_eq!(indexes, vec![11, 12]);
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_log_id,
+        Some(log_id(1, 4))
+    );
+    append(&mut log, vec![put(5, "k", "v2")]).await;
+    assert_eq!(log_indexes(&mut log).await, vec![1, 2, 3, 4, 5]);
+}
+
+/// Bytes flipped inside a record the log depends on are corruption, refused at open with the
+/// directory named, never a log that silently ends early.
+#[tokio::test]
+async fn a_damaged_log_record_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut log, _sm) = open(dir.path(), 7).unwrap();
+        append(
+            &mut log,
+            (1..=50).map(|i| put(i, "key", &"v".repeat(100))).collect(),
+        )
+        .await;
+        log.save_vote(&Vote::new(3, 2)).await.unwrap();
+    }
+    let file = wal_files(dir.path()).pop().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&file, bytes).unwrap();
+    assert!(!check_offline(dir.path()).await.is_clean());
+    match reopen(dir.path(), 7).await {
+        Err(StoreError::Corrupt { dir: d, .. }) => assert_eq!(d, dir.path()),
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("a damaged log opened"),
+    }
 }
 
 #[tokio::test]
@@ -262,35 +297,20 @@ async fn after_a_crash_the_state_machine_restarts_from_the_last_snapshot() {
     assert_eq!(sm.get(b"a").unwrap(), None);
 }
 
-/// Appends are plain inserts, so a crash could in principle keep an unflushed entry without the one
-/// before it; the log must end before the gap, never hand openraft a log with a hole.
+/// Purged entries are gone from reads at once, and the chunk files wholly behind the purge point
+/// are deleted, so the log's disk use follows what it retains.
 #[tokio::test]
-async fn a_gap_left_in_the_log_is_cut_at_open() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let (mut log, _sm) = open(dir.path(), 7).unwrap();
-        append(&mut log, (1..=5).map(|i| put(i, "k", "v")).collect()).await;
-        let raw = log.db.open_tree("raft_log").unwrap();
-        raw.remove(3u64.to_be_bytes()).unwrap();
-        log.db.flush_async().await.unwrap();
-    }
-    let (mut log, _sm) = reopen(dir.path(), 7).await.unwrap();
-    assert_eq!(
-        log.get_log_state().await.unwrap().last_log_id,
-        Some(log_id(1, 2))
-    );
-    let indexes = log_indexes(&mut log).await;
-    assert_eq!(indexes, vec![1, 2]);
-}
-
-/// Purge returns once its marker is durable; the entries go in the background, but they do go, and
-/// none of them is visible in between.
-#[tokio::test]
-async fn purged_entries_are_hidden_at_once_and_deleted_in_the_background() {
+async fn purged_entries_are_hidden_at_once_and_whole_chunks_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _sm) = open(dir.path(), 7).unwrap();
-    append(&mut log, (1..=500).map(|i| put(i, "k", "v")).collect()).await;
-    log.purge(log_id(1, 400)).await.unwrap();
+    // Big enough entries to fill more than one chunk file.
+    let value = "x".repeat(1 << 20);
+    for i in 1..=80 {
+        append(&mut log, vec![put(i, "k", &value)]).await;
+    }
+    let before = wal_files(dir.path()).len();
+    assert!(before >= 2, "{before} chunk files");
+    log.purge(log_id(1, 70)).await.unwrap();
     let visible: Vec<u64> = log
         .try_get_log_entries(0..1000)
         .await
@@ -298,24 +318,22 @@ async fn purged_entries_are_hidden_at_once_and_deleted_in_the_background() {
         .iter()
         .map(|e| e.log_id.index)
         .collect();
-    assert_eq!(visible, (401..=500).collect::<Vec<_>>());
+    assert_eq!(visible, (71..=80).collect::<Vec<_>>());
     let state = log.get_log_state().await.unwrap();
-    assert_eq!(state.last_purged_log_id, Some(log_id(1, 400)));
-    assert_eq!(state.last_log_id, Some(log_id(1, 500)));
-    let raw = log.db.open_tree("raft_log").unwrap();
+    assert_eq!(state.last_purged_log_id, Some(log_id(1, 70)));
+    assert_eq!(state.last_log_id, Some(log_id(1, 80)));
+    // The engine deletes the files after the purge record's fsync, on its own thread.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while raw.len() != 100 {
+    while wal_files(dir.path()).len() >= before {
         assert!(
             std::time::Instant::now() < deadline,
-            "{} entries still on disk 10 s after purging all but 100",
-            raw.len()
+            "no chunk file deleted 10 s after purging 70 of 80 MiB"
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert_eq!(
-        raw.first().unwrap().unwrap().0.as_ref(),
-        401u64.to_be_bytes()
-    );
+    drop((log, _sm));
+    let (mut log, _sm) = reopen(dir.path(), 7).await.unwrap();
+    assert_eq!(log_indexes(&mut log).await, (71..=80).collect::<Vec<_>>());
 }
 
 /// Every key's stored bytes, for comparing two state machines.
@@ -483,8 +501,9 @@ async fn scan_stops_at_its_byte_budget_but_returns_at_least_one_pair() {
     assert_eq!((kvs.len(), more), (1, false));
 }
 
-/// The commit point is saved without a flush, so after a crash it may be ahead of what the log still
-/// holds; it is only ever reported up to an entry the log really has.
+/// The commit point is a record after the entries it names, so it never runs past the log: a commit
+/// point the log does not hold (a snapshot install can report one before the purge catches up) or
+/// one behind the saved one is not saved, rather than failing the node.
 #[tokio::test]
 async fn the_saved_commit_point_never_runs_past_the_log() {
     let dir = tempfile::tempdir().unwrap();
@@ -493,12 +512,16 @@ async fn the_saved_commit_point_never_runs_past_the_log() {
     append(&mut log, (0..=5).map(|i| put(i, "k", "v")).collect()).await;
     log.save_committed(Some(log_id(1, 4))).await.unwrap();
     assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 4)));
-    // Entries 6.. were lost in a crash: the commit point falls back to the last one the log holds.
     log.save_committed(Some(log_id(1, 8))).await.unwrap();
-    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 5)));
-    // The entry at the saved index is not the committed one: nothing is vouched for.
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 4)));
     log.save_committed(Some(log_id(2, 5))).await.unwrap();
-    assert_eq!(log.read_committed().await.unwrap(), None);
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 4)));
+    log.save_committed(Some(log_id(1, 3))).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 4)));
+    log.save_committed(Some(log_id(1, 5))).await.unwrap();
+    drop((log, _sm));
+    let (mut log, _sm) = reopen(dir.path(), 1).await.unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(1, 5)));
 }
 
 fn blob_files(dir: &std::path::Path) -> usize {
@@ -622,25 +645,28 @@ async fn an_undecodable_value_trips_the_store_and_no_read_is_answered_after() {
     );
 }
 
-/// The start check decodes the metadata before anything uses it: a vote that does not decode is
-/// refused at open with the directory and the value named, and `raftkv check` reports it too.
+/// The start check decodes the metadata before anything uses it: a last-applied id that does not
+/// decode is refused at open with the directory and the value named, and `raftkv check` reports it
+/// too.
 #[tokio::test]
 async fn undecodable_metadata_is_refused_at_open() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (mut log, _sm) = open(dir.path(), 1).unwrap();
-        log.save_vote(&Vote::new(3, 2)).await.unwrap();
-        log.meta.insert(b"vote", vec![1u8, 0xff]).unwrap();
-        log.db.flush().unwrap();
+        let (_log, sm) = open(dir.path(), 1).unwrap();
+        sm.inner
+            .meta
+            .insert(super::state_machine::LAST_APPLIED_KEY, vec![1u8, 0xff])
+            .unwrap();
+        sm.db().flush().unwrap();
     }
     assert!(!check_offline(dir.path()).await.is_clean());
     match reopen(dir.path(), 1).await {
         Err(StoreError::Corrupt { dir: d, what }) => {
             assert_eq!(d, dir.path());
-            assert!(what.contains("raft_meta/vote"), "{what}");
+            assert!(what.contains("sm_meta/last_applied"), "{what}");
         }
         Err(e) => panic!("expected Corrupt, got {e}"),
-        Ok(_) => panic!("a store with an undecodable vote opened"),
+        Ok(_) => panic!("a store with an undecodable last applied id opened"),
     }
 }
 
@@ -855,18 +881,7 @@ async fn format_2_dir() -> tempfile::TempDir {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (mut log, mut sm) = open(dir.path(), 1).unwrap();
-    let entries = migration_entries();
-    append(&mut log, entries.clone()).await;
-    log.save_vote(&Vote::new_committed(1, 1)).await.unwrap();
-    log.save_committed(Some(log_id(1, 41))).await.unwrap();
-    apply(&mut sm, entries[..30].to_vec()).await;
-    build_snapshot(&mut sm).await;
-    log.purge(log_id(1, 20)).await.unwrap();
-    apply(&mut sm, entries[30..].to_vec()).await;
-    sm.close().await.unwrap();
-
+    let (dir, mut sm) = sled_log_dir().await;
     let snapshots = sm.inner.snapshots.clone();
     let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
     let v2 = StoredSnapshotV2 {
@@ -884,10 +899,65 @@ async fn format_2_dir() -> tempfile::TempDir {
     snapshots
         .insert(SNAPSHOT_META_KEY, crate::codec::encode(&v2.meta).unwrap())
         .unwrap();
-    log.meta
-        .insert(super::FORMAT_KEY, crate::codec::encode(&2u32).unwrap())
+    set_format(sm.db(), 2);
+    drop(sm);
+    std::fs::remove_dir_all(dir.path().join(super::log::LOG_DIR)).unwrap();
+    dir
+}
+
+/// A directory after a clean stop with a snapshot at 30 and applied state up to 41, and its log where
+/// formats 2 and 3 kept it, in sled; the log engine's directory is still there for the caller to
+/// remove once the store is dropped.
+async fn sled_log_dir() -> (tempfile::TempDir, StateMachineStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, mut sm) = open(dir.path(), 1).unwrap();
+    drop(log);
+    let entries = migration_entries();
+    apply(&mut sm, entries[..30].to_vec()).await;
+    build_snapshot(&mut sm).await;
+    apply(&mut sm, entries[30..].to_vec()).await;
+    sm.close().await.unwrap();
+    write_sled_log(sm.db(), &entries);
+    (dir, sm)
+}
+
+/// The log as formats 2 and 3 kept it in sled, after a clean stop: a vote, a commit point and the
+/// entries after a purge at 20 (format 3's records; format 2 had the same bytes).
+fn write_sled_log(db: &sled::Db, entries: &[crate::types::Entry]) {
+    use super::migrate::{COMMITTED_KEY, LAST_PURGED_KEY, VOTE_KEY};
+    use super::record::Record;
+    let t = super::trees(db).unwrap();
+    for entry in &entries[20..] {
+        t.raft_log
+            .insert(entry.log_id.index.to_be_bytes(), entry.encode().unwrap())
+            .unwrap();
+    }
+    let meta = [
+        (VOTE_KEY, Vote::new_committed(1, 1).encode().unwrap()),
+        (COMMITTED_KEY, Some(log_id(1, 41)).encode().unwrap()),
+        (LAST_PURGED_KEY, log_id(1, 20).encode().unwrap()),
+    ];
+    for (key, value) in meta {
+        t.raft_meta.insert(key, value).unwrap();
+    }
+    db.flush().unwrap();
+}
+
+fn set_format(db: &sled::Db, format: u32) {
+    super::trees(db)
+        .unwrap()
+        .raft_meta
+        .insert(super::FORMAT_KEY, crate::codec::encode(&format).unwrap())
         .unwrap();
-    sm.db().flush().unwrap();
+    db.flush().unwrap();
+}
+
+/// A directory as a format 3 raftkv left it after a clean stop (the log in sled).
+async fn format_3_dir() -> tempfile::TempDir {
+    let (dir, sm) = sled_log_dir().await;
+    set_format(sm.db(), 3);
+    drop(sm);
+    std::fs::remove_dir_all(dir.path().join(super::log::LOG_DIR)).unwrap();
     dir
 }
 
@@ -904,9 +974,9 @@ async fn raw_db(dir: &std::path::Path) -> sled::Db {
     }
 }
 
-/// Every value of the trees whose bytes format 2 and 3 share.
+/// Every value of the trees no migration rewrites.
 fn unchanged_trees(db: &sled::Db) -> Vec<(String, Vec<u8>, Vec<u8>)> {
-    ["raft_log", "sm_data"]
+    ["sm_data"]
         .iter()
         .flat_map(|name| {
             let tree = db.open_tree(name).unwrap();
@@ -920,12 +990,17 @@ fn unchanged_trees(db: &sled::Db) -> Vec<(String, Vec<u8>, Vec<u8>)> {
         .collect()
 }
 
-/// What a migrated directory must hold: everything [`format_2_dir`] wrote, read through format 3.
+/// What a migrated directory must hold: everything [`format_2_dir`] wrote, read through format 4.
 async fn assert_migrated(dir: &std::path::Path) {
     let (mut log, mut sm) = reopen(dir, 1).await.unwrap();
+    let t = super::trees(sm.db()).unwrap();
     let format: u32 =
-        crate::codec::decode(&log.meta.get(super::FORMAT_KEY).unwrap().unwrap()).unwrap();
+        crate::codec::decode(&t.raft_meta.get(super::FORMAT_KEY).unwrap().unwrap()).unwrap();
     assert_eq!(format, super::FORMAT);
+    assert!(t.raft_log.is_empty(), "sled's log tree is emptied");
+    for key in super::migrate::LOG_META_KEYS {
+        assert_eq!(t.raft_meta.get(key).unwrap(), None);
+    }
     assert_eq!(
         log.read_vote().await.unwrap(),
         Some(Vote::new_committed(1, 1))
@@ -987,7 +1062,7 @@ async fn a_format_2_directory_is_migrated_at_open_and_checked_as_it_is_before() 
     );
     // The old shape is not readable as the new one: the migration is what makes it open.
     assert!(
-        super::integrity::check_meta(&raw_db(dir.path()).await, Some(1), super::FORMAT)
+        super::integrity::check_meta(&raw_db(dir.path()).await, Some(1), 3, None)
             .problems
             .iter()
             .any(|p| p.contains("snapshot_meta")),
@@ -996,7 +1071,7 @@ async fn a_format_2_directory_is_migrated_at_open_and_checked_as_it_is_before() 
     assert_eq!(
         unchanged_trees(&raw_db(dir.path()).await),
         before,
-        "the log and the data are not rewritten"
+        "the data is not rewritten"
     );
     let report = check_offline(dir.path()).await;
     assert!(report.is_clean(), "{:?}", report.problems);
@@ -1006,7 +1081,7 @@ async fn a_format_2_directory_is_migrated_at_open_and_checked_as_it_is_before() 
             .iter()
             .any(|c| c.contains("storage format 2"))
     );
-    // Opened again: format 3, nothing left to migrate.
+    // Opened again: format 4, nothing left to migrate.
     assert_migrated(dir.path()).await;
     // A crash after the migration rebuilds the state from the migrated snapshot.
     drop(reopen(dir.path(), 1).await.unwrap());
@@ -1051,4 +1126,70 @@ async fn a_format_2_snapshot_in_the_old_place_is_migrated_and_moved() {
         db.flush().unwrap();
     }
     assert_migrated(dir.path()).await;
+}
+
+#[tokio::test]
+async fn a_format_3_directory_moves_its_log_out_of_sled_at_open() {
+    let dir = format_3_dir().await;
+    let before = unchanged_trees(&raw_db(dir.path()).await);
+    let report = check_offline(dir.path()).await;
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_migrated(dir.path()).await;
+    assert_eq!(unchanged_trees(&raw_db(dir.path()).await), before);
+    let report = check_offline(dir.path()).await;
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert!(
+        report.checked.iter().any(|c| c.contains("raft-log: vote")),
+        "{:?}",
+        report.checked
+    );
+    assert_migrated(dir.path()).await;
+}
+
+/// The move of the log stopped at either side of its deciding step (a crash): a half-written
+/// staging copy is discarded and the copy made again; a complete engine directory with sled still at
+/// format 3 is kept and the sled part finished.
+#[tokio::test]
+async fn an_interrupted_move_of_the_log_is_redone_or_finished() {
+    // Before the rename: a staging directory with a partial copy.
+    let dir = format_3_dir().await;
+    let staging = dir
+        .path()
+        .join(format!("{}.migrating", super::log::LOG_DIR));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("r-00_000_000_000_000_000_000.wal"), b"partial").unwrap();
+    assert_migrated(dir.path()).await;
+    assert!(!staging.exists());
+
+    // After the rename, before sled was updated: the engine directory of a finished migration of
+    // the same directory, beside sled still at format 3.
+    let done = format_3_dir().await;
+    let interrupted = format_3_dir().await;
+    assert_migrated(done.path()).await;
+    let (log, sm) = reopen(done.path(), 1).await.unwrap();
+    drop((log, sm));
+    let engine = super::log::LOG_DIR;
+    let copy = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(done.path().join(engine))
+        .arg(interrupted.path().join(engine))
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    assert_migrated(interrupted.path()).await;
+}
+
+/// A format 4 directory whose log engine directory is gone lost its vote and log: refused, not
+/// started as a new node that could vote twice in a term.
+#[tokio::test]
+async fn a_directory_without_its_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path(), 1).unwrap());
+    let _ = reopen(dir.path(), 1).await.unwrap();
+    std::fs::remove_dir_all(dir.path().join(super::log::LOG_DIR)).unwrap();
+    match reopen(dir.path(), 1).await {
+        Err(StoreError::Corrupt { what, .. }) => assert!(what.contains("missing"), "{what}"),
+        Err(e) => panic!("expected Corrupt, got {e}"),
+        Ok(_) => panic!("a directory without its log opened"),
+    }
 }
