@@ -4,6 +4,7 @@
 # timing (SIGKILL the leader, time to the first write acknowledged through a survivor) for both.
 #
 # Usage: scripts/bench-vs-etcd.sh            (see the variables below to change sizes and ports)
+#        BENCH_SERVER_BIN=/path/to/raftkv scripts/bench-vs-etcd.sh   (runs those nodes instead)
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -36,6 +37,9 @@ fi
 
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 BIN=$TARGET_DIR/release/raftkv
+# The raftkv nodes run this binary (default: the one just built). Point it at another build to compare
+# two raftkv versions through the same client, one run each.
+SERVER_BIN=${BENCH_SERVER_BIN:-$BIN}
 log "building raftkv with etcd support"
 (cd "$REPO" && cargo build --release --quiet && cargo build --release --quiet -p raftkv-bench --features etcd) || die "build failed"
 
@@ -65,7 +69,7 @@ ETCD_CLUSTER="e1=$(etcd_peer 1),e2=$(etcd_peer 2),e3=$(etcd_peer 3)"
 
 start_raftkv() {
     local n=$1
-    "$BIN" server --id "$n" --listen "$(rk_addr "$n")" --peer-listen "$(rk_peer "$n")" --peers "$RK_PEERS" \
+    "$SERVER_BIN" server --id "$n" --listen "$(rk_addr "$n")" --peer-listen "$(rk_peer "$n")" --peers "$RK_PEERS" \
         --data-dir "$WORK/raftkv$n" >>"$WORK/raftkv$n.log" 2>&1 &
     PIDS[raftkv$n]=$!
 }
@@ -106,7 +110,7 @@ FSYNC_US=$(dd if=/dev/zero of="$WORK/fsync-probe" bs=4k count=2000 oflag=dsync 2
     awk '/copied/ { for (i = 1; i <= NF; i++) if ($i ~ /^s,?$/) t = $(i-1); print int(t * 1e6 / 2000) }')
 rm -f "$WORK/fsync-probe"
 ETCD_VERSION=$(etcd --version | awk '/etcd Version/ {print $3}')
-RAFTKV_VERSION=$("$BIN" --version | awk '{print $2}')
+RAFTKV_VERSION=$("$SERVER_BIN" --version | awk '{print $2}')
 log "machine: $CORES cores, fsync'd 4 KiB write ${FSYNC_US} µs (dd oflag=dsync), etcd $ETCD_VERSION, raftkv $RAFTKV_VERSION"
 
 for n in 1 2 3; do start_etcd "$n"; start_raftkv "$n"; done

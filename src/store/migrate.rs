@@ -209,7 +209,7 @@ pub(super) fn log_to_engine(db: &sled::Db, dir: &Path) -> Result<(), StoreError>
             Ok(())
         })
         .map_err(|e: TransactionError<String>| tx_err(e))?;
-    db.flush()?;
+    super::durable::flush_blocking(db, dir)?;
     match copied {
         Some(entries) => tracing::info!(
             entries,

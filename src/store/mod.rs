@@ -26,6 +26,7 @@
 //! Every value is stored through a `record` of raftkv's own shape, never openraft's serde shape,
 //! so that only raftkv decides what its directories contain (docs/storage-format.md).
 
+mod durable;
 pub mod integrity;
 pub mod log;
 mod migrate;

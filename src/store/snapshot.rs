@@ -145,7 +145,8 @@ impl SnapshotBuilder {
                 "a newer snapshot was installed meanwhile; not storing this one"
             );
         }
-        inner.db.flush_async().await.map_err(io_err)?;
+        // The log behind it is purged next, durably (see `durable`).
+        super::durable::flush(&inner.db, inner.integrity.dir()).await?;
         tracing::info!(
             last_log_id = ?stored.meta.last_log_id,
             keys,

@@ -230,7 +230,8 @@ impl StateMachineStore {
                 Ok(())
             });
         result.map_err(tx_err)?;
-        inner.db.flush_async().await.map(|_| ()).map_err(io_err)
+        // openraft purges the log behind an installed snapshot, durably (see `durable`).
+        super::durable::flush(&inner.db, inner.integrity.dir()).await
     }
 
     /// Marks the applied state as complete on disk, for the next start to trust it. Called once Raft
@@ -256,7 +257,7 @@ impl StateMachineStore {
             .meta
             .insert(CLEAN_SHUTDOWN_KEY, applied.encode()?)
             .map_err(io_err)?;
-        self.inner.db.flush_async().await.map_err(io_err)?;
+        super::durable::flush(&self.inner.db, self.inner.integrity.dir()).await?;
         Ok(())
     }
 
