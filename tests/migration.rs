@@ -1,6 +1,6 @@
-//! A data directory written by the last raftkv that stored format 2 opens with this one: migrated
-//! to format 3 once, at the first start, with every key and revision intact, and not again after.
-//! The fixture and how it was made: tests/fixtures/README.md.
+//! Data directories written by the last raftkv that stored format 2 and the last that stored format
+//! 3 open with this one: migrated to format 4 once, at the first start, with every key and revision
+//! intact, and not again after. The fixtures and how they were made: tests/fixtures/README.md.
 
 mod common;
 
@@ -16,7 +16,8 @@ use tokio::time::Instant;
 /// The fixture's `--peers`, as it was made. Its membership records these addresses; the node here
 /// listens on free ports instead, and a one-node cluster never dials its own recorded addresses.
 const FIXTURE_PEERS: &str = "1=127.0.0.1:47001/127.0.0.1:47101";
-const MIGRATED: &str = "migrated the data directory from storage format 2 to 3";
+/// Logged once by the last step of every migration, whatever format it started from.
+const MIGRATED: &str = "migrated the data directory from storage format 3 to 4";
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -117,9 +118,10 @@ fn check(dir: &Path) -> (Option<i32>, String) {
     (out.status.code(), text)
 }
 
-/// What a strong scan of the fixture returned on the format 2 binary just before it stopped.
-fn expected() -> Vec<pb::KeyValue> {
-    let text = std::fs::read_to_string(fixture("format2-1node.scan.json")).expect("scan file");
+/// What a strong scan of the fixture returned on the binary that made it, just before it stopped.
+fn expected(format: u32) -> Vec<pb::KeyValue> {
+    let text = std::fs::read_to_string(fixture(&format!("format{format}-1node.scan.json")))
+        .expect("scan file");
     let json: serde_json::Value = serde_json::from_str(&text).expect("scan JSON");
     let field = |kv: &serde_json::Value, name: &str| kv[name].clone();
     json["kvs"]
@@ -171,11 +173,21 @@ async fn assert_holds(node: &Node, kvs: &[pb::KeyValue]) {
 }
 
 #[tokio::test]
-async fn a_format_2_directory_from_the_previous_release_is_migrated_once_and_keeps_every_key() {
+async fn a_format_2_directory_from_an_older_release_is_migrated_once_and_keeps_every_key() {
+    migrated_once_keeping_every_key(2).await;
+}
+
+#[tokio::test]
+async fn a_format_3_directory_from_the_previous_release_is_migrated_once_and_keeps_every_key() {
+    migrated_once_keeping_every_key(3).await;
+}
+
+async fn migrated_once_keeping_every_key(format: u32) {
+    let old_format = format!("storage format {format}");
     let dir = tempfile::tempdir().expect("tempdir");
     let untar = Command::new("tar")
         .arg("-xzf")
-        .arg(fixture("format2-1node.tar.gz"))
+        .arg(fixture(&format!("format{format}-1node.tar.gz")))
         .arg("-C")
         .arg(dir.path())
         .status()
@@ -188,13 +200,13 @@ async fn a_format_2_directory_from_the_previous_release_is_migrated_once_and_kee
         peer_listen: format!("127.0.0.1:{}", port()),
         child: None,
     };
-    let mut kvs = expected();
+    let mut kvs = expected(format);
     assert!(kvs.len() > 30, "the fixture holds its keys");
 
     // Checked as it is, and left so.
     let (code, text) = check(&node.data_dir());
     assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("storage format 2"), "{text}");
+    assert!(text.contains(&old_format), "{text}");
 
     node.start();
     assert_holds(&node, &kvs).await;
@@ -218,12 +230,13 @@ async fn a_format_2_directory_from_the_previous_release_is_migrated_once_and_kee
     });
     kvs.sort_by(|a, b| a.key.cmp(&b.key));
 
-    // A clean restart opens format 3 as it is; so does one after a crash, which rebuilds the state
+    // A clean restart opens format 4 as it is; so does one after a crash, which rebuilds the state
     // from the migrated snapshot and re-applies the log after it.
     node.stop().await;
     let (code, text) = check(&node.data_dir());
     assert_eq!(code, Some(0), "{text}");
-    assert!(!text.contains("storage format 2"), "{text}");
+    assert!(!text.contains(&old_format), "{text}");
+    assert!(text.contains("raft-log: vote"), "{text}");
     node.start();
     assert_holds(&node, &kvs).await;
     node.crash();
