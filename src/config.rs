@@ -75,8 +75,9 @@ pub struct ServerArgs {
     #[arg(long, env = "RAFTKV_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_request_bytes: usize,
     /// Largest snapshot this node accepts from a leader (RESOURCE_EXHAUSTED above it). A received
-    /// snapshot is held in memory until it is installed, so this bounds what a peer can make it buffer.
-    #[arg(long, env = "RAFTKV_MAX_SNAPSHOT_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    /// snapshot is written to disk as it arrives, so this bounds the disk a peer can make it fill,
+    /// not its memory; it must exceed the largest state the cluster holds.
+    #[arg(long, env = "RAFTKV_MAX_SNAPSHOT_BYTES", default_value_t = 64 * 1024 * 1024 * 1024)]
     pub max_snapshot_bytes: usize,
     /// How long a request may wait for a leader, a quorum or replication when the client sets no deadline.
     #[arg(long, env = "RAFTKV_REQUEST_TIMEOUT_MS", default_value_t = 5_000)]

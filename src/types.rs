@@ -1,7 +1,6 @@
 //! The openraft type configuration and the commands that travel through the log.
 
 use std::fmt;
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -49,10 +48,14 @@ pub type Entry = openraft::alias::EntryOf<TypeConfig>;
 pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
-/// Snapshots are held in memory while they are built, sent and installed. That bounds the data set a node
-/// can hold by RAM, which is acceptable for the small clusters raftkv is for; streaming from sled would
-/// lift it.
-pub type SnapshotData = Cursor<Vec<u8>>;
+/// A snapshot's image: an open snapshot file in the data directory (see `store::snapshot`). Open, so
+/// that a sender keeps reading it even after a newer snapshot has replaced it on disk.
+#[derive(Debug)]
+pub struct SnapshotData {
+    pub file: std::fs::File,
+    pub path: std::path::PathBuf,
+    pub len: u64,
+}
 
 /// A state-machine change, proposed to the leader and applied on every node in log order.
 ///

@@ -107,11 +107,11 @@ fn decoders() -> Vec<(&'static str, Decoder)> {
         "nested" => Vec<Vec<Vec<u8>>>,
         "nested strings" => Vec<Vec<String>>,
     ];
-    list.push(("snapshot image", |b| {
-        raftkv::store::snapshot::check_image(b).is_ok()
+    list.push(("snapshot file", |b| {
+        raftkv::store::snapshot::file::verify(b).is_ok()
     }));
-    list.push(("stored snapshot", |b| {
-        raftkv::store::snapshot::check_stored(b).is_ok()
+    list.push(("stored snapshot of formats 2 to 4", |b| {
+        raftkv::store::snapshot::check_legacy(b)
     }));
     list
 }

@@ -31,6 +31,7 @@ use openraft::raft::{
 use openraft::{OptionalSend, RPCTypes};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::io::AsyncReadExt;
 use tokio::sync::Semaphore;
 use tonic::Streaming;
 
@@ -465,22 +466,45 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         let header = codec::encode(&(vote, snapshot.meta))
             .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
-        let data = snapshot.snapshot.into_inner();
-        let mut chunks = vec![SnapshotChunk {
+        let len = snapshot.snapshot.len;
+        let file = tokio::fs::File::from_std(snapshot.snapshot.file);
+        // Read from the file as tonic sends: one chunk in memory at a time. A read error ends the
+        // stream early; the receiver then refuses the cut file, and openraft retries.
+        let first = SnapshotChunk {
             header,
             data: Vec::new(),
-        }];
-        chunks.extend(data.chunks(SNAPSHOT_CHUNK_BYTES).map(|c| SnapshotChunk {
-            header: Vec::new(),
-            data: c.to_vec(),
-        }));
-        // The whole stream is built before the call: a client-streaming call awaited before its
-        // producer runs would wait forever.
-        let mut request = tonic::Request::new(futures::stream::iter(chunks));
+        };
+        let rest = futures::stream::unfold(Some(file), |file| async move {
+            let mut file = file?;
+            let mut data = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+            let mut filled = 0;
+            while filled < data.len() {
+                match file.read(&mut data[filled..]).await {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the snapshot file to send");
+                        return None;
+                    }
+                }
+            }
+            if filled == 0 {
+                return None;
+            }
+            data.truncate(filled);
+            Some((
+                SnapshotChunk {
+                    header: Vec::new(),
+                    data,
+                },
+                Some(file),
+            ))
+        });
+        let mut request = tonic::Request::new(futures::stream::once(async { first }).chain(rest));
         // Sized for the transfer, not for a heartbeat: a second per 8 MiB on top of openraft's budget,
         // a rate any link between nodes exceeds.
-        let ttl = option.hard_ttl().max(Duration::from_secs(10))
-            + Duration::from_secs((data.len() / (8 << 20)) as u64);
+        let ttl =
+            option.hard_ttl().max(Duration::from_secs(10)) + Duration::from_secs(len / (8 << 20));
         request.set_timeout(ttl);
         let mut client = self.client()?;
         let call = client.install_snapshot(request);

@@ -9,7 +9,6 @@
 //! forger who can reach the peer port and names a member: peer TLS does (see the README).
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +28,8 @@ use crate::node::VoteHold;
 use crate::pb::internal::raft_server::Raft as RaftRpc;
 use crate::pb::internal::{Payload, SnapshotChunk};
 use crate::store::Raft;
+use crate::store::snapshot::Inbox;
+use crate::store::snapshot::inbox::InboxError;
 use crate::sync::lock;
 use crate::types::{Member, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote, VoteRequest};
 
@@ -40,8 +41,8 @@ pub struct Admission {
     /// The initial voters (`--peers`): who may speak to a node that knows no membership yet.
     pub bootstrap_peers: BTreeMap<NodeId, Member>,
     pub vote_hold: VoteHold,
-    /// `--max-snapshot-bytes`: the most an InstallSnapshot may make this node buffer.
-    pub max_snapshot_bytes: usize,
+    /// Where a received snapshot is written, bounded by `--max-snapshot-bytes`.
+    pub inbox: Inbox,
 }
 
 pub struct RaftService {
@@ -337,8 +338,7 @@ impl RaftRpc for RaftService {
             origin,
             sender(&vote),
         )?;
-        let cap = self.admission.max_snapshot_bytes;
-        let mut data = Vec::new();
+        let mut incoming = self.admission.inbox.begin().await.map_err(inbox_status)?;
         let mut chunk = first.data;
         loop {
             if chunk.len() > SNAPSHOT_CHUNK_BYTES {
@@ -347,26 +347,19 @@ impl RaftRpc for RaftService {
                     chunk.len()
                 )));
             }
-            if data.len() + chunk.len() > cap {
-                tracing::warn!(cap, "refused a snapshot larger than --max-snapshot-bytes");
-                return Err(Status::resource_exhausted(format!(
-                    "snapshot exceeds {cap} bytes (--max-snapshot-bytes)"
-                )));
-            }
-            data.extend_from_slice(&chunk);
+            incoming.write(&chunk).await.map_err(inbox_status)?;
             match stream.next().await {
                 Some(next) => chunk = next?.data,
                 None => break,
             }
         }
         // A snapshot openraft cannot install is a storage error to it, and storage errors stop Raft:
-        // checked here, a malformed image is only a refused request.
-        crate::store::snapshot::check_image(&data)
-            .map_err(|e| Status::invalid_argument(format!("undecodable snapshot image: {e}")))?;
-        tracing::info!(?meta.last_log_id, bytes = data.len(), "received snapshot");
+        // checked here, a malformed file is only a refused request.
+        let data = incoming.finish(&meta).await.map_err(inbox_status)?;
+        tracing::info!(?meta.last_log_id, bytes = data.len, "received snapshot");
         let snapshot = Snapshot {
             meta,
-            snapshot: Cursor::new(data),
+            snapshot: data,
         };
         let resp = self
             .raft
@@ -374,5 +367,23 @@ impl RaftRpc for RaftService {
             .await
             .map_err(stopped)?;
         reply(&resp)
+    }
+}
+
+/// The peer's status for a snapshot this node would not receive.
+fn inbox_status(e: InboxError) -> Status {
+    match e {
+        InboxError::TooLarge { cap } => {
+            tracing::warn!(cap, "refused a snapshot larger than --max-snapshot-bytes");
+            Status::resource_exhausted(e.to_string())
+        }
+        InboxError::Busy => Status::resource_exhausted(e.to_string()),
+        InboxError::Malformed(_) | InboxError::Mismatch { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        InboxError::Io(_) => {
+            tracing::warn!(error = %e, "could not write a received snapshot");
+            Status::unavailable(e.to_string())
+        }
     }
 }

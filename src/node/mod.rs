@@ -52,7 +52,7 @@ pub struct Node {
     channels: PeerChannels,
     limits: Limits,
     request_timeout: Duration,
-    /// `--max-snapshot-bytes`: the most an InstallSnapshot may make this node buffer.
+    /// `--max-snapshot-bytes`: the most an InstallSnapshot may make this node write.
     max_snapshot_bytes: usize,
     /// The initial voters' addresses: a node that has not yet received the membership (a fresh or
     /// wiped one) still knows where its peers are.
@@ -470,7 +470,10 @@ impl Node {
                 cluster: self.cluster,
                 bootstrap_peers: self.peers.clone(),
                 vote_hold: self.vote_hold,
-                max_snapshot_bytes: self.max_snapshot_bytes,
+                inbox: crate::store::snapshot::Inbox::new(
+                    self.sm.integrity().dir(),
+                    self.max_snapshot_bytes as u64,
+                ),
             },
         )
     }

@@ -29,7 +29,8 @@ use tokio::sync::watch;
 use super::log::LogSummary;
 use super::migrate::{COMMITTED_KEY, LAST_PURGED_KEY, SnapshotMetaV2, StoredSnapshotV2, VOTE_KEY};
 use super::record::Record;
-use super::snapshot::{self, SNAPSHOT_KEY, SNAPSHOT_META_KEY};
+use super::snapshot::legacy::{self, SNAPSHOT_KEY};
+use super::snapshot::{SNAPSHOT_FILE_KEY, SNAPSHOT_META_KEY};
 use super::state_machine::{
     CLEAN_SHUTDOWN_KEY, LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StoredValue,
 };
@@ -260,7 +261,7 @@ pub fn check_meta(
     let trees = match trees(db) {
         Ok(t) => t,
         Err(e) => {
-            report.problem(format_args!("opening the trees: {}", describe_sled(&e)));
+            report.problem(format_args!("opening the trees: {e}"));
             return report;
         }
     };
@@ -390,6 +391,14 @@ fn scrub_trees(
             }
             let (k, v) = match item {
                 Ok(kv) => kv,
+                // A snapshot install switched data trees and dropped the old one under the scrub:
+                // nothing is wrong with it, there is just nothing left to read.
+                Err(sled::Error::CollectionNotFound(_)) => {
+                    report
+                        .checked
+                        .push(format!("tree {name_text}: dropped during the scrub"));
+                    break;
+                }
                 Err(e) => {
                     // sled cannot step past a page it cannot read: the rest of this tree is unknown.
                     report.problem(format_args!(
@@ -447,7 +456,10 @@ fn check_value(
         ("raft_meta", VOTE_KEY) => decodes::<Vote>(tree, key, value),
         ("raft_meta", COMMITTED_KEY) => decodes::<Option<LogId>>(tree, key, value),
         ("raft_meta", LAST_PURGED_KEY) => decodes::<LogId>(tree, key, value),
-        ("sm_data", _) => decodes::<StoredValue>(tree, key, value),
+        ("sm_data" | "sm_data.1", _) => decodes::<StoredValue>(tree, key, value),
+        ("sm_snapshot", SNAPSHOT_FILE_KEY) => std::str::from_utf8(value)
+            .map(|_| ())
+            .map_err(|_| format!("{tree}/snapshot_file is not a file name")),
         ("sm_meta", LAST_APPLIED_KEY) => decodes::<LogId>(tree, key, value),
         ("sm_meta", LAST_MEMBERSHIP_KEY) => decodes::<StoredMembership>(tree, key, value),
         ("sm_meta", CLEAN_SHUTDOWN_KEY) => decodes::<Option<LogId>>(tree, key, value),
@@ -457,10 +469,10 @@ fn check_value(
         ("sm_meta" | "sm_snapshot", SNAPSHOT_META_KEY) => decodes::<SnapshotMeta>(tree, key, value),
         ("sm_meta" | "sm_snapshot", SNAPSHOT_KEY) if format == SERDE_SHAPES => {
             StoredSnapshotV2::decode(value)
-                .and_then(|s| snapshot::check_image(&s.0.data))
+                .and_then(|s| legacy::check_image(&s.0.data))
                 .map_err(|e| format!("{tree}/snapshot does not decode: {e}"))
         }
-        ("sm_meta" | "sm_snapshot", SNAPSHOT_KEY) => snapshot::verify_stored(value)
+        ("sm_meta" | "sm_snapshot", SNAPSHOT_KEY) => legacy::verify_stored(value)
             .map(|_| ())
             .map_err(|e| format!("{tree}/snapshot does not decode: {e}")),
         // Anything else (sled's default tree, keys a newer build added) only has to be readable.
@@ -633,7 +645,7 @@ pub fn check_offline(dir: &Path) -> Result<Report, CheckError> {
         .and_then(|meta| meta.get(NODE_ID_KEY))
         .map_err(|e| CheckError::Open(dir.to_path_buf(), e))?
         .is_some();
-    let log = if format == super::FORMAT && has_node {
+    let log = if format >= 4 && has_node {
         // Opening the engine replays and checksums every record it holds (and, as a start would,
         // cuts a torn record at its end).
         let log_dir = dir.join(super::log::LOG_DIR);
@@ -667,7 +679,44 @@ pub fn check_offline(dir: &Path) -> Result<Report, CheckError> {
     let scrubbed = scrub(&db, &mut Pacer::unpaced(), &|| false, format);
     report.checked.extend(scrubbed.checked);
     report.problems.extend(scrubbed.problems);
+    if format >= 5 {
+        check_snapshot_file(&db, dir, &mut report);
+    }
     Ok(report)
+}
+
+/// Reads the current snapshot's file through (every frame's checksum, every value) and compares its
+/// metadata with the one `sm_snapshot` holds.
+fn check_snapshot_file(db: &sled::Db, dir: &Path, report: &mut Report) {
+    let Ok(tree) = db.open_tree("sm_snapshot") else {
+        return;
+    };
+    let Ok(Some(name)) = tree.get(SNAPSHOT_FILE_KEY) else {
+        return;
+    };
+    let Ok(name) = std::str::from_utf8(&name) else {
+        return;
+    };
+    let path = super::snapshot::dir_of(dir).join(name);
+    let stored: Option<SnapshotMeta> = read_one(report, &tree, "sm_snapshot", SNAPSHOT_META_KEY);
+    let read = std::fs::File::open(&path)
+        .map_err(super::snapshot::file::FileError::from)
+        .and_then(|f| super::snapshot::file::verify(io::BufReader::new(f)));
+    match read {
+        Ok((meta, pairs)) if stored.as_ref().is_none_or(|s| *s == meta) => {
+            report.checked.push(format!(
+                "snapshot file {}: {pairs} pairs, every frame's checksum",
+                path.display()
+            ))
+        }
+        Ok((meta, _)) => report.problem(format_args!(
+            "snapshot file {} is of {}, sm_snapshot says {}",
+            path.display(),
+            show(&meta.last_log_id),
+            show(&stored.and_then(|s| s.last_log_id))
+        )),
+        Err(e) => report.problem(format_args!("snapshot file {}: {e}", path.display())),
+    }
 }
 
 /// Prints what was checked and what is wrong. Exit status: 0 clean, 1 corrupt, 2 not checked.

@@ -1,5 +1,5 @@
 //! Older storage formats, rewritten at open before anything else reads the directory: 2 -> 3, then
-//! 3 -> 4 (see [`log_to_engine`]).
+//! 3 -> 4 (see [`log_to_engine`]), then 4 -> 5 (see [`snapshot_to_file`]).
 //!
 //! ## 2 -> 3
 //!
@@ -9,8 +9,8 @@
 //! stored openraft 0.10's `SnapshotMeta`, which ends with a reserved, always-empty `snapshot_id`
 //! string, and format 3's record has no such field. So the migration rewrites only the snapshot
 //! metadata: `snapshot_meta` alone and inside the stored `snapshot`, in `sm_snapshot` (or in
-//! `sm_meta`, where older builds kept them; `snapshot::move_out_of_meta` moves them later, bytes
-//! as they are). Rewriting the log as well would write the same bytes again, at the risk of a
+//! `sm_meta`, where older builds kept them; [`snapshot_to_file`] moves them later, wherever they
+//! are). Rewriting the log as well would write the same bytes again, at the risk of a
 //! crash half way for no gain.
 //!
 //! Crash safety: the rewritten values and the new format key go into one sled transaction across
@@ -30,7 +30,8 @@ use std::sync::Mutex;
 
 use super::log::{LOG_DIR, WalEntry, WalLogId, WalVote, open_wal, sync_blocking};
 use super::record::{self, Record};
-use super::snapshot::{SNAPSHOT_KEY, SNAPSHOT_META_KEY, StoredSnapshot, StoredSnapshotRecord};
+use super::snapshot::legacy::{Image, Pair, SNAPSHOT_KEY, StoredSnapshot, StoredSnapshotRecord};
+use super::snapshot::{self, SNAPSHOT_FILE_KEY, SNAPSHOT_META_KEY};
 use super::{FORMAT_KEY, StoreError, Trees, read_decoded, trees, tx_err};
 use crate::codec::{self, CodecError};
 use crate::sync::lock;
@@ -262,4 +263,83 @@ fn copy_log(t: &Trees, wal: &Mutex<super::log::Wal>) -> Result<u64, StoreError> 
         wal.commit(committed)?;
     }
     Ok(copied)
+}
+
+/// Moves the snapshot out of sled into a file of its own (format 5; see `snapshot`).
+///
+/// Formats 2 to 4 stored the whole snapshot as one sled value, in `sm_snapshot` (or in `sm_meta`,
+/// where builds before its own tree kept it). Its image is written as a snapshot file, fsynced
+/// and renamed into `snapshots/`; then one transaction across the trees points `sm_snapshot` at
+/// it, removes the old values and writes format 5. A crash before the transaction leaves format 4
+/// as it was (the next start migrates again and removes the unused file); after it, format 5.
+pub(super) fn snapshot_to_file(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
+    let t = trees(db)?;
+    let mut moved = None;
+    for tree in [&t.sm_snapshot, &t.sm_meta] {
+        let Some(bytes) = tree.get(SNAPSHOT_KEY)? else {
+            continue;
+        };
+        let stored = StoredSnapshot::decode(&bytes)?;
+        let image: Image = codec::decode(&stored.data)?;
+        drop(bytes);
+        let keys = image.pairs.len();
+        let name = write_snapshot_file(dir, &stored.meta, image.pairs)?;
+        moved = Some((stored.meta, name, keys));
+        break;
+    }
+    let format: sled::IVec = codec::encode(&5u32)?.into();
+    let pointer = match &moved {
+        Some((meta, name, _)) => Some((sled::IVec::from(meta.encode()?), name.clone())),
+        None => None,
+    };
+    let result: Result<(), TransactionError<String>> = (&t.sm_meta, &t.sm_snapshot, &t.raft_meta)
+        .transaction(|(m, s, r)| {
+            for key in [SNAPSHOT_KEY, SNAPSHOT_META_KEY] {
+                m.remove(key)?;
+            }
+            s.remove(SNAPSHOT_KEY)?;
+            if let Some((meta, name)) = &pointer {
+                s.insert(SNAPSHOT_META_KEY, meta.clone())?;
+                s.insert(SNAPSHOT_FILE_KEY, name.as_bytes())?;
+            }
+            r.insert(FORMAT_KEY, format.clone())?;
+            Ok(())
+        });
+    result.map_err(tx_err)?;
+    super::durable::flush_blocking(db, dir)?;
+    match moved {
+        Some((meta, name, keys)) => tracing::info!(
+            last_log_id = ?meta.last_log_id,
+            keys,
+            file = name,
+            "migrated the data directory from storage format 4 to 5: the snapshot moved from sled \
+             into snapshots/"
+        ),
+        None => tracing::info!(
+            "migrated the data directory from storage format 4 to 5 (there was no snapshot to move)"
+        ),
+    }
+    Ok(())
+}
+
+/// Writes `pairs` (in key order, as sled iterated them) as a snapshot file in place; returns its name.
+fn write_snapshot_file(
+    dir: &Path,
+    meta: &types::SnapshotMeta,
+    pairs: Vec<Pair>,
+) -> Result<String, StoreError> {
+    let dir = snapshot::dir_of(dir);
+    std::fs::create_dir_all(&dir)?;
+    let name = snapshot::new_name(meta);
+    let partial = dir.join(format!("{name}.partial"));
+    let out = std::io::BufWriter::new(std::fs::File::create(&partial)?);
+    let mut writer = snapshot::file::Writer::new(out, meta).map_err(std::io::Error::from)?;
+    for Pair(k, v) in pairs {
+        writer.push(&k, &v).map_err(std::io::Error::from)?;
+    }
+    let (out, _, _) = writer.finish().map_err(std::io::Error::from)?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&partial, dir.join(&name))?;
+    snapshot::sync_dir(&dir)?;
+    Ok(name)
 }

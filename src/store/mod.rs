@@ -1,13 +1,15 @@
 //! Durable storage: the Raft log and vote in a log engine, the state machine in sled.
 //!
-//! A data directory holds two stores side by side:
+//! A data directory holds three stores side by side:
 //! - `raft-log/`: the log engine's chunk files (see `log`): the vote, the log entries, the commit
 //!   point and the purge point, as records of one write-ahead log;
+//! - `snapshots/`: the current snapshot's file (see `snapshot`);
 //! - `sled/`: one sled `Db` with the trees
 //!   - `raft_meta`: the node id and cluster id this directory belongs to, and the storage format;
-//!   - `sm_data`: user key -> encoded [`state_machine::StoredValue`];
-//!   - `sm_meta`: last applied log id and last membership;
-//!   - `sm_snapshot`: the current snapshot, alone in its tree (see `snapshot`);
+//!   - `sm_data` (or `sm_data.1`, whichever `sm_meta` names; a snapshot install switches between
+//!     them): user key -> encoded [`state_machine::StoredValue`];
+//!   - `sm_meta`: last applied log id, last membership, which data tree is current;
+//!   - `sm_snapshot`: the current snapshot's metadata and file name, alone in their tree;
 //!   - `raft_log`: empty; formats before 4 kept the log here (see `migrate`).
 //!
 //! Crash reasoning, relied on by every part:
@@ -17,8 +19,9 @@
 //!    the state machine is not trusted: unless the last run ended with a clean shutdown, it is rebuilt
 //!    from the last durable snapshot at open, and openraft re-applies the committed log after it, at
 //!    once up to the saved commit point (see `state_machine`).
-//! 3. A snapshot is flushed in sled before openraft purges the log behind it, and the log engine
-//!    deletes purged chunk files only after the purge record is fsynced.
+//! 3. A snapshot's file is fsynced and its pointer flushed in sled before openraft purges the log
+//!    behind it, and the log engine deletes purged chunk files only after the purge record is
+//!    fsynced.
 //!
 //! So after a crash: `purged <= snapshot <= last_applied`, and every committed entry after the snapshot
 //! is still in a quorum's logs for openraft to re-apply.
@@ -53,13 +56,14 @@ pub(crate) const NODE_ID_KEY: &[u8] = b"node_id";
 pub(crate) const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
 pub(crate) const FORMAT_KEY: &[u8] = b"format";
 
-/// The layout of what this version stores. 4: the Raft log and vote in the log engine. 3: every
-/// openraft value through raftkv's own records, the log in sled. 2: openraft's serde shapes, a member
-/// with a client and a peer address. 2 and 3 are migrated to 4 at open (see `migrate`). Directories
+/// The layout of what this version stores. 5: the snapshot in a file of its own. 4: the Raft log
+/// and vote in the log engine. 3: every openraft value through raftkv's own records, the log in
+/// sled. 2: openraft's serde shapes, a member with a client and a peer address. 2 to 4 are
+/// migrated to 5 at open (see `migrate`). Directories
 /// without the key were written before it existed (format 1, one address per member); their
 /// membership does not decode as format 2, so they are refused with [`StoreError::Format`] rather
 /// than reported corrupt. The history is in docs/storage-format.md.
-pub const FORMAT: u32 = 4;
+pub const FORMAT: u32 = 5;
 
 /// The oldest format this version migrates from at open (every one from it up to [`FORMAT`]).
 pub const MIGRATES_FROM: u32 = 2;
@@ -114,12 +118,25 @@ pub(crate) struct Trees {
     pub sm_snapshot: sled::Tree,
 }
 
-pub(crate) fn trees(db: &sled::Db) -> sled::Result<Trees> {
+pub(crate) fn trees(db: &sled::Db) -> Result<Trees, StoreError> {
+    let sm_meta = db.open_tree("sm_meta")?;
+    let data = match sm_meta.get(state_machine::DATA_TREE_KEY)? {
+        None => state_machine::DATA_TREES[0],
+        Some(name) => state_machine::DATA_TREES
+            .into_iter()
+            .find(|known| known.as_bytes() == name.as_ref())
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "sm_meta/data_tree names no data tree",
+                )
+            })?,
+    };
     Ok(Trees {
         raft_log: db.open_tree("raft_log")?,
         raft_meta: db.open_tree("raft_meta")?,
-        sm_data: db.open_tree("sm_data")?,
-        sm_meta: db.open_tree("sm_meta")?,
+        sm_data: db.open_tree(data)?,
+        sm_meta,
         sm_snapshot: db.open_tree("sm_snapshot")?,
     })
 }
@@ -162,8 +179,12 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore)
         if format == SERDE_SHAPES {
             migrate::to_3(&db).map_err(|e| classify(&integrity, "migrating to format 3", e))?;
         }
-        migrate::log_to_engine(&db, dir)
-            .map_err(|e| classify(&integrity, "migrating to format 4", e))?;
+        if format < 4 {
+            migrate::log_to_engine(&db, dir)
+                .map_err(|e| classify(&integrity, "migrating to format 4", e))?;
+        }
+        migrate::snapshot_to_file(&db, dir)
+            .map_err(|e| classify(&integrity, "migrating to format 5", e))?;
     }
     let log_dir = dir.join(log::LOG_DIR);
     if existing && !log_dir.is_dir() {
@@ -227,7 +248,7 @@ fn open_checked(
         }
     }
     let sm = StateMachineStore::new(db, t.sm_data, t.sm_meta, t.sm_snapshot, integrity)?;
-    snapshot::move_out_of_meta(&sm)?;
+    snapshot::tidy(&sm)?;
     sm.recover()?;
     Ok((log, sm))
 }

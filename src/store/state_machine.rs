@@ -34,18 +34,18 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
-use sled::transaction::{TransactionError, Transactional};
 
 use super::record::Record;
 use super::snapshot::{self, SnapshotBuilder};
-use super::{Integrity, io_err, read_decoded, tx_err};
+use super::{Integrity, io_err, read_decoded};
 use crate::codec;
+use crate::sync::lock;
 use crate::types::{
     Command, CommandResponse, Compare, CompareResult, CompareTarget, KeyValue, LogId, Snapshot,
     SnapshotData, SnapshotMeta, StoredMembership, TxnOp, TxnOpResult, TypeConfig,
@@ -55,6 +55,11 @@ pub(super) const LAST_APPLIED_KEY: &[u8] = b"last_applied";
 pub(super) const LAST_MEMBERSHIP_KEY: &[u8] = b"last_membership";
 /// Present only between a clean shutdown and the next start; holds the `last_applied` it vouches for.
 pub(super) const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean_shutdown";
+/// Which of the two data trees is current (absent: the first). A snapshot install fills the other
+/// one and switches to it in one transaction (see `snapshot::install`).
+pub(crate) const DATA_TREE_KEY: &[u8] = b"data_tree";
+/// The two names the data tree alternates between.
+pub(crate) const DATA_TREES: [&str; 2] = ["sm_data", "sm_data.1"];
 
 /// A key's value and revisions as stored in `sm_data` (the key itself is the sled key). The value is
 /// `serde_bytes` for the reason given on `Command`.
@@ -97,7 +102,9 @@ pub struct StateMachineStore {
 
 pub(super) struct Inner {
     pub(super) db: sled::Db,
-    pub(super) data: sled::Tree,
+    /// The current data tree. Readers hold the lock for a whole read, so that once an install has
+    /// switched trees no one still reads the old one when it is dropped.
+    data: RwLock<sled::Tree>,
     pub(super) meta: sled::Tree,
     /// The current snapshot. Not in `meta`: sled rewrites a tree node whole (as a blob file when it is
     /// large) after a few updates to any key in it, and `last_applied` changes with every batch, so a
@@ -106,7 +113,41 @@ pub(super) struct Inner {
     /// Held while a batch is written and while a snapshot copies the data, so a snapshot is always
     /// one consistent applied state (sled iterators are not point-in-time).
     pub(super) write_lock: tokio::sync::Mutex<WriteState>,
+    /// Serializes snapshot builds and installs: an install replaces the tree a build walks.
+    pub(super) snapshot_lock: tokio::sync::Mutex<()>,
+    /// While a snapshot is built: the pre-images of keys changed since it began (see
+    /// `snapshot::capture`). Taken inside `write_lock`, never the other way round.
+    pub(super) capture: Mutex<Option<snapshot::Capture>>,
     pub(super) integrity: Arc<Integrity>,
+}
+
+impl Inner {
+    /// The current data tree, held for one read.
+    pub(super) fn data_read(&self) -> RwLockReadGuard<'_, sled::Tree> {
+        self.data.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A handle to the current data tree, for work that runs while nothing can switch it (at open,
+    /// or under `snapshot_lock`).
+    pub(super) fn data(&self) -> sled::Tree {
+        self.data_read().clone()
+    }
+
+    /// The data tree that is not current: where an install loads a snapshot.
+    pub(super) fn spare_tree_name(&self) -> &'static str {
+        let current = self.data_read().name();
+        if current.as_ref() == DATA_TREES[0].as_bytes() {
+            DATA_TREES[1]
+        } else {
+            DATA_TREES[0]
+        }
+    }
+
+    /// Makes `next` the current data tree once every reader of the old one is done; returns the old.
+    pub(super) fn switch_data(&self, next: sled::Tree) -> sled::Tree {
+        let mut current = self.data.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *current, next)
+    }
 }
 
 #[derive(Default)]
@@ -129,10 +170,12 @@ impl StateMachineStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
-                data,
+                data: RwLock::new(data),
                 meta,
                 snapshots,
                 write_lock: tokio::sync::Mutex::new(WriteState::default()),
+                snapshot_lock: tokio::sync::Mutex::new(()),
+                capture: Mutex::new(None),
                 integrity,
             }),
         })
@@ -152,7 +195,7 @@ impl StateMachineStore {
     pub fn get(&self, key: &[u8]) -> io::Result<Option<KeyValue>> {
         let integrity = &self.inner.integrity;
         integrity.ensure_sound()?;
-        let read = match self.inner.data.get(key).map_err(io_err) {
+        let read = match self.inner.data_read().get(key).map_err(io_err) {
             Ok(Some(bytes)) => StoredValue::decode(&bytes)
                 .map(|v| Some(v.into_kv(key)))
                 .map_err(Into::into),
@@ -190,10 +233,11 @@ impl StateMachineStore {
         max_bytes: usize,
         pair_overhead: usize,
     ) -> io::Result<(Vec<KeyValue>, bool)> {
+        let data = self.inner.data_read();
         let iter = if end.is_empty() {
-            self.inner.data.range(start..)
+            data.range(start..)
         } else {
-            self.inner.data.range(start..end)
+            data.range(start..end)
         };
         let mut out = Vec::new();
         let mut bytes_used = 0usize;
@@ -211,27 +255,6 @@ impl StateMachineStore {
 
     pub(super) fn read_meta<T: Record>(&self, key: &[u8]) -> io::Result<Option<T>> {
         read_decoded(&self.inner.meta, key)
-    }
-
-    /// Writes prepared batches to the three trees atomically, then makes them durable. For snapshot
-    /// installs, which are rare and replace everything; `apply` does not pay for a transaction.
-    pub(super) async fn commit(
-        &self,
-        data: sled::Batch,
-        meta: sled::Batch,
-        snapshots: sled::Batch,
-    ) -> io::Result<()> {
-        let inner = &self.inner;
-        let result: Result<(), TransactionError<String>> =
-            (&inner.data, &inner.meta, &inner.snapshots).transaction(|(d, m, s)| {
-                d.apply_batch(&data)?;
-                m.apply_batch(&meta)?;
-                s.apply_batch(&snapshots)?;
-                Ok(())
-            });
-        result.map_err(tx_err)?;
-        // openraft purges the log behind an installed snapshot, durably (see `durable`).
-        super::durable::flush(&inner.db, inner.integrity.dir()).await
     }
 
     /// Marks the applied state as complete on disk, for the next start to trust it. Called once Raft
@@ -277,7 +300,7 @@ impl StateMachineStore {
         };
         let applied = applied.ok().flatten();
         if !clean {
-            let had_state = applied.is_some() || !self.inner.data.is_empty();
+            let had_state = applied.is_some() || !self.inner.data_read().is_empty();
             let restored = snapshot::restore_current(self)?;
             if had_state {
                 tracing::info!(
@@ -444,7 +467,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> io::Result<()> {
-        let installed = snapshot::install(self, meta, snapshot.into_inner()).await;
+        let installed = snapshot::install(self, meta, snapshot).await;
         self.inner
             .integrity
             .observe("installing a snapshot", installed)
@@ -468,8 +491,10 @@ impl StateMachineStore {
         let mut membership = None;
 
         let mut guard = self.inner.write_lock.lock().await;
+        // Not switched while the write lock is held (an install takes it to switch).
+        let data = self.inner.data();
         let mut view = Overlay {
-            data: &self.inner.data,
+            data: &data,
             changed: HashMap::new(),
         };
         while let Some((entry, responder)) = entries.try_next().await? {
@@ -503,10 +528,16 @@ impl StateMachineStore {
         // Plain inserts, no flush: see the module comment for why that is safe. Until the last one
         // lands, the state is torn; an error below leaves it marked so.
         guard.torn = true;
+        if let Some(capture) = lock(&self.inner.capture).as_mut() {
+            // Before the tree changes: a snapshot build must find every pre-image in place.
+            for key in view.changed.keys() {
+                capture.note(key, || data.get(key)).map_err(io_err)?;
+            }
+        }
         for (key, value) in view.changed {
             match value {
-                Some(v) => self.inner.data.insert(key, v.encode()?),
-                None => self.inner.data.remove(key),
+                Some(v) => data.insert(key, v.encode()?),
+                None => data.remove(key),
             }
             .map_err(io_err)?;
         }

@@ -1,8 +1,6 @@
 //! Storage tests on real sled directories: openraft's conformance suite, then what the suite cannot
 //! know about (reopening after a restart, our apply semantics, snapshot install replacing state).
 
-use std::io::Cursor;
-
 use futures::stream;
 use openraft::storage::{IOFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::testing::log::{StoreBuilder, Suite};
@@ -339,7 +337,7 @@ async fn purged_entries_are_hidden_at_once_and_whole_chunks_deleted() {
 /// Every key's stored bytes, for comparing two state machines.
 fn dump(sm: &StateMachineStore) -> Vec<(Vec<u8>, Vec<u8>)> {
     sm.inner
-        .data
+        .data()
         .iter()
         .map(|kv| {
             let (k, v) = kv.unwrap();
@@ -450,7 +448,7 @@ async fn snapshot_round_trip_replaces_state() {
     let dst_dir = tempfile::tempdir().unwrap();
     let (_l2, mut dst) = open(dst_dir.path(), 2).unwrap();
     apply(&mut dst, vec![put(1, "stale", "gone")]).await;
-    dst.install_snapshot(&snap.meta, Cursor::new(snap.snapshot.into_inner()))
+    dst.install_snapshot(&snap.meta, snap.snapshot)
         .await
         .unwrap();
     assert_eq!(dst.get(b"stale").unwrap(), None);
@@ -542,7 +540,6 @@ async fn applies_do_not_rewrite_the_stored_snapshot() {
     apply(&mut sm, entries).await;
     build_snapshot(&mut sm).await;
     let after_snapshot = blob_files(dir.path());
-    assert!(after_snapshot >= 1, "a 2 MB snapshot is stored as a blob");
 
     for i in 2001..=2300 {
         apply(&mut sm, vec![put(i, "hot", "x")]).await;
@@ -555,21 +552,25 @@ async fn applies_do_not_rewrite_the_stored_snapshot() {
     );
 }
 
-/// A data directory written before the snapshot had its own tree keeps its snapshot.
+/// A data directory written before the snapshot had its own tree (it was in `sm_meta`, as one sled
+/// value) keeps its snapshot: format 5's migration finds it there and writes it as a file.
 #[tokio::test]
 async fn a_snapshot_in_the_old_place_is_moved_at_open() {
-    use super::snapshot::{SNAPSHOT_KEY, SNAPSHOT_META_KEY};
+    use super::snapshot::SNAPSHOT_META_KEY;
+    use super::snapshot::legacy::SNAPSHOT_KEY;
     let dir = tempfile::tempdir().unwrap();
     {
         let (_log, mut sm) = open(dir.path(), 1).unwrap();
         apply(&mut sm, vec![put(1, "a", "1"), put(2, "b", "2")]).await;
         build_snapshot(&mut sm).await;
+        to_legacy_snapshot(&sm);
         // Put it back where older versions kept it.
         let inner = sm.inner.clone();
         for key in [SNAPSHOT_KEY, SNAPSHOT_META_KEY] {
             let v = inner.snapshots.remove(key).unwrap().unwrap();
             inner.meta.insert(key, v).unwrap();
         }
+        set_format(sm.db(), 4);
         apply(&mut sm, vec![put(3, "a", "3")]).await;
         inner.db.flush().unwrap();
         // Dropped without `close`: a crash, so the state is rebuilt from the snapshot.
@@ -579,8 +580,8 @@ async fn a_snapshot_in_the_old_place_is_moved_at_open() {
         let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
         for key in [SNAPSHOT_KEY, SNAPSHOT_META_KEY] {
             assert_eq!(sm.inner.meta.get(key).unwrap(), None, "left in sm_meta");
-            assert!(sm.inner.snapshots.get(key).unwrap().is_some(), "not moved");
         }
+        assert_eq!(sm.inner.snapshots.get(SNAPSHOT_KEY).unwrap(), None);
         let snapshot = sm.get_current_snapshot().await.unwrap().expect("kept");
         assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 2)));
         let (applied, _) = sm.applied_state().await.unwrap();
@@ -591,6 +592,38 @@ async fn a_snapshot_in_the_old_place_is_moved_at_open() {
         );
         assert_eq!(sm.get(b"a").unwrap().unwrap().value, b"1");
     }
+}
+
+/// Turns the current snapshot back into what formats 2 to 4 stored: one sled value in `sm_snapshot`
+/// (format 3's record) and no file. Returns the image's bytes.
+fn to_legacy_snapshot(sm: &StateMachineStore) -> Vec<u8> {
+    use super::snapshot::legacy::{ImageRef, PairRef, SNAPSHOT_KEY, StoredSnapshot};
+    use super::snapshot::{SNAPSHOT_FILE_KEY, file};
+    let current = super::snapshot::current(sm).unwrap().unwrap();
+    let mut reader = file::Reader::new(std::io::BufReader::new(current.snapshot.file)).unwrap();
+    let mut pairs = Vec::new();
+    while let Some(run) = reader.next_pairs().unwrap() {
+        pairs.extend(run.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())));
+    }
+    let image = crate::codec::encode(&ImageRef {
+        pairs: pairs.iter().map(|(k, v)| PairRef(k, v)).collect(),
+    })
+    .unwrap();
+    let stored = StoredSnapshot {
+        meta: current.meta,
+        data: image.clone(),
+    };
+    let snapshots = &sm.inner.snapshots;
+    snapshots
+        .insert(
+            SNAPSHOT_KEY,
+            super::record::Record::encode(&stored).unwrap(),
+        )
+        .unwrap();
+    snapshots.remove(SNAPSHOT_FILE_KEY).unwrap();
+    sm.inner.db.flush().unwrap();
+    std::fs::remove_dir_all(current.snapshot.path.parent().unwrap()).unwrap();
+    image
 }
 
 /// `integrity::check_offline` once the handles a test dropped have let go of sled's lock.
@@ -614,7 +647,7 @@ async fn an_undecodable_value_trips_the_store_and_no_read_is_answered_after() {
     let dir = tempfile::tempdir().unwrap();
     let (_log, mut sm) = open(dir.path(), 1).unwrap();
     apply(&mut sm, vec![put(1, "a", "1"), put(2, "b", "2")]).await;
-    sm.inner.data.insert(b"b", vec![1u8, 0xff, 0xff]).unwrap();
+    sm.inner.data().insert(b"b", vec![1u8, 0xff, 0xff]).unwrap();
     assert_eq!(sm.integrity().corrupt(), None);
     assert_eq!(sm.get(b"a").unwrap().unwrap().value, b"1");
 
@@ -873,7 +906,8 @@ fn migration_entries() -> Vec<crate::types::Entry> {
 /// (openraft 0.10's own serde shape, as format 2 stored it; every other value had the same bytes)
 /// and format key. tests/migration.rs does the same with a directory made by the format 2 binary.
 async fn format_2_dir() -> tempfile::TempDir {
-    use super::snapshot::{SNAPSHOT_KEY, SNAPSHOT_META_KEY};
+    use super::snapshot::SNAPSHOT_META_KEY;
+    use super::snapshot::legacy::SNAPSHOT_KEY;
     /// How format 2 stored the snapshot: openraft's `SnapshotMeta` as it serializes itself.
     #[derive(serde::Serialize)]
     struct StoredSnapshotV2 {
@@ -881,16 +915,15 @@ async fn format_2_dir() -> tempfile::TempDir {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     }
-    let (dir, mut sm) = sled_log_dir().await;
+    let (dir, sm, image) = sled_log_dir().await;
     let snapshots = sm.inner.snapshots.clone();
-    let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
-    let v2 = StoredSnapshotV2 {
-        meta: snapshot.meta.clone(),
-        data: snapshot.snapshot.into_inner(),
-    };
+    let meta: crate::types::SnapshotMeta = super::read_decoded(&snapshots, SNAPSHOT_META_KEY)
+        .unwrap()
+        .unwrap();
+    let v2 = StoredSnapshotV2 { meta, data: image };
     let v2_bytes = crate::codec::encode(&v2).unwrap();
     // The migration's own reader of format 2 agrees with what openraft's shape gave.
-    let ours = super::migrate::StoredSnapshotV2(super::snapshot::StoredSnapshot {
+    let ours = super::migrate::StoredSnapshotV2(super::snapshot::legacy::StoredSnapshot {
         meta: v2.meta.clone(),
         data: v2.data.clone(),
     });
@@ -905,10 +938,19 @@ async fn format_2_dir() -> tempfile::TempDir {
     dir
 }
 
-/// A directory after a clean stop with a snapshot at 30 and applied state up to 41, and its log where
-/// formats 2 and 3 kept it, in sled; the log engine's directory is still there for the caller to
-/// remove once the store is dropped.
-async fn sled_log_dir() -> (tempfile::TempDir, StateMachineStore) {
+/// A directory after a clean stop with a snapshot at 30 (stored as formats 2 to 4 stored it, in
+/// sled) and applied state up to 41, and its log where formats 2 and 3 kept it, in sled; the log
+/// engine's directory is still there for the caller to remove once the store is dropped. Also
+/// returns the snapshot's image.
+async fn sled_log_dir() -> (tempfile::TempDir, StateMachineStore, Vec<u8>) {
+    let (dir, sm, image) = format_4_parts().await;
+    write_sled_log(sm.db(), &migration_entries());
+    (dir, sm, image)
+}
+
+/// A directory after a clean stop with a snapshot at 30 stored as one sled value, and applied state
+/// up to 41.
+async fn format_4_parts() -> (tempfile::TempDir, StateMachineStore, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let (log, mut sm) = open(dir.path(), 1).unwrap();
     drop(log);
@@ -917,8 +959,8 @@ async fn sled_log_dir() -> (tempfile::TempDir, StateMachineStore) {
     build_snapshot(&mut sm).await;
     apply(&mut sm, entries[30..].to_vec()).await;
     sm.close().await.unwrap();
-    write_sled_log(sm.db(), &entries);
-    (dir, sm)
+    let image = to_legacy_snapshot(&sm);
+    (dir, sm, image)
 }
 
 /// The log as formats 2 and 3 kept it in sled, after a clean stop: a vote, a commit point and the
@@ -954,7 +996,7 @@ fn set_format(db: &sled::Db, format: u32) {
 
 /// A directory as a format 3 raftkv left it after a clean stop (the log in sled).
 async fn format_3_dir() -> tempfile::TempDir {
-    let (dir, sm) = sled_log_dir().await;
+    let (dir, sm, _) = sled_log_dir().await;
     set_format(sm.db(), 3);
     drop(sm);
     std::fs::remove_dir_all(dir.path().join(super::log::LOG_DIR)).unwrap();
@@ -1019,6 +1061,14 @@ async fn assert_migrated(dir: &std::path::Path) {
         .expect("the snapshot is kept");
     assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 30)));
     assert_eq!(snapshot.meta.last_membership.log_id(), &Some(log_id(1, 2)));
+    assert!(snapshot.snapshot.path.is_file(), "the snapshot is a file");
+    assert_eq!(
+        t.sm_snapshot
+            .get(super::snapshot::legacy::SNAPSHOT_KEY)
+            .unwrap(),
+        None,
+        "and no longer in sled"
+    );
     let (applied, membership) = sm.applied_state().await.unwrap();
     assert_eq!(
         applied,
@@ -1083,9 +1133,25 @@ async fn a_format_2_directory_is_migrated_at_open_and_checked_as_it_is_before() 
     );
     // Opened again: format 4, nothing left to migrate.
     assert_migrated(dir.path()).await;
-    // A crash after the migration rebuilds the state from the migrated snapshot.
-    drop(reopen(dir.path(), 1).await.unwrap());
-    let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
+    assert_a_crash_restores_the_snapshot_at_30(dir.path()).await;
+}
+
+/// `raftkv check` finds no problem in `dir`, and among what it checked is `what`.
+async fn assert_checked_clean(dir: &std::path::Path, what: &str) {
+    let report = check_offline(dir).await;
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert!(
+        report.checked.iter().any(|c| c.contains(what)),
+        "{:?}",
+        report.checked
+    );
+}
+
+/// After a crash (a start that ends without `close`), the state is rebuilt from the snapshot at 30
+/// of [`migration_entries`].
+async fn assert_a_crash_restores_the_snapshot_at_30(dir: &std::path::Path) {
+    drop(reopen(dir, 1).await.unwrap());
+    let (_log, mut sm) = reopen(dir, 1).await.unwrap();
     assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 30)));
     assert_eq!(sm.get(b"k3").unwrap().unwrap().mod_revision, 24);
 }
@@ -1114,7 +1180,8 @@ async fn an_interrupted_migration_is_finished_or_redone_at_the_next_open() {
 /// moved.
 #[tokio::test]
 async fn a_format_2_snapshot_in_the_old_place_is_migrated_and_moved() {
-    use super::snapshot::{SNAPSHOT_KEY, SNAPSHOT_META_KEY};
+    use super::snapshot::SNAPSHOT_META_KEY;
+    use super::snapshot::legacy::SNAPSHOT_KEY;
     let dir = format_2_dir().await;
     {
         let db = raw_db(dir.path()).await;
@@ -1136,13 +1203,7 @@ async fn a_format_3_directory_moves_its_log_out_of_sled_at_open() {
     assert!(report.is_clean(), "{:?}", report.problems);
     assert_migrated(dir.path()).await;
     assert_eq!(unchanged_trees(&raw_db(dir.path()).await), before);
-    let report = check_offline(dir.path()).await;
-    assert!(report.is_clean(), "{:?}", report.problems);
-    assert!(
-        report.checked.iter().any(|c| c.contains("raft-log: vote")),
-        "{:?}",
-        report.checked
-    );
+    assert_checked_clean(dir.path(), "raft-log: vote").await;
     assert_migrated(dir.path()).await;
 }
 
@@ -1192,4 +1253,129 @@ async fn a_directory_without_its_log_is_refused() {
         Err(e) => panic!("expected Corrupt, got {e}"),
         Ok(_) => panic!("a directory without its log opened"),
     }
+}
+
+/// Format 4 kept the snapshot as one sled value; format 5 moves it into a file at open, checked as
+/// format 4 before and as format 5 after, and a crash afterwards rebuilds the state from the file.
+#[tokio::test]
+async fn a_format_4_directory_moves_its_snapshot_into_a_file_at_open() {
+    let (dir, sm, _) = format_4_parts().await;
+    set_format(sm.db(), 4);
+    drop(sm);
+    let report = check_offline(dir.path()).await;
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert!(
+        report
+            .checked
+            .iter()
+            .any(|c| c.contains("storage format 4"))
+    );
+    {
+        let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
+        let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(snapshot.meta.last_log_id, Some(log_id(1, 30)));
+        assert!(snapshot.snapshot.path.is_file());
+        assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 41)));
+        sm.close().await.unwrap();
+    }
+    assert_checked_clean(dir.path(), "snapshot file").await;
+    // Not closed this time: a crash, so the state is rebuilt from the file.
+    assert_a_crash_restores_the_snapshot_at_30(dir.path()).await;
+}
+
+/// What a crash in the middle of a build, a transfer or an install leaves (partial files, a half
+/// filled spare data tree) is removed at the next open, and the state is the one from before.
+#[tokio::test]
+async fn an_interrupted_install_leaves_the_old_state_and_is_tidied_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = open(dir.path(), 1).unwrap();
+        apply(&mut sm, vec![put(1, "a", "1"), put(2, "b", "2")]).await;
+        build_snapshot(&mut sm).await;
+        let spare = sm.inner.db.open_tree(sm.inner.spare_tree_name()).unwrap();
+        spare.insert(b"half", b"loaded".to_vec()).unwrap();
+        let snapshots = super::snapshot::dir_of(dir.path());
+        for leftover in ["x.partial", "y.receiving", "1-1-9-0-0.snap"] {
+            std::fs::write(snapshots.join(leftover), b"left behind").unwrap();
+        }
+        sm.inner.db.flush().unwrap();
+    }
+    let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
+    assert_eq!(sm.applied_state().await.unwrap().0, Some(log_id(1, 2)));
+    assert_eq!(sm.get(b"b").unwrap().unwrap().value, b"2");
+    assert_eq!(sm.get(b"half").unwrap(), None);
+    let names: Vec<_> = sm
+        .inner
+        .db
+        .tree_names()
+        .into_iter()
+        .map(|n| n.to_vec())
+        .collect();
+    assert!(
+        !names.contains(&sm.inner.spare_tree_name().as_bytes().to_vec()),
+        "the spare tree is dropped"
+    );
+    let files = std::fs::read_dir(super::snapshot::dir_of(dir.path()))
+        .unwrap()
+        .count();
+    assert_eq!(files, 1, "only the current snapshot's file is left");
+    assert!(sm.get_current_snapshot().await.unwrap().is_some());
+}
+
+/// An install fills the spare tree and switches to it in one step: a reader never sees part of the
+/// new state, and reads go on while the install runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_see_the_old_state_or_the_new_one_during_an_install() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const KEYS: u64 = 20_000;
+    let value = |tag: &str| tag.repeat(50);
+    let src_dir = tempfile::tempdir().unwrap();
+    let (_l, mut src) = open(src_dir.path(), 1).unwrap();
+    apply(
+        &mut src,
+        (1..=KEYS)
+            .map(|i| put(i, &format!("k{i:06}"), &value("n")))
+            .collect(),
+    )
+    .await;
+    let snap = build_snapshot(&mut src).await;
+
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (_l2, mut dst) = open(dst_dir.path(), 2).unwrap();
+    apply(
+        &mut dst,
+        (1..=KEYS / 2)
+            .map(|i| put(i, &format!("k{i:06}"), &value("o")))
+            .collect(),
+    )
+    .await;
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = tokio::task::spawn_blocking({
+        let (dst, done) = (dst.clone(), done.clone());
+        move || {
+            let mut scans = 0u64;
+            while !done.load(Ordering::Relaxed) && scans < 1_000_000 {
+                let (all, _) = dst.scan(b"", b"", usize::MAX, usize::MAX, 0).unwrap();
+                let old = all.len() as u64 == KEYS / 2
+                    && all.iter().all(|kv| kv.value == value("o").as_bytes());
+                let new = all.len() as u64 == KEYS
+                    && all.iter().all(|kv| kv.value == value("n").as_bytes());
+                assert!(old || new, "a scan saw {} keys of a mixed state", all.len());
+                scans += 1;
+            }
+            scans
+        }
+    });
+    dst.install_snapshot(&snap.meta, snap.snapshot)
+        .await
+        .unwrap();
+    done.store(true, Ordering::Relaxed);
+    let scans = reader.await.unwrap();
+    assert!(scans > 0);
+    assert_eq!(
+        dst.get(b"k020000").unwrap().unwrap().value,
+        value("n").as_bytes()
+    );
+    assert_eq!(dump(&dst), dump(&src));
 }

@@ -1,0 +1,511 @@
+//! Snapshots: a consistent copy of the applied state, used to purge the log and to catch up nodes that
+//! are too far behind (or whose data was wiped).
+//!
+//! A snapshot is a file in `--data-dir/snapshots/` (see `file` for its format); `sm_snapshot` names the
+//! current one and holds its metadata. Every step streams: a build walks `sm_data` into the file
+//! while applies continue (see `capture`), a leader sends the file in chunks, a follower writes the
+//! chunks to disk as they arrive (see `inbox`), and an install loads the file into a fresh tree that
+//! replaces `sm_data` in one transaction. No step holds the image in memory.
+//!
+//! Why a file and not a sled value: sled stores a large value as a blob file of its own and keeps
+//! old copies around until its segments are cleaned, and it never fsyncs blob files on a flush (see
+//! `durable`). A file of our own is written once, fsynced, renamed into place and deleted when the
+//! next one is current.
+//!
+//! Durability order, relied on by the log's purge (see the parent module): a snapshot's file is
+//! fsynced and renamed into place, then `sm_snapshot` points at it, and that is flushed durably,
+//! before openraft hears of the snapshot (and purges the log behind it). The file it replaced is
+//! deleted only after that flush.
+
+mod capture;
+pub mod file;
+pub mod inbox;
+pub(crate) mod legacy;
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use openraft::RaftSnapshotBuilder;
+use sled::transaction::{TransactionError, Transactional};
+
+pub(crate) use capture::Capture;
+pub use inbox::Inbox;
+
+use super::record::Record;
+use super::state_machine::{LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StateMachineStore};
+use super::{io_err, read_decoded, tx_err};
+use crate::sync::lock;
+use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
+
+/// The directory, inside the data directory, that holds snapshot files.
+pub const SNAPSHOT_DIR: &str = "snapshots";
+/// The current snapshot's `SnapshotMeta`, so it can be read without opening the file.
+pub(crate) const SNAPSHOT_META_KEY: &[u8] = b"snapshot_meta";
+/// The current snapshot's file name, inside [`SNAPSHOT_DIR`].
+pub(crate) const SNAPSHOT_FILE_KEY: &[u8] = b"snapshot_file";
+/// Snapshot files end so; anything else in the directory is a leftover of an interrupted step.
+const SUFFIX: &str = ".snap";
+
+/// Runs blocking snapshot work on tokio's blocking pool: with two cores the runtime has two workers,
+/// and a build that held one showed up in every client's tail latency.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(io::Error::other)?
+}
+
+pub(crate) fn dir_of(data_dir: &Path) -> PathBuf {
+    data_dir.join(SNAPSHOT_DIR)
+}
+
+/// A new file name for a snapshot at `meta`: its log id, for people, and a sequence number, because
+/// a node can build or receive the same log id twice and the current file must never be overwritten.
+pub(crate) fn new_name(meta: &SnapshotMeta) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let at = meta.last_log_id.as_ref().map_or_else(
+        || "empty".to_string(),
+        |id| {
+            format!(
+                "{}-{}-{}",
+                id.leader_id.term, id.leader_id.node_id, id.index
+            )
+        },
+    );
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{at}-{nanos}-{}{SUFFIX}",
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// fsyncs a directory, so that a rename or delete inside it survives a crash.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Opens a snapshot file for openraft to send or read.
+fn open_data(path: &Path) -> io::Result<SnapshotData> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    Ok(SnapshotData {
+        file,
+        path: path.to_path_buf(),
+        len,
+    })
+}
+
+pub struct SnapshotBuilder {
+    pub(super) sm: StateMachineStore,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        let built = self.build().await;
+        self.sm
+            .inner
+            .integrity
+            .observe("building a snapshot", built)
+    }
+}
+
+impl SnapshotBuilder {
+    async fn build(&mut self) -> io::Result<Snapshot> {
+        let started = Instant::now();
+        let inner = &self.sm.inner;
+        // A build and an install never overlap: an install replaces the tree a build walks.
+        let _serial = inner.snapshot_lock.lock().await;
+        let meta = {
+            // The state the image will be: no apply is half way while the capture starts.
+            let _guard = inner.write_lock.lock().await;
+            let last_log_id: Option<LogId> = self.sm.read_meta(LAST_APPLIED_KEY)?;
+            let last_membership: StoredMembership =
+                self.sm.read_meta(LAST_MEMBERSHIP_KEY)?.unwrap_or_default();
+            *lock(&inner.capture) = Some(Capture::default());
+            SnapshotMeta {
+                last_log_id,
+                last_membership,
+            }
+        };
+        let sm = self.sm.clone();
+        let image_meta = meta.clone();
+        let written = blocking(move || write_image(&sm, &image_meta)).await;
+        *lock(&inner.capture) = None;
+        let (path, pairs, bytes) = written?;
+        let name = file_name(&path)?;
+        if !store_unless_older(&self.sm, &meta, &name).await? {
+            tracing::info!(
+                built = ?meta.last_log_id,
+                "a newer snapshot was installed meanwhile; not storing this one"
+            );
+            let snapshot = open_data(&path)?;
+            // Removed from the directory; the open file stays readable for openraft.
+            std::fs::remove_file(&path)?;
+            return Ok(Snapshot { meta, snapshot });
+        }
+        tracing::info!(
+            last_log_id = ?meta.last_log_id,
+            keys = pairs,
+            bytes,
+            total_ms = started.elapsed().as_millis() as u64,
+            "built snapshot"
+        );
+        Ok(Snapshot {
+            meta,
+            snapshot: open_data(&path)?,
+        })
+    }
+}
+
+fn file_name(path: &Path) -> io::Result<String> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| io::Error::other(format!("{} has no file name", path.display())))
+}
+
+/// Walks `sm_data` into a new snapshot file (see `capture`); returns its path, pairs and bytes. The
+/// file is fsynced and in place under its final name when this returns.
+fn write_image(sm: &StateMachineStore, meta: &SnapshotMeta) -> io::Result<(PathBuf, u64, u64)> {
+    let inner = &sm.inner;
+    let dir = dir_of(inner.integrity.dir());
+    std::fs::create_dir_all(&dir)?;
+    let name = new_name(meta);
+    let partial = dir.join(format!("{name}.partial"));
+    let out = BufWriter::with_capacity(1 << 20, File::create(&partial)?);
+    let mut writer = file::Writer::new(out, meta)?;
+    let data = inner.data();
+    let mut last: Option<sled::IVec> = None;
+    let mut applies_held = None;
+    for item in data.iter() {
+        let (key, live) = item.map_err(io_err)?;
+        let over = {
+            let capture = lock(&inner.capture);
+            let capture = capture
+                .as_ref()
+                .ok_or_else(|| io::Error::other("the snapshot capture ended during its build"))?;
+            for (gone, value) in capture.gone_between(last.as_deref(), Some(&key)) {
+                writer.push(gone, value)?;
+            }
+            if let Some(value) = capture.resolve(&key, &live) {
+                writer.push(&key, value)?;
+            }
+            capture.over_limit()
+        };
+        if over && applies_held.is_none() {
+            // Not while holding the capture: an apply holds the write lock while it notes changes.
+            tracing::info!("many writes during a snapshot build: applies wait until it is done");
+            applies_held = Some(inner.write_lock.blocking_lock());
+        }
+        last = Some(key);
+    }
+    {
+        let capture = lock(&inner.capture);
+        let capture = capture
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the snapshot capture ended during its build"))?;
+        for (gone, value) in capture.gone_between(last.as_deref(), None) {
+            writer.push(gone, value)?;
+        }
+    }
+    drop(applies_held);
+    let (out, pairs, bytes) = writer.finish()?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    let path = dir.join(&name);
+    std::fs::rename(&partial, &path)?;
+    sync_dir(&dir)?;
+    Ok((path, pairs, bytes))
+}
+
+/// Makes the file `name` (in place and fsynced) the current snapshot, unless the current one is at
+/// least as new: the stored snapshot is what a crash restarts from and what the log is purged
+/// behind, so an older one must never replace it. Durable when it returns true; the file it
+/// replaced is deleted.
+async fn store_unless_older(
+    sm: &StateMachineStore,
+    meta: &SnapshotMeta,
+    name: &str,
+) -> io::Result<bool> {
+    let inner = &sm.inner;
+    let replaced = {
+        let _guard = inner.write_lock.lock().await;
+        let current: Option<SnapshotMeta> = read_decoded(&inner.snapshots, SNAPSHOT_META_KEY)?;
+        if current.is_some_and(|c| c.last_log_id >= meta.last_log_id) {
+            return Ok(false);
+        }
+        let replaced = current_name(sm)?;
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAPSHOT_META_KEY, meta.encode()?);
+        batch.insert(SNAPSHOT_FILE_KEY, name.as_bytes());
+        inner.snapshots.apply_batch(batch).map_err(io_err)?;
+        replaced
+    };
+    super::durable::flush(&inner.db, inner.integrity.dir()).await?;
+    if let Some(old) = replaced.filter(|old| old != name) {
+        remove_quietly(&dir_of(inner.integrity.dir()).join(old));
+    }
+    Ok(true)
+}
+
+/// The current snapshot's file name, if there is one.
+fn current_name(sm: &StateMachineStore) -> io::Result<Option<String>> {
+    match sm.inner.snapshots.get(SNAPSHOT_FILE_KEY).map_err(io_err)? {
+        Some(bytes) => String::from_utf8(bytes.to_vec()).map(Some).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "sm_snapshot/snapshot_file is not a name",
+            )
+        }),
+        None => Ok(None),
+    }
+}
+
+/// Removes a file that is no longer needed; failing to is only noted, the next start tidies it.
+fn remove_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove an old snapshot file");
+    }
+}
+
+/// Replaces the whole state with the snapshot's (never merges: a merge would resurrect deleted keys).
+///
+/// The file is loaded into the spare data tree while readers keep reading the current one; one
+/// transaction then makes the spare tree current, together with `last_applied`, the membership and
+/// the snapshot pointer. A crash before it leaves the old state (the spare tree is dropped at the
+/// next open); after it, the new one.
+pub(super) async fn install(
+    sm: &StateMachineStore,
+    meta: &SnapshotMeta,
+    data: SnapshotData,
+) -> io::Result<()> {
+    let inner = &sm.inner;
+    let _serial = inner.snapshot_lock.lock().await;
+    let dir = dir_of(inner.integrity.dir());
+    let name = new_name(meta);
+    let path = dir.join(&name);
+    {
+        let (from, to, dir) = (data.path.clone(), path.clone(), dir.clone());
+        blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            if from.parent() == Some(dir.as_path()) {
+                // Received by the inbox: it is ours to move.
+                std::fs::rename(&from, &to)?;
+            } else {
+                std::fs::copy(&from, &to)?;
+                File::open(&to)?.sync_all()?;
+            }
+            sync_dir(&dir)
+        })
+        .await?;
+    }
+    let state = inner.write_lock.lock().await;
+    if state.closed {
+        return Err(io::Error::other("the state machine is closed"));
+    }
+    let replaced = current_name(sm)?;
+    let sm2 = sm.clone();
+    let (meta2, path2, name2) = (meta.clone(), path.clone(), name.clone());
+    let keys = blocking(move || load_and_switch(&sm2, &meta2, &path2, &name2)).await?;
+    drop(state);
+    // openraft purges the log behind an installed snapshot, durably (see `durable`).
+    super::durable::flush(&inner.db, inner.integrity.dir()).await?;
+    if let Some(old) = replaced.filter(|old| *old != name) {
+        remove_quietly(&dir.join(old));
+    }
+    tracing::info!(last_log_id = ?meta.last_log_id, keys, "installed snapshot");
+    Ok(())
+}
+
+/// Loads the file into the spare tree and switches to it (see [`install`]). Called with the write
+/// lock held.
+fn load_and_switch(
+    sm: &StateMachineStore,
+    meta: &SnapshotMeta,
+    path: &Path,
+    name: &str,
+) -> io::Result<u64> {
+    let inner = &sm.inner;
+    let spare_name = inner.spare_tree_name();
+    // Left by an earlier install or a crash during one.
+    inner.db.drop_tree(spare_name).map_err(io_err)?;
+    let spare = inner.db.open_tree(spare_name).map_err(io_err)?;
+    let (found, keys) = load_file(&spare, path)?;
+    if &found != meta {
+        return Err(io::Error::other(format!(
+            "the snapshot file is of {:?}, openraft installs {:?}",
+            found.last_log_id, meta.last_log_id
+        )));
+    }
+    let mut meta_batch = sled::Batch::default();
+    match &meta.last_log_id {
+        Some(id) => meta_batch.insert(LAST_APPLIED_KEY, id.encode()?),
+        None => meta_batch.remove(LAST_APPLIED_KEY),
+    }
+    meta_batch.insert(LAST_MEMBERSHIP_KEY, meta.last_membership.encode()?);
+    meta_batch.insert(super::state_machine::DATA_TREE_KEY, spare_name.as_bytes());
+    let mut snapshot_batch = sled::Batch::default();
+    snapshot_batch.insert(SNAPSHOT_META_KEY, meta.encode()?);
+    snapshot_batch.insert(SNAPSHOT_FILE_KEY, name.as_bytes());
+    let result: Result<(), TransactionError<String>> =
+        (&inner.meta, &inner.snapshots).transaction(|(m, s)| {
+            m.apply_batch(&meta_batch)?;
+            s.apply_batch(&snapshot_batch)?;
+            Ok(())
+        });
+    result.map_err(tx_err)?;
+    let old = inner.switch_data(spare);
+    // No reader holds the old tree any more (readers hold the data lock for the whole read).
+    inner.db.drop_tree(old.name()).map_err(io_err)?;
+    Ok(keys)
+}
+
+/// Inserts a snapshot file's pairs into `tree` (which must be empty), one sled batch per frame.
+/// Returns the file's metadata and the number of pairs. The file is checked as it is read; a
+/// local file that does not read is corruption (`InvalidData`).
+fn load_file(tree: &sled::Tree, path: &Path) -> io::Result<(SnapshotMeta, u64)> {
+    let mut reader = file::Reader::new(BufReader::with_capacity(1 << 20, File::open(path)?))?;
+    let mut keys = 0u64;
+    while let Some(run) = reader.next_pairs()? {
+        let mut batch = sled::Batch::default();
+        keys += run.len() as u64;
+        for (k, v) in run {
+            batch.insert(k, v);
+        }
+        tree.apply_batch(batch).map_err(io_err)?;
+    }
+    Ok((reader.meta().clone(), keys))
+}
+
+/// Replaces the state with the stored snapshot's, or empties it when there is none, and returns the
+/// log id it now stands at. Only for recovery at open, when nothing else touches the store.
+pub(super) fn restore_current(sm: &StateMachineStore) -> io::Result<Option<LogId>> {
+    let inner = &sm.inner;
+    let data = inner.data();
+    data.clear().map_err(io_err)?;
+    let Some(name) = current_name(sm)? else {
+        inner.meta.remove(LAST_APPLIED_KEY).map_err(io_err)?;
+        inner.meta.remove(LAST_MEMBERSHIP_KEY).map_err(io_err)?;
+        return Ok(None);
+    };
+    let (meta, _) = load_file(&data, &dir_of(inner.integrity.dir()).join(name))?;
+    inner
+        .meta
+        .insert(LAST_MEMBERSHIP_KEY, meta.last_membership.encode()?)
+        .map_err(io_err)?;
+    match &meta.last_log_id {
+        Some(id) => inner.meta.insert(LAST_APPLIED_KEY, id.encode()?),
+        None => inner.meta.remove(LAST_APPLIED_KEY),
+    }
+    .map_err(io_err)?;
+    Ok(meta.last_log_id)
+}
+
+/// Removes what an interrupted build, transfer or install left behind: snapshot files other than the
+/// current one, and the spare data tree. Runs at open, before anything else uses the store.
+pub(super) fn tidy(sm: &StateMachineStore) -> io::Result<()> {
+    let inner = &sm.inner;
+    let dir = dir_of(inner.integrity.dir());
+    std::fs::create_dir_all(&dir)?;
+    let current = current_name(sm)?;
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if current.as_deref().is_some_and(|c| name.to_str() == Some(c)) {
+            continue;
+        }
+        remove_quietly(&entry.path());
+        removed += 1;
+    }
+    if removed > 0 {
+        sync_dir(&dir)?;
+        tracing::info!(
+            removed,
+            "removed snapshot files left by an interrupted build or transfer"
+        );
+    }
+    inner
+        .db
+        .drop_tree(inner.spare_tree_name())
+        .map_err(io_err)?;
+    Ok(())
+}
+
+/// Whether `bytes` decode as a snapshot that formats 2 to 4 stored in sled, image and all (for the
+/// decoder bound tests: a migration reads them from disk).
+pub fn check_legacy(bytes: &[u8]) -> bool {
+    legacy::verify_stored(bytes).is_ok()
+}
+
+pub(super) fn current(sm: &StateMachineStore) -> io::Result<Option<Snapshot>> {
+    let Some(meta) = read_decoded::<SnapshotMeta>(&sm.inner.snapshots, SNAPSHOT_META_KEY)? else {
+        return Ok(None);
+    };
+    let Some(name) = current_name(sm)? else {
+        return Ok(None);
+    };
+    let path = dir_of(sm.inner.integrity.dir()).join(name);
+    Ok(Some(Snapshot {
+        meta,
+        snapshot: open_data(&path)?,
+    }))
+}
+
+/// Snapshot metadata at `index` (term 1, node 1), for tests.
+#[cfg(test)]
+pub(crate) fn test_meta(index: u64) -> SnapshotMeta {
+    SnapshotMeta {
+        last_log_id: Some(openraft::testing::log_id::<TypeConfig>(1, 1, index)),
+        last_membership: StoredMembership::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::test_meta as meta_at;
+
+    fn empty_file(sm: &StateMachineStore, meta: &SnapshotMeta) -> String {
+        let name = new_name(meta);
+        let dir = dir_of(sm.inner.integrity.dir());
+        let out = File::create(dir.join(&name)).unwrap();
+        file::Writer::new(out, meta).unwrap().finish().unwrap();
+        name
+    }
+
+    #[tokio::test]
+    async fn an_older_build_never_replaces_a_newer_stored_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, sm) = crate::store::open(dir.path(), 1).unwrap();
+        let newer = empty_file(&sm, &meta_at(9));
+        let older = empty_file(&sm, &meta_at(5));
+        assert!(store_unless_older(&sm, &meta_at(9), &newer).await.unwrap());
+        assert!(!store_unless_older(&sm, &meta_at(5), &older).await.unwrap());
+        let stored = current(&sm).unwrap().unwrap();
+        assert_eq!(stored.meta, meta_at(9));
+        assert_eq!(file_name(&stored.snapshot.path).unwrap(), newer);
+        let newest = empty_file(&sm, &meta_at(12));
+        assert!(
+            store_unless_older(&sm, &meta_at(12), &newest)
+                .await
+                .unwrap()
+        );
+        assert_eq!(current(&sm).unwrap().unwrap().meta, meta_at(12));
+        assert!(
+            !dir_of(dir.path()).join(&newer).exists(),
+            "the replaced file is deleted"
+        );
+    }
+}
