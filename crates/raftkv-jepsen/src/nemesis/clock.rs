@@ -15,7 +15,6 @@ pub(super) async fn inject(s: &Strike<'_>, rng: &mut StdRng) -> anyhow::Result<(
         flip,
         hold,
         ref leader_note,
-        net,
         nodes,
         ..
     } = *s;
@@ -41,16 +40,15 @@ pub(super) async fn inject(s: &Strike<'_>, rng: &mut StdRng) -> anyhow::Result<(
         let mut nodes = nodes.lock().await;
         nodes.kill(target)?;
         nodes.start_with_env(
-            net,
             target,
-            &[("LD_PRELOAD", LIBFAKETIME.into()), ("FAKETIME", faketime)],
+            &[("LD_PRELOAD", LIBFAKETIME), ("FAKETIME", &faketime)],
         )?;
     }
     tokio::time::sleep(hold).await;
     {
         let mut nodes = nodes.lock().await;
         nodes.kill(target)?;
-        nodes.start(net, target)?;
+        nodes.start(target)?;
     }
     history.fault_ended(ix);
     Ok(())

@@ -13,7 +13,6 @@ pub(super) async fn inject(s: &Strike<'_>, rng: &mut StdRng) -> anyhow::Result<(
         flip,
         hold,
         ref leader_note,
-        net,
         nodes,
         ..
     } = *s;
@@ -36,7 +35,7 @@ pub(super) async fn inject(s: &Strike<'_>, rng: &mut StdRng) -> anyhow::Result<(
     tracing::info!(%fault, %detail, "nemesis: kill");
     nodes.lock().await.kill(target)?;
     tokio::time::sleep(down).await;
-    nodes.lock().await.start(net, target)?;
+    nodes.lock().await.start(target)?;
     tokio::time::sleep(hold - down).await;
     history.fault_ended(ix);
     Ok(())
