@@ -193,6 +193,15 @@ impl Strike<'_> {
             self.ids[0]
         }
     }
+
+    /// How the history names [`Strike::target`].
+    fn target_note(&self) -> String {
+        if self.flip {
+            self.leader_note.clone()
+        } else {
+            format!("node {}", self.target())
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
