@@ -131,9 +131,9 @@ async fn raw_unary_at(
 /// Every node counted the refusals in its rate-limited WARN line.
 fn assert_refusals_logged(cluster: &Cluster) {
     let logged = cluster
-        .nodes
-        .iter()
-        .map(|n| std::fs::read_to_string(&n.log).unwrap_or_default())
+        .ids()
+        .into_iter()
+        .map(|id| std::fs::read_to_string(cluster.log_path(id)).unwrap_or_default())
         .filter(|text| text.contains("refused a peer message"))
         .count();
     assert_eq!(logged, 3, "every node logs its refusals");
@@ -621,13 +621,13 @@ async fn a_node_of_another_cluster_is_refused_by_this_one() {
         cluster.addr(3),
         cluster.peer_addr(3)
     );
-    let log_path = cluster.dir.path().join("stray.log");
+    let log_path = cluster.dir().join("stray.log");
     let log = std::fs::File::create(&log_path).expect("log file");
     let mut stray = std::process::Command::new(common::bin())
         .args(["server", "--id", "1", "--listen", &addr])
         .args(["--peer-listen", &peer_addr, "--peers", &peers])
         .arg("--data-dir")
-        .arg(cluster.dir.path().join("stray"))
+        .arg(cluster.dir().join("stray"))
         .env("RAFTKV_LOG", "info,openraft=warn")
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone().expect("log file"))

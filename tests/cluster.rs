@@ -76,7 +76,7 @@ async fn follower_write_is_readable_strongly_everywhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_node_serves_eventual_reads_but_not_strong_ones() {
-    let c = Cluster::start(3, &[]);
+    let mut c = Cluster::start(3, &[]);
     let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
     let isolated = c.ids().into_iter().find(|&i| i != leader).unwrap();
     let w = c
@@ -858,7 +858,7 @@ async fn bad_inputs_get_clear_statuses_and_never_crash_a_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unavailable_carries_a_leader_hint() {
-    let c = Cluster::start(3, &[]);
+    let mut c = Cluster::start(3, &[]);
     let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
     let follower = c.ids().into_iter().find(|&i| i != leader).unwrap();
     // Pause every other node: the follower still remembers the leader, cannot reach it, and must say

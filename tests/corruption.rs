@@ -91,7 +91,7 @@ async fn a_node_on_corrupt_data_stops_and_rejoins_once_wiped() {
     c.wait_applied(victim, last, 30 * SECOND).await;
     c.stop(victim).await;
 
-    let data_dir = c.nodes[(victim - 1) as usize].data_dir.clone();
+    let data_dir = c.data_dir(victim);
     let (code, out) = check(&data_dir);
     assert_eq!(code, Some(0), "a clean directory checks clean:\n{out}");
     assert!(out.contains("clean"), "{out}");
@@ -106,7 +106,7 @@ async fn a_node_on_corrupt_data_stops_and_rejoins_once_wiped() {
     );
     assert!(out.contains("CORRUPT"), "{out}");
 
-    let log_path = c.nodes[(victim - 1) as usize].log.clone();
+    let log_path = c.log_path(victim);
     let log_before = std::fs::metadata(&log_path).unwrap().len() as usize;
     c.start_again(victim);
     // Until it exits, whatever it answers is right: an error, never a wrong or missing value.
@@ -185,7 +185,7 @@ async fn a_node_on_corrupt_data_stops_and_rejoins_once_wiped() {
 async fn check_refuses_a_directory_in_use() {
     let c = Cluster::start(1, &[]);
     c.wait_leader(&c.ids(), 20 * SECOND).await;
-    let (code, out) = check(&c.nodes[0].data_dir);
+    let (code, out) = check(&c.data_dir(1));
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("in use"), "{out}");
 }

@@ -5,13 +5,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{bin, channel, eventually, get, put, req};
+use common::{Cluster, bin, eventually, get, put, req};
 use raftkv::pb::v1 as pb;
-use raftkv::pb::v1::kv_client::KvClient;
-use tokio::time::Instant;
 
 /// The fixture's `--peers`, as it was made. Its membership records these addresses; the node here
 /// listens on free ports instead, and a one-node cluster never dials its own recorded addresses.
@@ -23,87 +21,6 @@ fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name)
-}
-
-struct Node {
-    dir: tempfile::TempDir,
-    listen: String,
-    peer_listen: String,
-    child: Option<Child>,
-}
-
-impl Node {
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("n1")
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.path().join("n1.log")
-    }
-
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())
-            .expect("log file");
-        let child = Command::new(bin())
-            .args(["server", "--id", "1", "--listen", &self.listen])
-            .args(["--peer-listen", &self.peer_listen, "--peers", FIXTURE_PEERS])
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .env("RAFTKV_LOG", "info,openraft=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn raftkv");
-        self.child = Some(child);
-    }
-
-    /// SIGTERM, as an operator stops a node, and a bounded wait for its clean exit.
-    async fn stop(&mut self) {
-        let mut child = self.child.take().expect("running");
-        let term = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(term.success());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while child.try_wait().expect("wait").is_none() {
-            assert!(Instant::now() < deadline, "no exit 15 s after SIGTERM");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let status = child.wait().expect("wait");
-        assert!(status.success(), "stopped with {status}");
-    }
-
-    fn crash(&mut self) {
-        let mut child = self.child.take().expect("running");
-        child.kill().expect("SIGKILL");
-        child.wait().expect("wait");
-    }
-
-    fn kv(&self) -> KvClient<tonic::transport::Channel> {
-        KvClient::new(channel(&self.listen))
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(self.log()).unwrap_or_default()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- node log ---\n{}", self.log_text());
-        }
-    }
 }
 
 /// `raftkv check` on the node's stopped directory: its exit status and output.
@@ -139,8 +56,8 @@ fn expected(format: u32) -> Vec<pb::KeyValue> {
 }
 
 /// Every expected key, read one by one and by a scan, strongly.
-async fn assert_holds(node: &Node, kvs: &[pb::KeyValue]) {
-    let mut kv = node.kv();
+async fn assert_holds(node: &Cluster, kvs: &[pb::KeyValue]) {
+    let mut kv = node.kv(1);
     for want in kvs {
         let key = String::from_utf8_lossy(&want.key).into_owned();
         let got = eventually(Duration::from_secs(10), "strong get", || {
@@ -184,35 +101,30 @@ async fn a_format_3_directory_from_the_previous_release_is_migrated_once_and_kee
 
 async fn migrated_once_keeping_every_key(format: u32) {
     let old_format = format!("storage format {format}");
-    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Cluster::unstarted(Cluster::builder(1, &[]).peers(FIXTURE_PEERS));
     let untar = Command::new("tar")
         .arg("-xzf")
         .arg(fixture(&format!("format{format}-1node.tar.gz")))
         .arg("-C")
-        .arg(dir.path())
+        .arg(node.dir())
         .status()
         .expect("tar");
     assert!(untar.success(), "unpacking the fixture");
-    let port = || portpicker::pick_unused_port().expect("free port");
-    let mut node = Node {
-        dir,
-        listen: format!("127.0.0.1:{}", port()),
-        peer_listen: format!("127.0.0.1:{}", port()),
-        child: None,
-    };
+    std::fs::rename(node.dir().join("n1"), node.data_dir(1)).expect("the fixture's n1");
+    let log_text = |node: &Cluster| std::fs::read_to_string(node.log_path(1)).unwrap_or_default();
     let mut kvs = expected(format);
     assert!(kvs.len() > 30, "the fixture holds its keys");
 
     // Checked as it is, and left so.
-    let (code, text) = check(&node.data_dir());
+    let (code, text) = check(&node.data_dir(1));
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains(&old_format), "{text}");
 
-    node.start();
+    node.start_again(1);
     assert_holds(&node, &kvs).await;
-    assert_eq!(node.log_text().matches(MIGRATED).count(), 1);
+    assert_eq!(log_text(&node).matches(MIGRATED).count(), 1);
 
-    let mut kv = node.kv();
+    let mut kv = node.kv(1);
     let written = kv
         .put(req(put("after-migration", "yes"), Duration::from_secs(5)))
         .await
@@ -232,17 +144,17 @@ async fn migrated_once_keeping_every_key(format: u32) {
 
     // A clean restart opens format 4 as it is; so does one after a crash, which rebuilds the state
     // from the migrated snapshot and re-applies the log after it.
-    node.stop().await;
-    let (code, text) = check(&node.data_dir());
+    node.stop(1).await;
+    let (code, text) = check(&node.data_dir(1));
     assert_eq!(code, Some(0), "{text}");
     assert!(!text.contains(&old_format), "{text}");
     assert!(text.contains("raft-log: vote"), "{text}");
-    node.start();
+    node.start_again(1);
     assert_holds(&node, &kvs).await;
-    node.crash();
-    node.start();
+    node.kill(1);
+    node.start_again(1);
     assert_holds(&node, &kvs).await;
-    let log = node.log_text();
+    let log = log_text(&node);
     assert_eq!(log.matches("raftkv node serving").count(), 3, "{log}");
     assert_eq!(log.matches(MIGRATED).count(), 1, "migrated only once");
 }

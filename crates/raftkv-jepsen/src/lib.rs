@@ -189,31 +189,16 @@ pub async fn run(args: JepsenArgs) -> anyhow::Result<std::process::ExitCode> {
     if !node_args.iter().any(|a| a.starts_with("--keep-logs")) {
         node_args.push("--keep-logs=100".into());
     }
-    let tls_dir = if args.tls {
-        let dir = out.join("tls");
-        let ids: Vec<u64> = (1..=args.nodes).collect();
-        let mut hosts: Vec<String> = ["127.0.0.1", "localhost"].map(String::from).into();
-        for id in &ids {
-            let addr = net.addr(*id);
-            if let Some((host, _)) = addr.rsplit_once(':')
-                && !hosts.iter().any(|h| h == host)
-            {
-                hosts.push(host.to_string());
-            }
-        }
-        raftkv::tls::generate("raftkv jepsen", &hosts, &ids)?.write(&dir)?;
+    let mut nodes = Nodes::new(&net, args.nodes, &bin, &out, node_args, args.tls)?;
+    if let Some(dir) = nodes.tls_dir() {
         println!("TLS: clients and peers, certificates in {}", dir.display());
-        Some(dir)
-    } else {
-        None
-    };
-    let mut nodes = Nodes::new(&net, args.nodes, &bin, &out, node_args, tls_dir)?;
+    }
     for id in 1..=args.nodes {
-        nodes.start(&net, id)?;
+        nodes.start(id)?;
     }
     let nodes = tokio::sync::Mutex::new(nodes);
     let report = drive(&args, &faults, healthy, hold, seed, &net, &nodes, &out).await;
-    nodes.lock().await.stop_all();
+    let _ = nodes.lock().await.kill_all();
     let report = report?;
     report.print();
     std::fs::write(
@@ -223,8 +208,9 @@ pub async fn run(args: JepsenArgs) -> anyhow::Result<std::process::ExitCode> {
     println!("history: {}", out.join("history.jsonl").display());
     let code = report.exit_code();
     if code == 0 && !args.keep_data {
-        for id in 1..=args.nodes {
-            let _ = std::fs::remove_dir_all(out.join(format!("n{id}.data")));
+        let nodes = nodes.lock().await;
+        for id in nodes.ids() {
+            let _ = std::fs::remove_dir_all(nodes.data_dir(id));
         }
     }
     Ok(std::process::ExitCode::from(code))
@@ -256,7 +242,7 @@ async fn drive(
     let history = Arc::new(History::new());
     let clients = {
         let nodes = nodes.lock().await;
-        nodes.ids().map(|id| nodes.kv(id)).collect()
+        nodes.ids().into_iter().map(|id| nodes.kv(id)).collect()
     };
     let shared = Arc::new(Shared::new(
         history.clone(),
@@ -317,10 +303,10 @@ async fn drive(
         for id in 1..=args.nodes {
             nodes.resume(id)?;
             if !nodes.is_running(id) {
-                nodes.start(net, id)?;
+                nodes.start(id)?;
             }
         }
-        nodes.reap_unexpected(net)?;
+        nodes.reap_unexpected()?;
     }
     history.write_jsonl(&out.join("history.jsonl"))?;
     let nodes = nodes.lock().await;

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use raftkv_testkit::{NodeSpec, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -59,7 +60,7 @@ impl Net {
     }
 
     /// The address the harness (and every peer, in netns mode) reaches node `id` at.
-    pub fn addr(&self, id: u64) -> String {
+    fn addr(&self, id: u64) -> String {
         match self {
             Net::Netns(ns) => format!("{}:{NETNS_PORT}", ns.ip(id)),
             Net::Proxy(p) => format!("127.0.0.1:{}", p.ports[(id - 1) as usize]),
@@ -74,34 +75,30 @@ impl Net {
         }
     }
 
-    /// The command that runs `bin` as node `id`, with the network-specific parts of its arguments.
-    pub fn command(&self, bin: &std::path::Path, id: u64, n: u64) -> std::process::Command {
-        let peers: Vec<String> = (1..=n)
-            .map(|j| format!("{j}={}/{}", self.addr(j), self.peer_addr(j)))
-            .collect();
-        let mut cmd = match self {
-            Net::Netns(ns) => {
-                // `ip netns exec` enters the namespace and then execs, so the child's pid is the node's
-                // own: SIGKILL and SIGSTOP reach raftkv, not a wrapper.
-                let mut c = std::process::Command::new("ip");
-                c.args(["netns", "exec", &ns.ns(id)]).arg(bin);
-                c
+    /// Where node `id` of `n` listens and how it is launched on this network.
+    pub fn node(&self, id: u64, n: u64) -> NodeSpec {
+        let (wrapper, args) = match self {
+            // `ip netns exec` enters the namespace and then execs, so the child's pid is the node's
+            // own: SIGKILL and SIGSTOP reach raftkv, not a wrapper.
+            Net::Netns(ns) => (
+                ["ip", "netns", "exec", &ns.ns(id)].map(String::from).into(),
+                Vec::new(),
+            ),
+            Net::Proxy(p) => {
+                let routes: Vec<String> = (1..=n)
+                    .filter(|&j| j != id)
+                    .map(|j| format!("{j}=127.0.0.1:{}", p.link_port(id, j)))
+                    .collect();
+                (Vec::new(), vec![format!("--dial={}", routes.join(","))])
             }
-            Net::Proxy(_) => std::process::Command::new(bin),
         };
-        cmd.arg("server")
-            .arg(format!("--id={id}"))
-            .arg(format!("--listen={}", self.addr(id)))
-            .arg(format!("--peer-listen={}", self.peer_addr(id)))
-            .arg(format!("--peers={}", peers.join(",")));
-        if let Net::Proxy(p) = self {
-            let routes: Vec<String> = (1..=n)
-                .filter(|&j| j != id)
-                .map(|j| format!("{j}=127.0.0.1:{}", p.link_port(id, j)))
-                .collect();
-            cmd.arg(format!("--dial={}", routes.join(",")));
+        NodeSpec {
+            id,
+            addr: self.addr(id),
+            peer_addr: self.peer_addr(id),
+            wrapper,
+            args,
         }
-        cmd
     }
 
     pub async fn cut(&self, grudge: &Grudge) -> anyhow::Result<()> {
@@ -275,8 +272,8 @@ impl Proxy {
     async fn create(n: u64) -> anyhow::Result<Proxy> {
         let (mut ports, mut peer_ports) = (Vec::new(), Vec::new());
         for _ in 0..n {
-            ports.push(free_port().await?);
-            peer_ports.push(free_port().await?);
+            ports.push(free_port()?);
+            peer_ports.push(free_port()?);
         }
         let cuts: Arc<Mutex<Grudge>> = Arc::default();
         let mut link_ports = vec![0u16; (n * n) as usize];
@@ -324,12 +321,6 @@ impl Drop for Proxy {
             t.abort();
         }
     }
-}
-
-/// A port that was free a moment ago. The node binds it shortly after; a clash makes that node fail to
-/// start, which the harness reports.
-async fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0").await?.local_addr()?.port())
 }
 
 async fn serve_link(

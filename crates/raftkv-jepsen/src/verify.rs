@@ -380,7 +380,7 @@ async fn final_ops(nodes: &Nodes) -> Check {
         if failures.is_empty() {
             format!(
                 "a write and a strong read succeeded through each of the {} nodes",
-                nodes.n
+                nodes.size()
             )
         } else {
             failures.join("; ")
@@ -506,7 +506,7 @@ async fn set_check(nodes: &Nodes, shared: &Shared, leader: Option<u64>) -> Check
 async fn convergence(nodes: &Nodes) -> Check {
     let result = until_ok(|| async {
         let statuses = nodes.statuses().await;
-        if statuses.len() as u64 != nodes.n {
+        if statuses.len() as u64 != nodes.size() {
             return Err("not every node answers Status".to_string());
         }
         let target = statuses.iter().map(|s| s.commit_index).max().unwrap_or(0);
@@ -533,7 +533,7 @@ async fn convergence(nodes: &Nodes) -> Check {
             "convergence",
             format!(
                 "all {} nodes hold the same {pairs} pairs at revision {revision}",
-                nodes.n
+                nodes.size()
             ),
         ),
         Err(e) => check("convergence", false, e),

@@ -10,16 +10,6 @@ use super::Strike;
 pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
 pub(super) async fn inject(s: &Strike<'_>, rng: &mut StdRng) -> anyhow::Result<()> {
-    let Strike {
-        fault,
-        flip,
-        hold,
-        ref leader_note,
-        net,
-        nodes,
-        ..
-    } = *s;
-    let history = s.history();
     let target = s.target();
     // Alternately slow and fast, and shifted back or forward by up to five minutes.
     let rate: f64 = if rng.random_bool(0.5) {
@@ -29,29 +19,19 @@ pub(super) async fn inject(s: &Strike<'_>, rng: &mut StdRng) -> anyhow::Result<(
     };
     let offset: i64 = rng.random_range(-300..=300);
     let faketime = format!("{offset:+}s x{rate:.2}");
-    let who = if flip {
-        leader_note.clone()
-    } else {
-        format!("node {target}")
-    };
-    let detail = format!("restart {who} with FAKETIME={faketime:?}");
-    let ix = history.fault_started(fault.name(), detail.clone());
-    tracing::info!(%fault, %detail, ?hold, "nemesis: clock");
+    let detail = format!("restart {} with FAKETIME={faketime:?}", s.target_note());
+    let ix = s.history().fault_started(s.fault.name(), detail.clone());
+    tracing::info!(fault = %s.fault, %detail, hold = ?s.hold, "nemesis: clock");
     {
-        let mut nodes = nodes.lock().await;
+        let mut nodes = s.nodes.lock().await;
         nodes.kill(target)?;
         nodes.start_with_env(
-            net,
             target,
-            &[("LD_PRELOAD", LIBFAKETIME.into()), ("FAKETIME", faketime)],
+            &[("LD_PRELOAD", LIBFAKETIME), ("FAKETIME", &faketime)],
         )?;
     }
-    tokio::time::sleep(hold).await;
-    {
-        let mut nodes = nodes.lock().await;
-        nodes.kill(target)?;
-        nodes.start(net, target)?;
-    }
-    history.fault_ended(ix);
+    tokio::time::sleep(s.hold).await;
+    s.nodes.lock().await.restart(target)?;
+    s.history().fault_ended(ix);
     Ok(())
 }

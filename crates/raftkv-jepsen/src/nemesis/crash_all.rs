@@ -9,7 +9,6 @@ pub(super) async fn inject(s: &Strike<'_>) -> anyhow::Result<()> {
         fault,
         hold,
         n,
-        net,
         nodes,
         ..
     } = *s;
@@ -27,7 +26,7 @@ pub(super) async fn inject(s: &Strike<'_>) -> anyhow::Result<()> {
     {
         let mut nodes = nodes.lock().await;
         for id in 1..=n {
-            nodes.start(net, id)?;
+            nodes.start(id)?;
         }
     }
     history.fault_ended(ix);

@@ -133,7 +133,7 @@ pub async fn run(
             break;
         }
         tokio::time::sleep(healthy).await;
-        nodes.lock().await.reap_unexpected(net)?;
+        nodes.lock().await.reap_unexpected()?;
         if round.is_empty() {
             round = faults.clone();
             round.shuffle(&mut rng);
@@ -193,6 +193,15 @@ impl Strike<'_> {
             self.ids[0]
         }
     }
+
+    /// How the history names [`Strike::target`].
+    fn target_note(&self) -> String {
+        if self.flip {
+            self.leader_note.clone()
+        } else {
+            format!("node {}", self.target())
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -206,7 +215,7 @@ async fn inject(
     nodes: &tokio::sync::Mutex<Nodes>,
     shared: &Arc<Shared>,
 ) -> anyhow::Result<()> {
-    let n = nodes.lock().await.n;
+    let n = nodes.lock().await.size();
     let mut ids: Vec<u64> = (1..=n).collect();
     ids.shuffle(rng);
     let target_leader = leader.unwrap_or(ids[0]);

@@ -3,26 +3,13 @@
 use super::Strike;
 
 pub(super) async fn inject(s: &Strike<'_>) -> anyhow::Result<()> {
-    let Strike {
-        fault,
-        flip,
-        hold,
-        ref leader_note,
-        nodes,
-        ..
-    } = *s;
-    let history = s.history();
     let target = s.target();
-    let detail = if flip {
-        format!("SIGSTOP {leader_note}")
-    } else {
-        format!("SIGSTOP node {target}")
-    };
-    let ix = history.fault_started(fault.name(), detail.clone());
-    tracing::info!(%fault, %detail, ?hold, "nemesis: pause");
-    nodes.lock().await.pause(target)?;
-    tokio::time::sleep(hold).await;
-    nodes.lock().await.resume(target)?;
-    history.fault_ended(ix);
+    let detail = format!("SIGSTOP {}", s.target_note());
+    let ix = s.history().fault_started(s.fault.name(), detail.clone());
+    tracing::info!(fault = %s.fault, %detail, hold = ?s.hold, "nemesis: pause");
+    s.nodes.lock().await.pause(target)?;
+    tokio::time::sleep(s.hold).await;
+    s.nodes.lock().await.resume(target)?;
+    s.history().fault_ended(ix);
     Ok(())
 }
