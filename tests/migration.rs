@@ -15,7 +15,7 @@ use raftkv::pb::v1 as pb;
 /// listens on free ports instead, and a one-node cluster never dials its own recorded addresses.
 const FIXTURE_PEERS: &str = "1=127.0.0.1:47001/127.0.0.1:47101";
 /// Logged once by the last step of every migration, whatever format it started from.
-const MIGRATED: &str = "migrated the data directory from storage format 3 to 4";
+const MIGRATED: &str = "migrated the data directory from storage format 4 to 5";
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -99,6 +99,11 @@ async fn a_format_3_directory_from_the_previous_release_is_migrated_once_and_kee
     migrated_once_keeping_every_key(3).await;
 }
 
+#[tokio::test]
+async fn a_format_4_directory_from_the_previous_release_is_migrated_once_and_keeps_every_key() {
+    migrated_once_keeping_every_key(4).await;
+}
+
 async fn migrated_once_keeping_every_key(format: u32) {
     let old_format = format!("storage format {format}");
     let mut node = Cluster::unstarted(Cluster::builder(1, &[]).peers(FIXTURE_PEERS));
@@ -142,13 +147,14 @@ async fn migrated_once_keeping_every_key(format: u32) {
     });
     kvs.sort_by(|a, b| a.key.cmp(&b.key));
 
-    // A clean restart opens format 4 as it is; so does one after a crash, which rebuilds the state
+    // A clean restart opens format 5 as it is; so does one after a crash, which rebuilds the state
     // from the migrated snapshot and re-applies the log after it.
     node.stop(1).await;
     let (code, text) = check(&node.data_dir(1));
     assert_eq!(code, Some(0), "{text}");
     assert!(!text.contains(&old_format), "{text}");
     assert!(text.contains("raft-log: vote"), "{text}");
+    assert!(text.contains("snapshot file"), "{text}");
     node.start_again(1);
     assert_holds(&node, &kvs).await;
     node.kill(1);
