@@ -1379,3 +1379,19 @@ async fn readers_see_the_old_state_or_the_new_one_during_an_install() {
     );
     assert_eq!(dump(&dst), dump(&src));
 }
+
+/// The snapshot file is the only copy of the state behind the purged log: after a crash, a missing
+/// file is corruption (the node stops and is rebuilt from its peers), not an unexplained I/O error.
+#[tokio::test]
+async fn a_missing_snapshot_file_is_reported_as_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = open(dir.path(), 1).unwrap();
+        apply(&mut sm, vec![put(1, "a", "1")]).await;
+        build_snapshot(&mut sm).await;
+    }
+    std::fs::remove_dir_all(super::snapshot::dir_of(dir.path())).unwrap();
+    let e = reopen(dir.path(), 1).await.err().expect("refused");
+    assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains("snapshot file"), "{e}");
+}

@@ -398,7 +398,15 @@ pub(super) fn restore_current(sm: &StateMachineStore) -> io::Result<Option<LogId
         inner.meta.remove(LAST_MEMBERSHIP_KEY).map_err(io_err)?;
         return Ok(None);
     };
-    let (meta, _) = load_file(&data, &dir_of(inner.integrity.dir()).join(name))?;
+    let path = dir_of(inner.integrity.dir()).join(name);
+    if !path.is_file() {
+        // The state is rebuilt from this file and the log behind it is purged: nothing else has it.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the current snapshot file {} is missing", path.display()),
+        ));
+    }
+    let (meta, _) = load_file(&data, &path)?;
     inner
         .meta
         .insert(LAST_MEMBERSHIP_KEY, meta.last_membership.encode()?)
