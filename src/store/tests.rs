@@ -1380,18 +1380,27 @@ async fn readers_see_the_old_state_or_the_new_one_during_an_install() {
     assert_eq!(dump(&dst), dump(&src));
 }
 
-/// The snapshot file is the only copy of the state behind the purged log: after a crash, a missing
-/// file is corruption (the node stops and is rebuilt from its peers), not an unexplained I/O error.
+/// The snapshot file is the only copy of the state behind the purged log: a missing file is
+/// corruption found at open (the node stops and is rebuilt from its peers), after a crash and after a
+/// clean stop alike, not an I/O error the first time a follower needs the snapshot.
 #[tokio::test]
 async fn a_missing_snapshot_file_is_reported_as_corruption() {
-    let dir = tempfile::tempdir().unwrap();
-    {
-        let (_log, mut sm) = open(dir.path(), 1).unwrap();
-        apply(&mut sm, vec![put(1, "a", "1")]).await;
-        build_snapshot(&mut sm).await;
+    for clean in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_log, mut sm) = open(dir.path(), 1).unwrap();
+            apply(&mut sm, vec![put(1, "a", "1")]).await;
+            build_snapshot(&mut sm).await;
+            if clean {
+                sm.close().await.unwrap();
+            }
+        }
+        std::fs::remove_dir_all(super::snapshot::dir_of(dir.path())).unwrap();
+        let e = reopen(dir.path(), 1).await.err().expect("refused");
+        assert!(
+            matches!(e, StoreError::Corrupt { .. }),
+            "clean {clean}: {e}"
+        );
+        assert!(e.to_string().contains("snapshot file"), "{e}");
     }
-    std::fs::remove_dir_all(super::snapshot::dir_of(dir.path())).unwrap();
-    let e = reopen(dir.path(), 1).await.err().expect("refused");
-    assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
-    assert!(e.to_string().contains("snapshot file"), "{e}");
 }

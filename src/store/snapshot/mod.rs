@@ -398,15 +398,7 @@ pub(super) fn restore_current(sm: &StateMachineStore) -> io::Result<Option<LogId
         inner.meta.remove(LAST_MEMBERSHIP_KEY).map_err(io_err)?;
         return Ok(None);
     };
-    let path = dir_of(inner.integrity.dir()).join(name);
-    if !path.is_file() {
-        // The state is rebuilt from this file and the log behind it is purged: nothing else has it.
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("the current snapshot file {} is missing", path.display()),
-        ));
-    }
-    let (meta, _) = load_file(&data, &path)?;
+    let (meta, _) = load_file(&data, &dir_of(inner.integrity.dir()).join(name))?;
     inner
         .meta
         .insert(LAST_MEMBERSHIP_KEY, meta.last_membership.encode()?)
@@ -426,6 +418,19 @@ pub(super) fn tidy(sm: &StateMachineStore) -> io::Result<()> {
     let dir = dir_of(inner.integrity.dir());
     std::fs::create_dir_all(&dir)?;
     let current = current_name(sm)?;
+    if let Some(name) = &current
+        && !dir.join(name).is_file()
+    {
+        // The log behind it is purged: nothing else holds that state. Found here, at open, rather
+        // than when a crash restart or a lagging follower first needs it.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the current snapshot file {} is missing",
+                dir.join(name).display()
+            ),
+        ));
+    }
     let mut removed = 0;
     for entry in std::fs::read_dir(&dir)? {
         let entry = entry?;
