@@ -103,7 +103,10 @@ pub fn sled_config(dir: &Path) -> sled::Config {
     sled::Config::new()
         .path(dir.join("sled"))
         .mode(sled::Mode::LowSpace)
-        .cache_capacity(256 * 1024 * 1024)
+        // sled's cache is what a node holds beyond the OS page cache; its real footprint is a few
+        // times this figure. Kept small so a node's memory stays bounded by a large state, the way
+        // etcd leaves its data to the page cache.
+        .cache_capacity(64 * 1024 * 1024)
         // Durability comes from explicit flushes at each durability point; the background flusher
         // only bounds how much unacknowledged work a crash can drop.
         .flush_every_ms(Some(1000))

@@ -316,47 +316,81 @@ pub(super) async fn install(
     let replaced = current_name(sm)?;
     let sm2 = sm.clone();
     let (meta2, path2, name2) = (meta.clone(), path.clone(), name.clone());
-    let keys = blocking(move || load_and_switch(&sm2, &meta2, &path2, &name2)).await?;
+    let (keys, old_tree) = blocking(move || load_and_switch(&sm2, &meta2, &path2, &name2)).await?;
     drop(state);
     // openraft purges the log behind an installed snapshot, durably (see `durable`).
     super::durable::flush(&inner.db, inner.integrity.dir()).await?;
     if let Some(old) = replaced.filter(|old| *old != name) {
         remove_quietly(&dir.join(old));
     }
+    // Off the write lock: applies go on while the old state goes. Emptied before it is dropped,
+    // because sled's `drop_tree` pages in every node under one epoch guard and the Db keeps that
+    // memory for good, while `clear` frees it as it goes (and leaves `drop_tree` nothing to do).
+    let db = inner.db.clone();
+    blocking(move || {
+        old_tree.clear().map_err(io_err)?;
+        db.drop_tree(old_tree.name()).map_err(io_err).map(|_| ())
+    })
+    .await?;
     tracing::info!(last_log_id = ?meta.last_log_id, keys, "installed snapshot");
     Ok(())
 }
 
-/// Loads the file into the spare tree and switches to it (see [`install`]). Called with the write
-/// lock held.
+/// Loads the file into the spare tree and switches to it (see [`install`]); returns the pairs loaded
+/// and the tree that was current, for the caller to drop. Called with the write lock held.
 fn load_and_switch(
     sm: &StateMachineStore,
     meta: &SnapshotMeta,
     path: &Path,
     name: &str,
-) -> io::Result<u64> {
+) -> io::Result<(u64, sled::Tree)> {
+    let mut snapshot_batch = sled::Batch::default();
+    snapshot_batch.insert(SNAPSHOT_META_KEY, meta.encode()?);
+    snapshot_batch.insert(SNAPSHOT_FILE_KEY, name.as_bytes());
+    let (_, keys, old) = switch_state(sm, Some((path, Some(meta))), snapshot_batch)?;
+    Ok((keys, old))
+}
+
+/// Makes the state exactly a snapshot file's (or empty, for `None`), without touching the current
+/// tree until the end: the file goes into the spare data tree, then one transaction makes that tree
+/// current together with `last_applied`, the membership and `snapshot_batch` (applied to
+/// `sm_snapshot`). A crash at any point leaves one whole state or the other. A file whose metadata
+/// is not `expected` (when given) is refused before anything switches. Returns the file's metadata,
+/// the number of pairs loaded and the tree that was current, which the caller drops: no reader
+/// holds it any more (readers hold the data lock for the whole read).
+fn switch_state(
+    sm: &StateMachineStore,
+    file: Option<(&Path, Option<&SnapshotMeta>)>,
+    snapshot_batch: sled::Batch,
+) -> io::Result<(Option<SnapshotMeta>, u64, sled::Tree)> {
     let inner = &sm.inner;
     let spare_name = inner.spare_tree_name();
     // Left by an earlier install or a crash during one.
     inner.db.drop_tree(spare_name).map_err(io_err)?;
     let spare = inner.db.open_tree(spare_name).map_err(io_err)?;
-    let (found, keys) = load_file(&spare, path)?;
-    if &found != meta {
-        return Err(io::Error::other(format!(
-            "the snapshot file is of {:?}, openraft installs {:?}",
-            found.last_log_id, meta.last_log_id
-        )));
-    }
+    let (found, keys) = match file {
+        Some((path, expected)) => {
+            let (found, keys) = load_file(&spare, path)?;
+            if let Some(expected) = expected.filter(|e| **e != found) {
+                return Err(io::Error::other(format!(
+                    "the snapshot file is of {:?}, openraft installs {:?}",
+                    found.last_log_id, expected.last_log_id
+                )));
+            }
+            (Some(found), keys)
+        }
+        None => (None, 0),
+    };
     let mut meta_batch = sled::Batch::default();
-    match &meta.last_log_id {
+    match found.as_ref().and_then(|m| m.last_log_id.as_ref()) {
         Some(id) => meta_batch.insert(LAST_APPLIED_KEY, id.encode()?),
         None => meta_batch.remove(LAST_APPLIED_KEY),
     }
-    meta_batch.insert(LAST_MEMBERSHIP_KEY, meta.last_membership.encode()?);
+    match &found {
+        Some(m) => meta_batch.insert(LAST_MEMBERSHIP_KEY, m.last_membership.encode()?),
+        None => meta_batch.remove(LAST_MEMBERSHIP_KEY),
+    }
     meta_batch.insert(super::state_machine::DATA_TREE_KEY, spare_name.as_bytes());
-    let mut snapshot_batch = sled::Batch::default();
-    snapshot_batch.insert(SNAPSHOT_META_KEY, meta.encode()?);
-    snapshot_batch.insert(SNAPSHOT_FILE_KEY, name.as_bytes());
     let result: Result<(), TransactionError<String>> =
         (&inner.meta, &inner.snapshots).transaction(|(m, s)| {
             m.apply_batch(&meta_batch)?;
@@ -365,24 +399,24 @@ fn load_and_switch(
         });
     result.map_err(tx_err)?;
     let old = inner.switch_data(spare);
-    // No reader holds the old tree any more (readers hold the data lock for the whole read).
-    inner.db.drop_tree(old.name()).map_err(io_err)?;
-    Ok(keys)
+    Ok((found, keys, old))
 }
 
-/// Inserts a snapshot file's pairs into `tree` (which must be empty), one sled batch per frame.
+/// Inserts a snapshot file's pairs into `tree` (which must be empty), as they are read.
 /// Returns the file's metadata and the number of pairs. The file is checked as it is read; a
 /// local file that does not read is corruption (`InvalidData`).
 fn load_file(tree: &sled::Tree, path: &Path) -> io::Result<(SnapshotMeta, u64)> {
     let mut reader = file::Reader::new(BufReader::with_capacity(1 << 20, File::open(path)?))?;
     let mut keys = 0u64;
+    // Plain inserts, not one `apply_batch` per frame: a batch holds one epoch guard for all its
+    // inserts, and every insert leaves a copy of its leaf for the epoch collector, which frees only a
+    // few hundred objects per pin; so a batched load keeps gigabytes of dead leaves alive. Atomicity
+    // comes from the tree switch, not from here.
     while let Some(run) = reader.next_pairs()? {
-        let mut batch = sled::Batch::default();
         keys += run.len() as u64;
         for (k, v) in run {
-            batch.insert(k, v);
+            tree.insert(k, v).map_err(io_err)?;
         }
-        tree.apply_batch(batch).map_err(io_err)?;
     }
     Ok((reader.meta().clone(), keys))
 }
@@ -390,25 +424,19 @@ fn load_file(tree: &sled::Tree, path: &Path) -> io::Result<(SnapshotMeta, u64)> 
 /// Replaces the state with the stored snapshot's, or empties it when there is none, and returns the
 /// log id it now stands at. Only for recovery at open, when nothing else touches the store.
 pub(super) fn restore_current(sm: &StateMachineStore) -> io::Result<Option<LogId>> {
-    let inner = &sm.inner;
-    let data = inner.data();
-    data.clear().map_err(io_err)?;
-    let Some(name) = current_name(sm)? else {
-        inner.meta.remove(LAST_APPLIED_KEY).map_err(io_err)?;
-        inner.meta.remove(LAST_MEMBERSHIP_KEY).map_err(io_err)?;
+    let path = current_name(sm)?.map(|name| dir_of(sm.inner.integrity.dir()).join(name));
+    if path.is_none() && sm.inner.data_read().is_empty() {
+        // Nothing was ever applied, or nothing that a switch would remove (a new directory).
+        sm.inner.meta.remove(LAST_APPLIED_KEY).map_err(io_err)?;
+        sm.inner.meta.remove(LAST_MEMBERSHIP_KEY).map_err(io_err)?;
         return Ok(None);
-    };
-    let (meta, _) = load_file(&data, &dir_of(inner.integrity.dir()).join(name))?;
-    inner
-        .meta
-        .insert(LAST_MEMBERSHIP_KEY, meta.last_membership.encode()?)
-        .map_err(io_err)?;
-    match &meta.last_log_id {
-        Some(id) => inner.meta.insert(LAST_APPLIED_KEY, id.encode()?),
-        None => inner.meta.remove(LAST_APPLIED_KEY),
     }
-    .map_err(io_err)?;
-    Ok(meta.last_log_id)
+    let file = path.as_deref().map(|path| (path, None));
+    let (found, _, old) = switch_state(sm, file, sled::Batch::default())?;
+    // At open, the node serves only once this returns: dropped whole, which is quick (see `install`
+    // for the memory that costs until the process ends).
+    sm.inner.db.drop_tree(old.name()).map_err(io_err)?;
+    Ok(found.and_then(|meta| meta.last_log_id))
 }
 
 /// Removes what an interrupted build, transfer or install left behind: snapshot files other than the
