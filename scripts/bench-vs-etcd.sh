@@ -18,6 +18,11 @@ VALUE_SIZE=${BENCH_VALUE_SIZE:-256}
 KILLS=${BENCH_KILLS:-5}             # failover samples per system
 PORT_BASE=${BENCH_PORT_BASE:-30000} # raftkv: +1..3, etcd client: +11..13, etcd peer: +21..23
 WORKLOADS=${BENCH_WORKLOADS:-"put get-strong get-eventual txn mix put-1client put-1c-follower"}
+# Storage rows, each on fresh clusters after the workloads: disk under overwrite churn, memory with a
+# large state (and a wiped follower's rebuild), restart time with that state. "" skips them.
+STORAGE=${BENCH_STORAGE-"disk memory restart"}
+CHURN_WRITES=${BENCH_CHURN_WRITES:-40000} # per churn round, over 1,000 keys of 10 KiB
+BIG_KEYS=${BENCH_BIG_KEYS:-1000000}       # memory and restart rows: keys of 100 B
 HOST=127.0.0.1
 
 die() { echo "bench-vs-etcd.sh: $*" >&2; exit 1; }
@@ -67,17 +72,21 @@ ETCD_ENDPOINTS="$(etcd_addr 1),$(etcd_addr 2),$(etcd_addr 3)"
 RK_PEERS="1=$(rk_addr 1)/$(rk_peer 1),2=$(rk_addr 2)/$(rk_peer 2),3=$(rk_addr 3)/$(rk_peer 3)"
 ETCD_CLUSTER="e1=$(etcd_peer 1),e2=$(etcd_peer 2),e3=$(etcd_peer 3)"
 
+# Data directories are $WORK/<system><n>$GEN; the storage rows bump GEN to start from empty ones.
+GEN=""
+data_dir() { echo "$WORK/$1$2$GEN"; }
+
 start_raftkv() {
     local n=$1
     "$SERVER_BIN" server --id "$n" --listen "$(rk_addr "$n")" --peer-listen "$(rk_peer "$n")" --peers "$RK_PEERS" \
-        --data-dir "$WORK/raftkv$n" >>"$WORK/raftkv$n.log" 2>&1 &
+        --data-dir "$(data_dir raftkv "$n")" >>"$WORK/raftkv$n.log" 2>&1 &
     PIDS[raftkv$n]=$!
 }
 
 # etcd with its defaults (100 ms heartbeat, 1 s election timeout, fsync on every commit).
 start_etcd() {
     local n=$1
-    etcd --name "e$n" --data-dir "$WORK/etcd$n" \
+    etcd --name "e$n" --data-dir "$(data_dir etcd "$n")" \
         --listen-client-urls "http://$(etcd_addr "$n")" --advertise-client-urls "http://$(etcd_addr "$n")" \
         --listen-peer-urls "$(etcd_peer "$n")" --initial-advertise-peer-urls "$(etcd_peer "$n")" \
         --initial-cluster "$ETCD_CLUSTER" --initial-cluster-state new --initial-cluster-token raftkv-bench \
@@ -200,6 +209,160 @@ failover() {
 failover etcd
 failover raftkv
 
+# --- storage rows: disk, memory, restart --------------------------------------------------------
+# Each on clusters started from empty data directories, etcd and raftkv side by side as above.
+STORAGE_ROWS=$OUT/storage.txt
+: >"$STORAGE_ROWS"
+row() { printf '| %-44s | %24s | %24s |\n' "$@" >>"$STORAGE_ROWS"; }
+
+stop_cluster() {
+    local system=$1 n
+    for n in 1 2 3; do kill "${PIDS[$system$n]}" 2>/dev/null || true; done
+    for n in 1 2 3; do wait "${PIDS[$system$n]}" 2>/dev/null || true; done
+}
+
+fresh_clusters() {
+    stop_cluster etcd
+    stop_cluster raftkv
+    GEN=".$1"
+    for n in 1 2 3; do start_etcd "$n"; start_raftkv "$n"; done
+    wait_ready etcd >/dev/null
+    wait_ready raftkv >/dev/null
+}
+
+node_of() { # node_of SYSTEM ENDPOINT -> 1..3
+    local n
+    for n in 1 2 3; do
+        if [[ $1 == raftkv && $2 == "$(rk_addr "$n")" ]] || [[ $1 == etcd && $2 == "$(etcd_addr "$n")" ]]; then
+            echo "$n"
+            return
+        fi
+    done
+    die "$2 is not a $1 node"
+}
+endpoint_of() { if [[ $1 == raftkv ]]; then rk_addr "$2"; else etcd_addr "$2"; fi; }
+follower_of() { # a node of SYSTEM that is not its leader
+    local leader n
+    leader=$(node_of "$1" "$(wait_ready "$1")")
+    for n in 1 2 3; do [[ $n == "$leader" ]] || { echo "$n"; return; }; done
+}
+status_kb() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; }
+mb() { awk -v b="$1" 'BEGIN {printf "%.0f", b / 1e6}'; }
+dir_bytes() { du -sb "$1" | cut -f1; }
+
+# Succeeds once ENDPOINT answers one linearizable read (raftkv STRONG, etcd's default range).
+strong_read() {
+    "$BIN" bench get --target "$1" --endpoints "$2" --clients 1 --connections 1 --total 1 --key-space 1 \
+        --no-prefill --timeout-ms 500 --quiet --json - 2>/dev/null | jq -e '.ops == 1' >/dev/null
+}
+# Milliseconds from SINCE (ns) until ENDPOINT answers a strong read; dies after 120 s.
+ms_until_strong() {
+    local system=$1 ep=$2 since=$3 deadline=$((SECONDS + 120))
+    until strong_read "$system" "$ep"; do
+        ((SECONDS < deadline)) || die "$system $ep did not answer a strong read within 120 s"
+        sleep 0.05
+    done
+    echo $((($(date +%s%N) - since) / 1000000))
+}
+
+storage_disk() {
+    local live=$((1000 * 10240)) round system n b max writes dir logb maxlog
+    log "storage: disk under churn (1,000 keys x 10 KiB, $CHURN_WRITES writes per round)"
+    fresh_clusters disk
+    for round in 1 2; do
+        declare -A cell=()
+        for system in etcd raftkv; do
+            "$BIN" bench put --target "$system" --endpoints "$(endpoints_of "$system")" --clients 16 \
+                --connections 8 --total "$CHURN_WRITES" --key-space 1000 --value-size 10240 --quiet \
+                --json "$OUT/churn$round.$system.json" >&2
+            # The target is on the data directory less the retained Raft log (raftkv's raft-log/;
+            # etcd's member/wal holds its log and its snapshots together, so it counts whole).
+            max=0 maxlog=0
+            for n in 1 2 3; do
+                dir=$(data_dir "$system" "$n")
+                b=$(dir_bytes "$dir") logb=0
+                [[ $system != raftkv ]] || logb=$(dir_bytes "$dir/raft-log")
+                if ((b - logb > max - maxlog)); then max=$b maxlog=$logb; fi
+            done
+            cell[$system]="$(mb "$max") MB: $(awk -v a="$((max - maxlog))" -v l="$live" 'BEGIN {printf "%.1f", a / l}')x live"
+            [[ $system != raftkv ]] || cell[$system]+=" + log $(mb "$maxlog")"
+        done
+        writes=$((round * CHURN_WRITES))
+        row "disk after $writes overwrites (largest node)" "${cell[raftkv]}" "${cell[etcd]}"
+    done
+    for n in 1 2 3; do
+        log "raftkv node $n: $(du -sm "$(data_dir raftkv "$n")"/* | awk '{printf "%s %s MB  ", $2, $1}')"
+    done
+}
+
+BIG_STATE=""
+big_state() { # clusters holding BIG_KEYS keys of 100 B
+    [[ -z $BIG_STATE ]] || return 0
+    log "storage: writing $BIG_KEYS keys of 100 B into each system"
+    fresh_clusters big
+    local system
+    for system in etcd raftkv; do
+        "$BIN" bench get --target "$system" --endpoints "$(endpoints_of "$system")" --key-space "$BIG_KEYS" \
+            --value-size 100 --total 1 --quiet >/dev/null
+    done
+    BIG_STATE=1
+}
+
+storage_memory() {
+    local system n max rss victim steady since ms hwm
+    big_state
+    declare -A cell=()
+    for system in etcd raftkv; do
+        max=0
+        for n in 1 2 3; do
+            rss=$(status_kb "${PIDS[$system$n]}" VmRSS)
+            max=$((rss > max ? rss : max))
+        done
+        cell[$system]="$((max / 1024)) MB"
+    done
+    row "RSS with $BIG_KEYS keys x 100 B, largest node" "${cell[raftkv]}" "${cell[etcd]}"
+    # A wiped raftkv follower rebuilt from a snapshot while the cluster serves (etcd would need its
+    # member replaced, which is not the same operation, so there is no etcd cell).
+    victim=$(follower_of raftkv)
+    steady=$(status_kb "${PIDS[raftkv$victim]}" VmRSS)
+    kill -9 "${PIDS[raftkv$victim]}"
+    wait "${PIDS[raftkv$victim]}" 2>/dev/null || true
+    rm -rf "$(data_dir raftkv "$victim")"
+    since=$(date +%s%N)
+    start_raftkv "$victim"
+    ms=$(ms_until_strong raftkv "$(rk_addr "$victim")" "$since")
+    hwm=$(status_kb "${PIDS[raftkv$victim]}" VmHWM)
+    rss=$(status_kb "${PIDS[raftkv$victim]}" VmRSS)
+    row "wiped follower: serving strong reads after" "$ms ms" "-"
+    row "wiped follower: peak RSS (now; before wipe)" "$((hwm / 1024)) MB ($((rss / 1024)); $((steady / 1024)))" "-"
+}
+
+storage_restart() {
+    local system n since how
+    big_state
+    for how in TERM KILL; do
+        declare -A cell=()
+        for system in etcd raftkv; do
+            n=$(follower_of "$system")
+            kill -"$how" "${PIDS[$system$n]}"
+            wait "${PIDS[$system$n]}" 2>/dev/null || true
+            since=$(date +%s%N)
+            if [[ $system == raftkv ]]; then start_raftkv "$n"; else start_etcd "$n"; fi
+            cell[$system]="$(ms_until_strong "$system" "$(endpoint_of "$system" "$n")" "$since") ms"
+        done
+        row "restart after SIG$how: strong read after" "${cell[raftkv]}" "${cell[etcd]}"
+    done
+}
+
+for s in $STORAGE; do
+    case $s in
+    disk) storage_disk ;;
+    memory) storage_memory ;;
+    restart) storage_restart ;;
+    *) die "unknown storage row $s" ;;
+    esac
+done
+
 # --- table ---------------------------------------------------------------------------------------
 median() { sort -n "$1" | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
 
@@ -233,6 +396,12 @@ if [[ -f $OUT/failover.raftkv.txt && -f $OUT/failover.etcd.txt ]]; then
     echo "  raftkv $rm_med ms   [$(sort -n "$OUT/failover.raftkv.txt" | paste -sd' ')]"
     echo "  etcd   $et_med ms   [$(sort -n "$OUT/failover.etcd.txt" | paste -sd' ')]"
     echo "  ratio  $(awk -v a="$rm_med" -v b="$et_med" 'BEGIN {printf "%.2fx", a / b}')"
+fi
+if [[ -s $STORAGE_ROWS ]]; then
+    echo
+    printf '| %-44s | %24s | %24s |\n' storage raftkv etcd
+    echo '|:---------------------------------------------|-------------------------:|-------------------------:|'
+    cat "$STORAGE_ROWS"
 fi
 echo
 echo "JSON per run: $OUT (kept only with BENCH_OUT set or BENCH_KEEP=1)"
