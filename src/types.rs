@@ -80,6 +80,31 @@ pub enum Command {
     Txn(Txn),
 }
 
+impl Command {
+    /// The key and value bytes the command carries: what it weighs in memory and on disk, less a
+    /// small constant per part.
+    pub fn byte_len(&self) -> usize {
+        match self {
+            Command::Put { key, value, .. } => key.len() + value.len(),
+            Command::Delete { key, .. } => key.len(),
+            Command::Txn(txn) => {
+                let compares = txn.compare.iter().map(|compare| {
+                    let operand = match &compare.target {
+                        CompareTarget::Value(value) => value.len(),
+                        _ => 0,
+                    };
+                    compare.key.len() + operand
+                });
+                let ops = txn.success.iter().chain(&txn.failure).map(|op| match op {
+                    TxnOp::Put { key, value, .. } => key.len() + value.len(),
+                    TxnOp::Delete { key, .. } | TxnOp::Get { key } => key.len(),
+                });
+                compares.chain(ops).sum()
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Txn {
     pub compare: Vec<Compare>,

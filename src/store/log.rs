@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
-use openraft::{OptionalSend, RaftLogReader};
+use openraft::{EntryPayload, OptionalSend, RaftLogReader};
 use raft_log::api::raft_log_writer::RaftLogWriter;
 use tokio::sync::oneshot;
 
@@ -114,9 +114,25 @@ pub(crate) struct WalEntry {
 }
 
 impl WalEntry {
+    /// The engine's payload cache evicts by this size, so an entry appended with none would be
+    /// held until the cache's item bound, whatever its values weigh. The bytes a command carries
+    /// stand in for its encoded size, which is not known until the engine encodes it.
     pub fn new(entry: Entry) -> Self {
-        WalEntry { entry, size: 0 }
+        let size = ENTRY_OVERHEAD_BYTES + payload_bytes(&entry);
+        WalEntry { entry, size }
     }
+}
+
+/// What an entry costs beyond the bytes of its command: its log id, its framing and the cache's
+/// own bookkeeping, roughly.
+const ENTRY_OVERHEAD_BYTES: u64 = 64;
+
+fn payload_bytes(entry: &Entry) -> u64 {
+    let bytes = match &entry.payload {
+        EntryPayload::Normal(command) => command.byte_len(),
+        EntryPayload::Blank | EntryPayload::Membership(_) => 0,
+    };
+    u64::try_from(bytes).unwrap_or(u64::MAX)
 }
 
 /// Each value is one raftkv record behind a length (codeq's byte-string framing, which reads no more
@@ -168,12 +184,16 @@ impl codeq::Decode for WalEntry {
 
 /// Opens (or creates) the log engine in `dir`.
 pub(crate) fn open_wal(dir: &Path) -> io::Result<Wal> {
+    open_wal_sized(dir, CHUNK_MAX_BYTES, CACHE_MAX_BYTES)
+}
+
+fn open_wal_sized(dir: &Path, chunk_max_bytes: usize, cache_max_bytes: usize) -> io::Result<Wal> {
     std::fs::create_dir_all(dir)?;
     let mut config = raft_log::Config::new(dir.display());
-    config.wal.chunk_max_size = Some(CHUNK_MAX_BYTES);
+    config.wal.chunk_max_size = Some(chunk_max_bytes);
     config.wal.flush_batch_wait = Some(Duration::ZERO);
     config.wal.flush_queue_max_bytes = Some(FLUSH_QUEUE_MAX_BYTES);
-    config.log_cache_capacity = Some(CACHE_MAX_BYTES);
+    config.log_cache_capacity = Some(cache_max_bytes);
     Wal::open(Arc::new(config))
 }
 
@@ -463,6 +483,41 @@ mod tests {
         assert_eq!(to_half_open(&(3..)), (3, None));
         assert_eq!(to_half_open(&(..)), (0, None));
         assert_eq!(to_half_open(&(0..=u64::MAX)), (0, None));
+    }
+
+    /// The engine holds appended entries in memory until their chunk is synced, and after that
+    /// only up to its cache's capacity. Big values must count at their size: counted as nothing,
+    /// every entry stayed cached up to the engine's item bound, and a node under churn of large
+    /// values grew to gigabytes of memory.
+    #[test]
+    fn the_entry_cache_is_bounded_by_the_bytes_of_the_values() {
+        const CHUNK: usize = 1024 * 1024;
+        const CACHE: usize = 4 * 1024 * 1024;
+        const VALUE: usize = 256 * 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Mutex::new(open_wal_sized(dir.path(), CHUNK, CACHE).unwrap());
+        for index in 1..=64 {
+            let entry = Entry {
+                log_id: openraft::testing::log_id::<TypeConfig>(1, 1, index),
+                payload: EntryPayload::Normal(crate::types::Command::Put {
+                    key: index.to_be_bytes().to_vec(),
+                    value: vec![7; VALUE],
+                    prev_kv: false,
+                }),
+            };
+            lock(&wal)
+                .append([(WalLogId(entry.log_id), WalEntry::new(entry))])
+                .unwrap();
+            sync_blocking(&wal).unwrap();
+        }
+        let cached = lock(&wal).stat().payload_cache_item_count as usize;
+        // The cache's capacity, the two chunks that may not be evicted yet, and the one entry
+        // whose insert goes over before it evicts.
+        let bound = CACHE + 2 * CHUNK + VALUE;
+        assert!(
+            cached * VALUE <= bound,
+            "{cached} entries of {VALUE} B cached, more than {bound} B"
+        );
     }
 
     /// What the engine's records carry for raftkv: a 4-byte big-endian length, then raftkv's own

@@ -1404,3 +1404,65 @@ async fn a_missing_snapshot_file_is_reported_as_corruption() {
         assert!(e.to_string().contains("snapshot file"), "{e}");
     }
 }
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.metadata().ok())
+                .map(|meta| meta.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// sled keeps a value too large for its log pages in a file of its own (a blob), and 0.34 removed
+/// a replaced blob only once the log segment holding its replacement was retired, which writes of
+/// small blob pointers take a very long time to fill; a restart in between forgot it altogether.
+/// Overwriting large values grew a node's disk to over a hundred times the live data. The patched
+/// copy in vendor/sled removes a replaced blob once its replacement is durable, and an open
+/// removes the blobs no page refers to.
+#[test]
+fn overwritten_large_values_leave_no_blobs_behind() {
+    const KEYS: usize = 8;
+    const VALUE: usize = 160 * 1024;
+    const ROUNDS: usize = 50;
+    let live = (KEYS * VALUE) as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let blobs = dir.path().join("sled").join("blobs");
+    {
+        let db = super::sled_config(dir.path()).open().unwrap();
+        let tree = db.open_tree("sm_data").unwrap();
+        let mut largest = 0;
+        for round in 0..ROUNDS {
+            for key in 0..KEYS {
+                let value = vec![(round * KEYS + key) as u8; VALUE];
+                tree.insert((key as u32).to_be_bytes(), value).unwrap();
+                db.flush().unwrap();
+            }
+            largest = largest.max(dir_bytes(&blobs));
+        }
+        eprintln!(
+            "written {} B, live {live} B, blobs at most {largest} B",
+            ROUNDS * KEYS * VALUE
+        );
+        assert!(
+            largest <= 16 * live,
+            "blobs grew to {largest} B for {live} B of live values"
+        );
+    }
+    let db = super::sled_config(dir.path()).open().unwrap();
+    let after_open = dir_bytes(&blobs);
+    eprintln!("blobs after reopening: {after_open} B");
+    assert!(
+        after_open <= 3 * live,
+        "{after_open} B of blobs after reopening, for {live} B of live values"
+    );
+    let tree = db.open_tree("sm_data").unwrap();
+    for key in 0..KEYS {
+        let value = tree.get((key as u32).to_be_bytes()).unwrap().unwrap();
+        assert_eq!(value.len(), VALUE);
+        assert_eq!(value[0], ((ROUNDS - 1) * KEYS + key) as u8);
+    }
+}
