@@ -21,7 +21,9 @@ WORKLOADS=${BENCH_WORKLOADS:-"put get-strong get-eventual txn mix put-1client pu
 # Storage rows, each on fresh clusters after the workloads: disk under overwrite churn, memory with a
 # large state (and a wiped follower's rebuild), restart time with that state. "" skips them.
 STORAGE=${BENCH_STORAGE-"disk memory restart"}
-CHURN_WRITES=${BENCH_CHURN_WRITES:-40000} # per churn round, over 1,000 keys of 10 KiB
+CHURN_WRITES=${BENCH_CHURN_WRITES:-40000} # per churn round, over CHURN_KEYS keys of CHURN_VALUE_SIZE B
+CHURN_KEYS=${BENCH_CHURN_KEYS:-1000}
+CHURN_VALUE_SIZE=${BENCH_CHURN_VALUE_SIZE:-10240} # above 128 KiB a value is a file of its own in sled
 BIG_KEYS=${BENCH_BIG_KEYS:-1000000}       # memory and restart rows: keys of 100 B
 HOST=127.0.0.1
 
@@ -248,7 +250,8 @@ follower_of() { # a node of SYSTEM that is not its leader
 }
 status_kb() { awk -v f="$2:" '$1 == f {print $2}' "/proc/$1/status"; }
 mb() { awk -v b="$1" 'BEGIN {printf "%.0f", b / 1e6}'; }
-dir_bytes() { du -sb "$1" | cut -f1; }
+# du still prints the total when a file goes while it runs (sled removes replaced blob files).
+dir_bytes() { { du -sb "$1" 2>/dev/null || true; } | cut -f1; }
 
 # Succeeds once ENDPOINT answers one linearizable read (raftkv STRONG, etcd's default range).
 strong_read() {
@@ -266,14 +269,14 @@ ms_until_strong() {
 }
 
 storage_disk() {
-    local live=$((1000 * 10240)) round system n b max writes dir logb maxlog
-    log "storage: disk under churn (1,000 keys x 10 KiB, $CHURN_WRITES writes per round)"
+    local live=$((CHURN_KEYS * CHURN_VALUE_SIZE)) round system n b max writes dir logb maxlog
+    log "storage: disk under churn ($CHURN_KEYS keys x $CHURN_VALUE_SIZE B, $CHURN_WRITES writes per round)"
     fresh_clusters disk
     for round in 1 2; do
-        declare -A cell=()
+        declare -A cell=() rss=()
         for system in etcd raftkv; do
             "$BIN" bench put --target "$system" --endpoints "$(endpoints_of "$system")" --clients 16 \
-                --connections 8 --total "$CHURN_WRITES" --key-space 1000 --value-size 10240 --quiet \
+                --connections 8 --total "$CHURN_WRITES" --key-space "$CHURN_KEYS" --value-size "$CHURN_VALUE_SIZE" --quiet \
                 --json "$OUT/churn$round.$system.json" >&2
             # The target is on the data directory less the retained Raft log (raftkv's raft-log/;
             # etcd's member/wal holds its log and its snapshots together, so it counts whole).
@@ -286,12 +289,19 @@ storage_disk() {
             done
             cell[$system]="$(mb "$max") MB: $(awk -v a="$((max - maxlog))" -v l="$live" 'BEGIN {printf "%.1f", a / l}')x live"
             [[ $system != raftkv ]] || cell[$system]+=" + log $(mb "$maxlog")"
+            b=0
+            for n in 1 2 3; do
+                k=$(status_kb "${PIDS[$system$n]}" VmRSS)
+                ((k <= b)) || b=$k
+            done
+            rss[$system]="$((b / 1024)) MB"
         done
         writes=$((round * CHURN_WRITES))
         row "disk after $writes overwrites (largest node)" "${cell[raftkv]}" "${cell[etcd]}"
+        row "RSS after $writes overwrites (largest node)" "${rss[raftkv]}" "${rss[etcd]}"
     done
     for n in 1 2 3; do
-        log "raftkv node $n: $(du -sm "$(data_dir raftkv "$n")"/* | awk '{printf "%s %s MB  ", $2, $1}')"
+        log "raftkv node $n: $({ du -sm "$(data_dir raftkv "$n")"/* 2>/dev/null || true; } | awk '{printf "%s %s MB  ", $2, $1}')"
     done
 }
 

@@ -90,12 +90,20 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)
-        .map(|r| {
-            trace!("successfully wrote blob at {:?}", path);
-            r
-        })
-        .map_err(|e| e.into())
+    f.write_all(&data)?;
+
+    // The pointer to this blob becomes durable with the log buffer it
+    // is written into, so the blob and its directory entry must be
+    // durable first: a crash that keeps the pointer but loses the file
+    // leaves a page that cannot be read.
+    if !config.temporary {
+        f.sync_all()?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+    }
+    trace!("successfully wrote blob at {:?}", path);
+    Ok(())
 }
 
 /// Removes every blob at or above the stable lsn (written by a write that
