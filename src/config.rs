@@ -65,6 +65,11 @@ pub struct ServerArgs {
     /// Take a snapshot (and purge the log behind it) after this many applied entries.
     #[arg(long, env = "RAFTKV_SNAPSHOT_EVERY", default_value_t = 10_000)]
     pub snapshot_every: u64,
+    /// Also take a snapshot once the entries appended since the last one pass this many bytes (of
+    /// keys and values), so large values do not hold a log many times the data's size until
+    /// snapshot-every is reached. 0 counts entries only.
+    #[arg(long, env = "RAFTKV_SNAPSHOT_LOG_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub snapshot_log_bytes: u64,
     /// Log entries kept behind a snapshot, so briefly lagging followers catch up without one.
     #[arg(long, env = "RAFTKV_KEEP_LOGS", default_value_t = 1_000)]
     pub keep_logs: u64,

@@ -456,6 +456,56 @@ async fn a_clean_stop_keeps_the_applied_state_and_a_crash_replays_it() {
     }
 }
 
+/// Polls node `id`'s Status for up to ten seconds until `ok` holds, and fails with the last one.
+async fn status_until(c: &Cluster, id: u64, what: &str, ok: impl Fn(&pb::StatusResponse) -> bool) {
+    eventually(10 * SECOND, what, || async {
+        match c.status(id).await {
+            Some(s) if ok(&s) => Ok(()),
+            s => Err(tonic::Status::failed_precondition(format!(
+                "node {id}: {s:?}"
+            ))),
+        }
+    })
+    .await
+}
+
+/// Large values bring a snapshot (and so a purge) by the log's size long before the entry count
+/// would: here the count never does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_bring_a_snapshot_by_log_size() {
+    let c = Cluster::start(
+        3,
+        &[
+            "--snapshot-every",
+            "1000000",
+            "--snapshot-log-bytes",
+            "1048576",
+        ],
+    );
+    c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let client = c.client();
+    let mut last = 0;
+    // 2.5 MiB of values, over two and a half times the limit.
+    for i in 0..40 {
+        let r = client
+            .put(
+                format!("big{i:02}").into_bytes(),
+                vec![b'v'; 64 * 1024],
+                false,
+            )
+            .await
+            .unwrap();
+        last = r.header.unwrap().revision;
+    }
+    for id in c.ids() {
+        c.wait_applied(id, last, 30 * SECOND).await;
+        status_until(&c, id, "a snapshot taken by log size", |s| {
+            s.snapshot_index > 0
+        })
+        .await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_node_catches_up_by_snapshot() {
     // Snapshot often and keep few logs behind it, so a wiped node cannot be fed from the log. openraft
@@ -479,21 +529,9 @@ async fn wiped_node_catches_up_by_snapshot() {
     // be replayed from index 0 and this test would not reach snapshot install at all (it once passed
     // that way, only because the wiped node then built a snapshot of its own in time).
     for id in c.ids().into_iter().filter(|&i| i != victim) {
-        eventually(
-            10 * SECOND,
-            "a survivor purged its log behind a snapshot",
-            || {
-                let c = &c;
-                async move {
-                    match c.status(id).await {
-                        Some(s) if s.first_log_index > 1 => Ok(()),
-                        s => Err(tonic::Status::failed_precondition(format!(
-                            "node {id}: {s:?}"
-                        ))),
-                    }
-                }
-            },
-        )
+        status_until(&c, id, "a survivor purged its log behind a snapshot", |s| {
+            s.first_log_index > 1
+        })
         .await;
     }
     c.kill(victim);

@@ -15,6 +15,7 @@
 
 pub mod error;
 pub mod forward;
+mod log_growth;
 mod read;
 pub mod vote_hold;
 mod write;
@@ -69,6 +70,8 @@ pub struct Node {
     vote_hold: VoteHold,
     /// Reads the whole store in the background while the node lives (see `store::integrity`).
     _scrubber: Option<store::integrity::Scrubber>,
+    /// Snapshots by log size (see `log_growth`); a JoinSet, so the task stops with the node.
+    _log_growth: tokio::task::JoinSet<()>,
 }
 
 /// What a response header reports: who answered, who it thinks leads, and the revision the answer
@@ -148,7 +151,16 @@ impl Node {
             use openraft::storage::RaftLogStorage;
             log.clone().read_committed().await?
         };
+        let log_for_growth = log.clone();
         let raft = Raft::new(args.id, config, network, log, sm.clone()).await?;
+        let mut log_growth = tokio::task::JoinSet::new();
+        if args.snapshot_log_bytes > 0 {
+            log_growth.spawn(log_growth::snapshot_by_log_bytes(
+                raft.clone(),
+                log_for_growth,
+                args.snapshot_log_bytes,
+            ));
+        }
         // Not served before the replay: an eventual read would otherwise see this node go back in
         // time after a crash, to its last snapshot, for as long as the replay takes.
         if let Some(to) = replay_to {
@@ -174,6 +186,7 @@ impl Node {
             read_option: LinearizerOption::new(Some(read_lease), true),
             vote_hold,
             _scrubber: scrubber,
+            _log_growth: log_growth,
         });
         tokio::spawn(vote_hold.end(node.raft.clone()));
         node.bootstrap(&args.peers).await?;

@@ -27,6 +27,7 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
@@ -233,6 +234,9 @@ pub struct LogStore {
     flusher: mpsc::Sender<Waiter>,
     integrity: Arc<Integrity>,
     dir: PathBuf,
+    /// The bytes of every entry appended since the engine opened (the cache's measure), for the
+    /// snapshot trigger that bounds the log by size (see `node::log_growth`).
+    appended_bytes: Arc<AtomicU64>,
 }
 
 impl LogStore {
@@ -251,7 +255,13 @@ impl LogStore {
             flusher: tx,
             integrity,
             dir: dir.to_path_buf(),
+            appended_bytes: Arc::default(),
         })
+    }
+
+    /// The bytes of the entries appended since this node started: it only grows.
+    pub fn appended_bytes(&self) -> u64 {
+        self.appended_bytes.load(Ordering::Relaxed)
     }
 
     /// What the log holds, for the start check.
@@ -425,13 +435,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let mut bytes = 0;
         let written = lock(&self.wal)
-            .append(
-                entries
-                    .into_iter()
-                    .map(|entry| (WalLogId(entry.log_id), WalEntry::new(entry))),
-            )
+            .append(entries.into_iter().map(|entry| {
+                let entry = WalEntry::new(entry);
+                bytes += entry.size;
+                (WalLogId(entry.entry.log_id), entry)
+            }))
             .map(|_| ());
+        self.appended_bytes.fetch_add(bytes, Ordering::Relaxed);
         let result = written.and_then(|()| {
             // The entries are readable now; they are durable once the flusher completes the callback.
             self.flusher
