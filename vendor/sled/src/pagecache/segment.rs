@@ -737,7 +737,9 @@ impl SegmentAccountant {
             } else {
                 None
             };
-        let write_end = lsn + Lsn::try_from(new_cache_info.log_size).unwrap();
+        // the write's last byte: `stable` is inclusive too
+        let write_end =
+            lsn + Lsn::try_from(new_cache_info.log_size).unwrap() - 1;
 
         let mut removals = FastMap8::default();
 
@@ -891,9 +893,13 @@ impl SegmentAccountant {
                     blob,
                     write_end
                 );
-                let config = self.config.clone();
+                // only the path: a closure holding the config would
+                // hold the database's file lock until the epoch runs it
+                let path = self.config.blob_path(blob);
                 guard.defer(move || {
-                    let _ = remove_blob(blob, &config);
+                    if let Err(e) = std::fs::remove_file(&path) {
+                        debug!("removing blob at {:?} failed: {}", path, e);
+                    }
                 });
                 deferred = true;
             }
