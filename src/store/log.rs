@@ -443,7 +443,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 (WalLogId(entry.entry.log_id), entry)
             }))
             .map(|_| ());
-        self.appended_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if written.is_ok() {
+            self.appended_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
         let result = written.and_then(|()| {
             // The entries are readable now; they are durable once the flusher completes the callback.
             self.flusher
