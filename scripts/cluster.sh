@@ -12,7 +12,17 @@ PORT_BASE=${RAFTKV_PORT_BASE:-7000}
 START_TIMEOUT=${RAFTKV_START_TIMEOUT:-20}
 STOP_TIMEOUT=${RAFTKV_STOP_TIMEOUT:-10}
 BIN=${RAFTKV_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/raftkv}
-NODES=(1 2 3)
+# The three initial voters, then every node 'add' started since (its data directory nN is kept until
+# 'remove N'), less the removed ones ('remove N' leaves nN.removed).
+NODES=()
+for n in 1 2 3; do
+    [[ -e $DATA_ROOT/n$n.removed ]] || NODES+=("$n")
+done
+for dir in "$DATA_ROOT"/n[0-9]*; do
+    n=${dir##*/n}
+    [[ -d $dir && $n =~ ^[0-9]+$ ]] && ((n > 3)) && NODES+=("$n")
+done
+unset dir n
 TLS_DIR=$DATA_ROOT/tls
 # TLS mode: on with RAFTKV_TLS=1, off with 0; unset, on when this data root already has certificates
 # (so status, restart and stop after a TLS start need no variable).
@@ -46,6 +56,10 @@ Commands:
   kill N       SIGKILL node N (a crash: no clean shutdown).
   restart N    Stop node N if it is running (SIGTERM), start it again on its data and wait until it
                answers Status.
+  add N        Start node N (4 or more) with --join: the cluster adds it as a learner, it catches
+               up, and is promoted to voter. Afterwards start, stop and status include it.
+  remove N     Remove node N from the membership ('raftkv member remove'), stop it and delete its
+               data directory: an id is never reused, so node N cannot come back.
   help         Show this text.
 
 Environment:
@@ -84,14 +98,19 @@ endpoints() {
     echo "$out"
 }
 
-peers() {
+# The bootstrap voters, the same on every node (the cluster id is derived from them).
+initial_peers() {
     local out="" n
-    for n in "${NODES[@]}"; do out+="${out:+,}$n=$(addr_of "$n")/$(peer_addr_of "$n")"; done
+    for n in 1 2 3; do out+="${out:+,}$n=$(addr_of "$n")/$(peer_addr_of "$n")"; done
     echo "$out"
 }
 
 check_node_arg() {
-    [[ ${1:-} =~ ^[123]$ ]] || die "expected a node number 1, 2 or 3, got '${1:-}'"
+    local n
+    for n in "${NODES[@]}"; do
+        [[ ${1:-} == "$n" ]] && return 0
+    done
+    die "expected a node number (${NODES[*]}), got '${1:-}'"
 }
 
 # Milliseconds since the epoch, for deadlines.
@@ -189,7 +208,16 @@ spawn_node() {
     local -a detach=(nohup)
     command -v setsid >/dev/null 2>&1 && detach=(setsid)
     # shellcheck disable=SC2016 # $$ and $1 are the inner shell's.
-    local -a tls=()
+    local -a tls=() join=()
+    # Nodes past the initial three join the running cluster through its other members (a node that
+    # has joined once restarts from its own data and ignores the list).
+    if ((n > 3)); then
+        local m others=""
+        for m in "${NODES[@]}"; do
+            [[ $m == "$n" ]] || others+="${others:+,}$(addr_of "$m")"
+        done
+        join=(--join "$others")
+    fi
     if ((TLS)); then
         tls=(--cert-file "$TLS_DIR/node$n.pem" --key-file "$TLS_DIR/node$n-key.pem"
             --trusted-ca-file "$TLS_DIR/client-ca.pem" --client-cert-auth
@@ -198,7 +226,7 @@ spawn_node() {
     fi
     NO_COLOR=1 "${detach[@]}" bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$(pidfile_of "$n")" \
         "$BIN" server --id "$n" --listen "$(addr_of "$n")" --peer-listen "$(peer_addr_of "$n")" \
-        --peers "$(peers)" --data-dir "$(node_dir "$n")" "${tls[@]}" \
+        --peers "$(initial_peers)" --data-dir "$(node_dir "$n")" "${tls[@]}" "${join[@]}" \
         </dev/null >>"$log" 2>&1 &
     # Wait (briefly) until the inner shell has written the pid file and become the server, so that
     # nothing mistakes the moment before its exec for a dead node.
@@ -384,7 +412,7 @@ cmd_start() {
 
 raftkv cluster is up: leader is node $leader at $(addr_of "$leader") (term ${term:-?}).
   nodes: $(endpoints)
-  data:  $DATA_ROOT (logs in n1.log, n2.log, n3.log)
+  data:  $DATA_ROOT (logs in $(for n in "${NODES[@]}"; do printf "n%s.log " "$n"; done))
   mode:  $mode
 
 Talk to it (any node serves any request):
@@ -459,6 +487,51 @@ cmd_restart() {
     echo "node $n: answering; role $(json_field "$json" "$n" role), term $(json_field "$json" "$n" term), leader $(json_field "$json" "$n" leader_id)"
 }
 
+cmd_add() {
+    local n=$1 json
+    [[ $n =~ ^[0-9]+$ ]] && ((n > 3)) || die "add: expected a new node number, 4 or more, got '$n'"
+    ((TLS)) && die "add: a TLS cluster needs a certificate for node $n first; not supported by this script yet"
+    [[ -d $(node_dir "$n") ]] && die "node $n exists already (its data is in $(node_dir "$n")); 'restart $n' starts it"
+    [[ -e $DATA_ROOT/n$n.removed ]] && die "node $n was removed; ids are never reused: add another number"
+    ensure_bin
+    NODES+=("$n")
+    spawn_node "$n"
+    wait_answers "$n" || die "node $n did not come up (log above)"
+    local deadline
+    deadline=$(($(now_ms) + START_TIMEOUT * 1000))
+    while :; do
+        json=$(status_json "$(addr_of "$n")")
+        if [[ $json == *'"role":"follower"'* || $json == *'"role":"leader"'* ]]; then
+            break
+        fi
+        if (($(now_ms) >= deadline)); then
+            tail_logs "$n"
+            die "node $n did not become a voter within ${START_TIMEOUT}s (last status: ${json:-none})"
+        fi
+        sleep 0.2
+    done
+    echo "node $n: joined as a voter; role $(json_field "$json" "$n" role), term $(json_field "$json" "$n" term)"
+    "$BIN" member list --endpoints "$(endpoints)" "${CLIENT_TLS[@]}"
+}
+
+cmd_remove() {
+    local n=$1
+    check_node_arg "$n"
+    ensure_bin_exists
+    local others=() m
+    for m in "${NODES[@]}"; do [[ $m == "$n" ]] || others+=("$(addr_of "$m")"); done
+    local eps
+    eps=$(
+        IFS=,
+        echo "${others[*]}"
+    )
+    "$BIN" member remove "$n" --endpoints "$eps" "${CLIENT_TLS[@]}" || die "the cluster refused to remove node $n (above)"
+    stop_node "$n"
+    rm -rf "$(node_dir "$n")"
+    touch "$DATA_ROOT/n$n.removed"
+    echo "node $n: removed, stopped, data deleted (its log stays in $(log_of "$n"))"
+}
+
 main() {
     local cmd=${1:-help}
     case $cmd in
@@ -472,6 +545,14 @@ main() {
     restart)
         [[ $# -eq 2 ]] || die "usage: scripts/cluster.sh restart N"
         cmd_restart "$2"
+        ;;
+    add)
+        [[ $# -eq 2 ]] || die "usage: scripts/cluster.sh add N"
+        cmd_add "$2"
+        ;;
+    remove)
+        [[ $# -eq 2 ]] || die "usage: scripts/cluster.sh remove N"
+        cmd_remove "$2"
         ;;
     help | -h | --help) usage ;;
     *)

@@ -34,9 +34,19 @@ pub struct ServerArgs {
     pub data_dir: PathBuf,
     /// The initial voters, `ID=CLIENT_ADDR/PEER_ADDR,...`, e.g. `1=10.0.0.1:7001/10.0.0.1:7101`. A
     /// fresh cluster bootstraps from this once; after that the membership lives in the log. The same
-    /// list on every initial voter: the cluster id is derived from it.
-    #[arg(long, env = "RAFTKV_PEERS", value_parser = parse_peers)]
-    pub peers: BTreeMap<NodeId, Member>,
+    /// list on every initial voter: the cluster id is derived from it. A node added later is started
+    /// with --join instead.
+    #[arg(long, env = "RAFTKV_PEERS", value_parser = parse_peers, required_unless_present = "join")]
+    pub peers: Option<BTreeMap<NodeId, Member>>,
+    /// Join a running cluster through the client addresses of any of its members
+    /// (`HOST:PORT,...`) instead of bootstrapping one: on a fresh data directory, this node learns
+    /// the cluster's id, asks to be added as a learner, catches up, and is promoted to voter
+    /// (unless --learner). A node that has joined restarts from its own data.
+    #[arg(long, env = "RAFTKV_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// With --join: stay a learner (receives the log and serves reads, never votes).
+    #[arg(long, env = "RAFTKV_LEARNER", requires = "join")]
+    pub learner: bool,
     /// Mixed into the cluster id at bootstrap, so two clusters bootstrapped with the same --peers
     /// still refuse each other's traffic. Give every cluster its own.
     #[arg(long, env = "RAFTKV_CLUSTER_TOKEN", default_value = "raftkv")]
@@ -156,7 +166,7 @@ pub struct PeerTls {
 impl ServerArgs {
     /// This node as the membership should record it.
     pub fn member(&self) -> Member {
-        let listed = self.peers.get(&self.id);
+        let listed = self.peers().get(&self.id);
         Member {
             addr: self
                 .advertise
@@ -169,6 +179,12 @@ impl ServerArgs {
                 .or_else(|| listed.map(|m| m.peer_addr.clone()))
                 .unwrap_or_else(|| self.peer_listen.clone()),
         }
+    }
+
+    /// The initial voters (none for a node started with only --join).
+    pub fn peers(&self) -> &BTreeMap<NodeId, Member> {
+        static NONE: BTreeMap<NodeId, Member> = BTreeMap::new();
+        self.peers.as_ref().unwrap_or(&NONE)
     }
 
     pub fn request_timeout(&self) -> Duration {

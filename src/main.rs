@@ -155,6 +155,17 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// List, add, promote or remove members.
+    Member {
+        #[command(subcommand)]
+        command: MemberCommand,
+    },
+    /// Hand the leadership to voter ID; returns once it leads.
+    MoveLeader {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Fault test: start a fresh cluster, inject partitions, crashes and pauses under load, check the
     /// history (exit 0 pass, 1 anomaly, 2 unknown). Runs raftkv-jepsen.
     #[command(disable_help_flag = true)]
@@ -168,6 +179,40 @@ enum Command {
     /// Make a CA, a certificate per node (server and client auth, for both ports) and a client
     /// certificate for the CLI, as PEM files (keys readable by their owner only).
     Certs(raftkv::tls::CertsArgs),
+}
+
+#[derive(Subcommand)]
+enum MemberCommand {
+    /// The members, with the leader's view of how far each has the log.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add node ID, reached by clients at ADDR: a voter once it has caught up (it must be running,
+    /// or started with --join meanwhile), or a learner with --learner.
+    Add {
+        id: u64,
+        addr: String,
+        #[arg(long)]
+        learner: bool,
+        /// Where peers reach the node's Raft port (default: ADDR).
+        #[arg(long)]
+        peer_addr: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make learner ID a voter (refused until it has caught up).
+    Promote {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove member ID (refused if the voters left would have no live quorum).
+    Remove {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// Replaces this process with the tool `name` found next to this binary (so signals and the exit
@@ -443,9 +488,91 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
                 ExitCode::from(1)
             }
         }
+        Command::Member { command } => member(&mut out, command).await?,
+        Command::MoveLeader { id, client: args } => {
+            let r = client(&args)?.move_leader(id).await.map_err(status_error)?;
+            let leader = r.header.map_or(0, |h| h.leader_id);
+            if args.json {
+                writeln!(out, "{}", serde_json::json!({"leader_id": leader}))?;
+            } else {
+                writeln!(out, "OK leader={leader}")?;
+            }
+            ExitCode::SUCCESS
+        }
     };
     out.flush()?;
     Ok(code)
+}
+
+/// `raftkv member ...`: one call, then the members as it leaves them.
+async fn member(
+    out: &mut impl std::io::Write,
+    command: MemberCommand,
+) -> anyhow::Result<std::process::ExitCode> {
+    let (members, args) = match command {
+        MemberCommand::List { client: args } => {
+            let r = client(&args)?.member_list().await.map_err(status_error)?;
+            (r.members, args)
+        }
+        MemberCommand::Add {
+            id,
+            addr,
+            learner,
+            peer_addr,
+            client: args,
+        } => {
+            let req = pb::MemberAddRequest {
+                id,
+                address: addr,
+                learner,
+                peer_address: peer_addr.unwrap_or_default(),
+            };
+            let r = client(&args)?.member_add(req).await.map_err(status_error)?;
+            (r.members, args)
+        }
+        MemberCommand::Promote { id, client: args } => {
+            let r = client(&args)?
+                .member_promote(id)
+                .await
+                .map_err(status_error)?;
+            (r.members, args)
+        }
+        MemberCommand::Remove { id, client: args } => {
+            let r = client(&args)?
+                .member_remove(id)
+                .await
+                .map_err(status_error)?;
+            (r.members, args)
+        }
+    };
+    if args.json {
+        let rows: Vec<_> = members
+            .iter()
+            .map(|m| {
+                serde_json::json!({"id": m.id, "address": m.address, "peer_address": m.peer_address,
+                    "learner": m.learner, "matched_index": m.matched_index})
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::Value::Array(rows))?;
+    } else {
+        writeln!(
+            out,
+            "{:>4} {:<8} {:<22} {:<22} {:>10}",
+            "ID", "ROLE", "ADDRESS", "PEER ADDRESS", "MATCHED"
+        )?;
+        for m in &members {
+            writeln!(
+                out,
+                "{:>4} {:<8} {:<22} {:<22} {:>10}",
+                m.id,
+                if m.learner { "learner" } else { "voter" },
+                m.address,
+                m.peer_address,
+                m.matched_index
+            )?;
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Pages through `[start, end)`: each page starts just after the last key of the one before, and

@@ -1,6 +1,7 @@
 //! Running a node as a process: bind both listeners, start the node, mount every gRPC service (the
 //! public ones from `api` on `--listen`; Raft and forwarding, behind the peer identity check, on
-//! `--peer-listen`), and stop cleanly on SIGTERM/SIGINT.
+//! `--peer-listen`), and stop cleanly on SIGTERM/SIGINT: no new requests, a leader hands its leadership
+//! over, the last answers go out (see `node::drain`), then Raft stops.
 //!
 //! If Raft stops on its own (a storage error is fatal by design), the process exits non-zero so a
 //! supervisor notices, rather than serving stale reads from a node that can no longer make progress.
@@ -29,6 +30,10 @@ use crate::tls::ServerTls;
 const CORRUPT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// The exit status when storage is corrupt: the data directory must be wiped (see the README).
 pub const EXIT_CORRUPT: u8 = 3;
+/// How long a graceful stop may take: the handover and the requests in flight. A request waits at
+/// most `--request-timeout-ms` (5 s by default) for a leader or a quorum, so this lets the usual
+/// ones finish and caps the rest.
+const DRAIN_FOR: Duration = Duration::from_secs(5);
 
 pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     args.check_limits()?;
@@ -89,7 +94,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| anyhow::anyhow!("cannot handle SIGHUP: {e}"))?;
     let me = args.member();
-    if let Some(listed) = args.peers.get(&args.id).filter(|listed| **listed != me) {
+    if let Some(listed) = args.peers().get(&args.id).filter(|listed| **listed != me) {
         // The membership records what --peers says; the flags only change where this node listens.
         tracing::warn!(
             listed = %listed,
@@ -120,6 +125,18 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         hup,
         public_tls.iter().chain(&peer_tls).cloned().collect(),
     ));
+    // --join: becomes a member once it serves (the leader must reach it to send it the log).
+    let mut join = tokio::task::JoinSet::new();
+    if !args.join.is_empty() {
+        join.spawn(crate::node::join::become_member(node.clone(), args.clone()));
+    }
+    let joined = async {
+        match join.join_next().await {
+            Some(Ok(result)) => result.map_err(|e| e.to_string()),
+            Some(Err(e)) => Err(format!("the join task failed: {e}")),
+            None => std::future::pending().await,
+        }
+    };
 
     let fatal = node.stopped();
     let signals = async {
@@ -157,30 +174,45 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
 
     let integrity = node.integrity().clone();
     let mut corrupt = false;
-    let code = tokio::select! {
-        biased;
-        what = integrity.tripped() => {
-            tracing::error!(
-                data_dir = %args.data_dir.display(),
-                corrupt = %what,
-                "storage is corrupt; stopping so that this node can be rebuilt from its peers"
-            );
-            corrupt = true;
-            ExitCode::from(EXIT_CORRUPT)
-        }
-        r = &mut serve => {
-            r?;
-            ExitCode::SUCCESS
-        }
-        reason = fatal => {
-            tracing::error!(%reason, "raft stopped; exiting");
-            // A storage error that was corruption has already been reported as such.
-            corrupt = integrity.corrupt().is_some();
-            ExitCode::from(if corrupt { EXIT_CORRUPT } else { 1 })
-        }
-        sig = signals => {
-            tracing::info!(signal = sig.unwrap_or("signal"), "shutting down");
-            ExitCode::SUCCESS
+    let mut graceful = false;
+    let mut fatal = std::pin::pin!(fatal);
+    let mut signals = std::pin::pin!(signals);
+    let mut joined = std::pin::pin!(joined);
+    let mut join_pending = !args.join.is_empty();
+    let code = loop {
+        tokio::select! {
+            biased;
+            what = integrity.tripped() => {
+                tracing::error!(
+                    data_dir = %args.data_dir.display(),
+                    corrupt = %what,
+                    "storage is corrupt; stopping so that this node can be rebuilt from its peers"
+                );
+                corrupt = true;
+                break ExitCode::from(EXIT_CORRUPT);
+            }
+            r = &mut serve => {
+                r?;
+                break ExitCode::SUCCESS;
+            }
+            reason = &mut fatal => {
+                tracing::error!(%reason, "raft stopped; exiting");
+                // A storage error that was corruption has already been reported as such.
+                corrupt = integrity.corrupt().is_some();
+                break ExitCode::from(if corrupt { EXIT_CORRUPT } else { 1 });
+            }
+            sig = &mut signals => {
+                tracing::info!(signal = sig.unwrap_or("signal"), "shutting down");
+                graceful = true;
+                break ExitCode::SUCCESS;
+            }
+            r = &mut joined, if join_pending => match r {
+                Ok(()) => join_pending = false,
+                Err(why) => {
+                    tracing::error!(%why, "could not join the cluster; exiting");
+                    break ExitCode::from(1);
+                }
+            },
         }
     };
     if corrupt {
@@ -193,6 +225,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         }
         // No clean-shutdown marker: the state is not to be trusted.
         return Ok(code);
+    }
+    if graceful {
+        // Still serving meanwhile: refusals must reach clients, and in-flight answers go out.
+        let started = std::time::Instant::now();
+        tokio::select! {
+            _ = node.drain(DRAIN_FOR) => {}
+            _ = &mut serve => {}
+        }
+        tracing::info!(took_ms = started.elapsed().as_millis() as u64, "drained");
     }
     drop(serve);
     node.stop_raft(None).await;

@@ -374,6 +374,38 @@ async fn install_snapshot(
     }
 }
 
+/// The leadership-transfer flag lets a vote past a healthy leader's lease. Only the leader may ask
+/// for a transfer (through TransferLeader, which openraft checks against the vote it holds), so a
+/// vote that claims one in a member's name, as anyone on the peer port without peer TLS can send,
+/// has the claim stripped and is judged as an ordinary vote: refused while the leader leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_s_vote_claiming_a_leadership_transfer_deposes_no_one() {
+    let (mut cluster, before) = cluster().await;
+    let term = before.terms.iter().copied().max().unwrap();
+    let followers: Vec<u64> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != before.leader)
+        .collect();
+    for round in 0..5u64 {
+        for &to in &followers {
+            let from = followers.iter().copied().find(|id| *id != to).unwrap();
+            let vote = VoteRequest {
+                vote: Vote::new(term + 100 + round, from),
+                last_log_id: Some(log_id(term + 100, from, 1_000_000)),
+                leadership_transfer: true,
+            };
+            let data = raftkv::codec::encode(&vote).unwrap();
+            let code = raw_unary(&cluster, to, from, "/raftkv.internal.v1.Raft/Vote", data).await;
+            assert!(
+                matches!(code, Code::Ok | Code::FailedPrecondition),
+                "a transfer-claiming vote from member {from} on node {to}: {code:?}"
+            );
+        }
+    }
+    assert_unharmed(&mut cluster, &before).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_votes_and_appends_from_a_non_member_are_refused() {
     let (mut cluster, before) = cluster().await;

@@ -118,6 +118,7 @@ impl KvService {
     }
 
     async fn put(&self, req: pb::PutRequest, deadline: Instant) -> Result<pb::PutResponse, Error> {
+        let _in_flight = self.node.admit_request()?;
         let cmd = validate::put(self.node.limits(), req)?;
         let applied = self.node.write(cmd, deadline).await?;
         match applied.response {
@@ -130,6 +131,7 @@ impl KvService {
     }
 
     async fn get(&self, req: pb::GetRequest, deadline: Instant) -> Result<pb::GetResponse, Error> {
+        let _in_flight = self.node.admit_request()?;
         crate::limits::key(self.node.limits(), &req.key, "key")?;
         self.prepare_read(req.consistency, req.min_revision, deadline)
             .await?;
@@ -146,6 +148,7 @@ impl KvService {
         req: pb::DeleteRequest,
         deadline: Instant,
     ) -> Result<pb::DeleteResponse, Error> {
+        let _in_flight = self.node.admit_request()?;
         let cmd = validate::delete(self.node.limits(), req)?;
         let applied = self.node.write(cmd, deadline).await?;
         match applied.response {
@@ -163,6 +166,7 @@ impl KvService {
         req: pb::ScanRequest,
         deadline: Instant,
     ) -> Result<pb::ScanResponse, Error> {
+        let _in_flight = self.node.admit_request()?;
         let limit = validate::scan(self.node.limits(), &req)?;
         self.prepare_read(req.consistency, req.min_revision, deadline)
             .await?;
@@ -176,6 +180,7 @@ impl KvService {
     }
 
     async fn txn(&self, req: pb::TxnRequest, deadline: Instant) -> Result<pb::TxnResponse, Error> {
+        let _in_flight = self.node.admit_request()?;
         let cmd = validate::txn(self.node.limits(), req)?;
         if let Command::Txn(txn) = &cmd {
             self.check_txn_response_size(txn)?;

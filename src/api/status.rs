@@ -24,6 +24,8 @@ pub fn of(node_id: NodeId, e: Error) -> Status {
         Error::Invalid(_) => Code::InvalidArgument,
         Error::Exhausted(_) => Code::ResourceExhausted,
         Error::Storage(_) | Error::Internal(_) => Code::Internal,
+        Error::Refused(_) => Code::FailedPrecondition,
+        Error::NotFound(_) => Code::NotFound,
     };
     let mut status = Status::new(code, e.to_string());
     let md = status.metadata_mut();
@@ -68,6 +70,8 @@ mod tests {
             (Error::Exhausted("full".into()), Code::ResourceExhausted),
             (Error::Storage("disk".into()), Code::Internal),
             (Error::Internal("bug".into()), Code::Internal),
+            (Error::Refused("removed".into()), Code::FailedPrecondition),
+            (Error::NotFound("no node 9".into()), Code::NotFound),
         ] {
             let status = of(2, e.clone());
             assert_eq!(status.code(), code, "{e:?}");

@@ -45,6 +45,8 @@ use crate::types::{Member, NodeId, Snapshot, SnapshotData, TypeConfig, Vote};
 pub struct NetworkFactory {
     pub id: NodeId,
     pub channels: PeerChannels,
+    /// Set when a peer's refusal says this node was removed (see `identity::Removal`).
+    pub removal: Arc<super::identity::Removal>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -73,6 +75,7 @@ impl NetworkFactory {
             client: connect(purpose),
             streams: connect(Purpose::Replication),
             health: self.channels.health(addr),
+            removal: self.removal.clone(),
         }
     }
 }
@@ -87,6 +90,7 @@ pub struct PeerClient {
     streams: Result<PeerRpc, String>,
     /// Shared with every other client of the same peer (heartbeats, replication, snapshots).
     health: Arc<PeerHealth>,
+    removal: Arc<super::identity::Removal>,
 }
 
 /// Requests sent and not yet answered on one replication stream. It bounds what a follower that stops
@@ -106,6 +110,13 @@ impl PeerClient {
         ttl: Duration,
         status: tonic::Status,
     ) -> RPCError<TypeConfig> {
+        if status.code() == tonic::Code::PermissionDenied
+            && status
+                .metadata()
+                .contains_key(super::identity::REMOVED_HEADER)
+        {
+            self.removal.set();
+        }
         status_to_error(self.id, self.target, action, ttl, status)
     }
 

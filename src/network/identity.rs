@@ -32,6 +32,28 @@ use crate::types::{Member, NodeId};
 pub const CLUSTER_ID_HEADER: &str = "raftkv-cluster-id";
 /// The metadata key of the sender's node id (decimal).
 pub const FROM_HEADER: &str = "raftkv-from";
+/// On a refusal of a sender that a committed membership change removed: tells that node it is no
+/// longer a member, so it stops (see [`Removal`]).
+pub const REMOVED_HEADER: &str = "raftkv-removed";
+
+/// Whether a peer has told this node it was removed from the cluster ([`REMOVED_HEADER`]). A removed
+/// node may never hear of its own removal through the log: the leader stops replicating to it as
+/// soon as the change is proposed. What it does hear is the others refusing its votes, and that
+/// refusal says why. Once set it stays set: removals are committed changes, and ids are not reused.
+#[derive(Debug, Default)]
+pub struct Removal(std::sync::atomic::AtomicBool);
+
+impl Removal {
+    pub fn set(&self) {
+        if !self.0.swap(true, Ordering::Relaxed) {
+            tracing::warn!("a peer says this node was removed from the cluster; it stops serving");
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct ClusterId(pub u64);

@@ -3,10 +3,11 @@
 //! Before openraft sees a message, this module checks what it can: the request comes from this
 //! cluster and names its sender (see `identity`); every payload decodes within a byte limit (see
 //! `codec`); a vote, append or snapshot comes from the sender it names and that sender is in the
-//! membership this node knows (or its bootstrap `--peers`); anything that claims a leadership transfer
-//! is refused (raftkv never transfers leadership, so only a forgery carries one); and snapshots are
-//! size-checked. What none of this stops is a
-//! forger who can reach the peer port and names a member: peer TLS does (see the README).
+//! membership this node knows (or its bootstrap `--peers`); a vote's leadership-transfer flag is
+//! ignored (a genuine transfer has already dropped the leases it would skip); and snapshots are
+//! size-checked. A node a membership change removed is told so, and a removed node answers nothing.
+//! What none of this stops is a forger who can reach the peer port and names a member: peer TLS
+//! does (see the README).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -22,14 +23,14 @@ use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::SNAPSHOT_CHUNK_BYTES;
-use super::identity::{ClusterId, Refusals, sent_by};
+use super::identity::{ClusterId, REMOVED_HEADER, Refusals, sent_by};
 use crate::codec;
 use crate::node::VoteHold;
 use crate::pb::internal::raft_server::Raft as RaftRpc;
 use crate::pb::internal::{Payload, SnapshotChunk};
-use crate::store::Raft;
 use crate::store::snapshot::Inbox;
 use crate::store::snapshot::inbox::InboxError;
+use crate::store::{Raft, StateMachineStore};
 use crate::sync::lock;
 use crate::types::{Member, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote, VoteRequest};
 
@@ -40,6 +41,13 @@ pub struct Admission {
     pub cluster: ClusterId,
     /// The initial voters (`--peers`): who may speak to a node that knows no membership yet.
     pub bootstrap_peers: BTreeMap<NodeId, Member>,
+    /// Joining an existing cluster (`--join`): until this node knows a membership, any node of this
+    /// cluster may speak to it (the cluster id is checked first; a new node has nothing to protect).
+    pub joining: bool,
+    /// Who was removed from the cluster, as this node's applied state knows it.
+    pub sm: StateMachineStore,
+    /// Set when this node learns it was removed itself.
+    pub removal: Arc<super::identity::Removal>,
     pub vote_hold: VoteHold,
     /// Where a received snapshot is written, bounded by `--max-snapshot-bytes`.
     pub inbox: Inbox,
@@ -117,7 +125,17 @@ fn check_sender(
 /// knows. A node that knows no membership yet (fresh or wiped, waiting for the first entry) hears
 /// from its bootstrap `--peers` instead; once it has one, the flags no longer count, so a member
 /// removed later is refused even if it was an initial voter.
-pub fn admits(raft: &Raft, bootstrap: &BTreeMap<NodeId, Member>, me: NodeId, from: NodeId) -> bool {
+///
+/// During a membership change the latest membership may not be committed yet and can still be
+/// replaced; a member of the committed one is admitted too, so a node that heard of a change first
+/// still hears from a leader that did not.
+pub fn admits(
+    raft: &Raft,
+    bootstrap: &BTreeMap<NodeId, Member>,
+    joining: bool,
+    me: NodeId,
+    from: NodeId,
+) -> bool {
     if from == me {
         return true;
     }
@@ -125,10 +143,19 @@ pub fn admits(raft: &Raft, bootstrap: &BTreeMap<NodeId, Member>, me: NodeId, fro
     let m = metrics.borrow_watched();
     let membership = m.membership_config.membership();
     if membership.voter_ids().next().is_none() {
-        bootstrap.contains_key(&from)
+        joining || bootstrap.contains_key(&from)
     } else {
         membership.get_node(&from).is_some()
+            || m.committed_membership_config
+                .membership()
+                .get_node(&from)
+                .is_some()
     }
+}
+
+/// Whether this node was removed from the cluster: a peer said so, or it applied its own removal.
+pub fn removed(admission: &Admission) -> bool {
+    admission.removal.is_set() || admission.sm.is_retired(admission.id)
 }
 
 /// PERMISSION_DENIED unless `from` is admitted (see [`admits`]).
@@ -139,13 +166,33 @@ fn check_member(
     rpc: &'static str,
     from: NodeId,
 ) -> Result<(), Status> {
-    if admits(raft, &admission.bootstrap_peers, admission.id, from) {
+    if removed(admission) {
+        refusals.note(rpc, from, "this node was removed from the cluster");
+        return Err(Status::failed_precondition(format!(
+            "node {} was removed from the cluster",
+            admission.id
+        )));
+    }
+    if admits(
+        raft,
+        &admission.bootstrap_peers,
+        admission.joining,
+        admission.id,
+        from,
+    ) {
         return Ok(());
     }
     refusals.note(rpc, from, "not a member");
-    Err(Status::permission_denied(format!(
-        "node {from} is not a member of this cluster"
-    )))
+    let mut status =
+        Status::permission_denied(format!("node {from} is not a member of this cluster"));
+    if admission.sm.is_retired(from) {
+        // Only for a removal this node applied (committed, so final): the sender stops for good.
+        status.metadata_mut().insert(
+            REMOVED_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+    }
+    Err(status)
 }
 
 impl RaftService {
@@ -179,24 +226,20 @@ impl RaftService {
         )
     }
 
-    /// A vote that claims a leadership transfer skips the receiver's leader lease (openraft grants it
-    /// "because the leader said so"). raftkv never asks openraft to transfer leadership, so such a
-    /// vote is always a forgery; honoured, one such message deposes a healthy leader.
+    /// A vote that claims a leadership transfer would skip the receiver's leader lease (openraft
+    /// grants it "because the leader said so"), so one forged message could depose a healthy leader.
+    /// The claim is dropped instead: a genuine transfer has already made every voter that heard the
+    /// leader's TransferLeader drop its lease (see [`RaftRpc::transfer_leader`]), and the leader
+    /// dropped its own, so the candidate still wins the votes it needs without it.
     fn check_vote(
         &self,
         rpc: &'static str,
         request: &Request<Payload>,
-        req: &VoteRequest,
+        req: &mut VoteRequest,
     ) -> Result<(), Status> {
         let from = sender(&req.vote);
         self.check_sender(rpc, request, from)?;
-        if req.leadership_transfer {
-            self.refusals
-                .note(rpc, from, "claims a leadership transfer");
-            return Err(Status::failed_precondition(
-                "raftkv does not transfer leadership; a vote that claims a transfer is refused",
-            ));
-        }
+        req.leadership_transfer = false;
         Ok(())
     }
 }
@@ -280,8 +323,8 @@ impl RaftRpc for RaftService {
     }
 
     async fn vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc: VoteRequest = decode(request.get_ref())?;
-        self.check_vote("Vote", &request, &rpc)?;
+        let mut rpc: VoteRequest = decode(request.get_ref())?;
+        self.check_vote("Vote", &request, &mut rpc)?;
         if let Some(left) = self.admission.vote_hold.left() {
             return self.refuse_held_vote(left).await;
         }
@@ -290,8 +333,8 @@ impl RaftRpc for RaftService {
     }
 
     async fn pre_vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
-        let rpc: VoteRequest = decode(request.get_ref())?;
-        self.check_vote("PreVote", &request, &rpc)?;
+        let mut rpc: VoteRequest = decode(request.get_ref())?;
+        self.check_vote("PreVote", &request, &mut rpc)?;
         if let Some(left) = self.admission.vote_hold.left() {
             return self.refuse_held_vote(left).await;
         }
@@ -299,8 +342,11 @@ impl RaftRpc for RaftService {
         reply(&resp)
     }
 
-    /// Refused: raftkv never transfers leadership, and openraft acts on a TransferLeader before it
-    /// checks anything (a follower drops its leader lease at once), so only a forgery gets here.
+    /// The leader hands leadership over (`MoveLeader`, a leader's graceful shutdown): every voter
+    /// drops its leader lease for that leader, whose own reads and writes stopped when it began the
+    /// transfer, and the target campaigns at once. openraft acts only on a request that carries
+    /// this node's current vote, and the sender must be that vote's leader, so a member cannot
+    /// transfer another's leadership.
     async fn transfer_leader(
         &self,
         request: Request<Payload>,
@@ -308,14 +354,12 @@ impl RaftRpc for RaftService {
         let rpc: openraft::raft::TransferLeaderRequest<TypeConfig> = decode(request.get_ref())?;
         let from = sender(rpc.from_leader());
         self.check_sender("TransferLeader", &request, from)?;
-        self.refusals.note(
-            "TransferLeader",
-            from,
-            "raftkv does not transfer leadership",
-        );
-        Err(Status::failed_precondition(
-            "raftkv does not transfer leadership",
-        ))
+        let resp = self
+            .raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(stopped)?;
+        reply(&resp)
     }
 
     async fn install_snapshot(

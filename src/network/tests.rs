@@ -112,6 +112,7 @@ async fn client_of(peer: Peer) -> PeerClient {
             None,
             Default::default(),
         ),
+        removal: Default::default(),
     };
     factory
         .new_client(2, &crate::types::Member::new("unused", addr))

@@ -61,6 +61,15 @@ pub enum Error {
     /// A bug or an answer this node did not expect.
     #[error("{0}")]
     Internal(String),
+    /// Refused as the cluster stands: a membership change that breaks a rule (one at a time, a
+    /// quorum must remain, ids are never reused), a learner not yet caught up, or a node that was
+    /// removed from the cluster. Retrying helps only once the state changes. Last, with `NotFound`,
+    /// so the variants before keep their encoding between versions.
+    #[error("{0}")]
+    Refused(String),
+    /// The request names a member the cluster does not have.
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl Error {

@@ -30,8 +30,8 @@ use crate::network::identity::{Refusals, sent_by};
 use crate::network::{PeerChannels, certainly_not_sent};
 use crate::pb::internal::forward_server::Forward;
 use crate::pb::internal::{
-    ForwardedWrite, ProposeBatchRequest, ProposeBatchResponse, ReadIndexRequest, ReadIndexResponse,
-    WriteOutcome,
+    ForwardedWrite, MembershipChangeRequest, MembershipChangeResponse, ProposeBatchRequest,
+    ProposeBatchResponse, ReadIndexRequest, ReadIndexResponse, WriteOutcome,
 };
 use crate::types::{Applied, Command, NodeId};
 
@@ -291,6 +291,39 @@ pub async fn read_index(
     }
 }
 
+/// Sends a membership change to the leader at `addr` (see `node::membership`); one call per change,
+/// as changes are rare.
+pub async fn change_membership(
+    channels: &PeerChannels,
+    addr: &str,
+    change: &super::membership::Change,
+    deadline: Instant,
+) -> Result<Vec<super::membership::MemberInfo>, ForwardError> {
+    let encoded = codec::encode(change)
+        .map_err(|e| ForwardError::Leader(Error::Internal(format!("encode: {e}"))))?;
+    let mut client = channels
+        .forward_client(addr)
+        .map_err(|e| ForwardError::NotSent(format!("bad leader address {addr}: {e}")))?;
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    let request = MembershipChangeRequest {
+        change: encoded,
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    let response = client
+        .change_membership(grpc::request(request, timeout))
+        .await
+        .map_err(|s| ForwardError::from_status(&s))?;
+    match codec::decode::<Result<Vec<super::membership::MemberInfo>, Error>>(
+        &response.into_inner().result,
+    ) {
+        Ok(result) => result.map_err(ForwardError::Leader),
+        Err(e) => Err(ForwardError::Lost {
+            deadline: false,
+            why: format!("undecodable answer from the leader at {addr}: {e}"),
+        }),
+    }
+}
+
 /// The leader's side of forwarding: answers followers' read-index requests and forwarded batches.
 /// Callers pass the peer identity check first (`network::identity::Identify`, mounted by server.rs).
 pub struct ForwardService {
@@ -318,6 +351,7 @@ impl ForwardService {
     /// One forwarded write, under the same rules as a write that arrives on the public API: the
     /// follower has checked it already, but anyone who reaches the peer port can send this.
     async fn propose(&self, write: ForwardedWrite) -> Result<Applied, Error> {
+        let _in_flight = self.node.admit_request()?;
         let deadline = self
             .node
             .deadline(Some(Duration::from_millis(write.timeout_ms)));
@@ -336,7 +370,10 @@ impl Forward for ForwardService {
     ) -> Result<Response<ReadIndexResponse>, Status> {
         self.admit("ReadIndex", &request)?;
         let deadline = self.node.deadline(grpc::timeout_of(request.metadata()));
-        let result = self.node.read_index(deadline).await;
+        let result = match self.node.admit_request() {
+            Ok(_in_flight) => self.node.read_index(deadline).await,
+            Err(e) => Err(e),
+        };
         let result = codec::encode(&result).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(ReadIndexResponse { result }))
     }
@@ -355,6 +392,29 @@ impl Forward for ForwardService {
         )
         .await;
         Ok(Response::new(ProposeBatchResponse { outcomes }))
+    }
+
+    async fn change_membership(
+        &self,
+        request: Request<MembershipChangeRequest>,
+    ) -> Result<Response<MembershipChangeResponse>, Status> {
+        self.admit("ChangeMembership", &request)?;
+        let request = request.into_inner();
+        let result = match codec::decode::<super::membership::Change>(&request.change) {
+            Ok(change) => {
+                let timeout = Duration::from_millis(request.timeout_ms);
+                let deadline = self.node.deadline(Some(timeout));
+                match self.node.admit_request() {
+                    Ok(_in_flight) => self.node.change_as_leader(change, deadline).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(Error::Invalid(format!(
+                "undecodable membership change: {e}"
+            ))),
+        };
+        let result = codec::encode(&result).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(MembershipChangeResponse { result }))
     }
 }
 

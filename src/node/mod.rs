@@ -11,11 +11,17 @@
 //!   answers to them;
 //! - [`read`]: linearizable reads (read index, here or at the leader) and waiting for an applied revision;
 //! - [`vote_hold`]: refusing votes for a while after a start;
+//! - [`membership`]: the members, and adding, promoting and removing them, moving the leadership;
+//! - [`join`]: how a node started with `--join` becomes a member;
+//! - [`drain`]: a graceful stop: no new requests, a leader's handover, the last answers;
 //! - [`error`]: what a caller may do after a failure.
 
+mod drain;
 pub mod error;
 pub mod forward;
+pub mod join;
 mod log_growth;
+pub mod membership;
 mod read;
 pub mod vote_hold;
 mod write;
@@ -33,9 +39,10 @@ use crate::config::ServerArgs;
 use crate::limits::Limits;
 use crate::network::PeerChannels;
 use crate::network::client::NetworkFactory;
-use crate::network::identity::{ClusterId, PeerIdentity};
+use crate::network::identity::{ClusterId, PeerIdentity, Removal};
 use crate::store::{self, Integrity, Raft, StateMachineStore};
 use crate::types::{KeyValue, Member, NodeId, TypeConfig};
+pub use drain::InFlight;
 pub use error::{Error, LeaderHint};
 use forward::Forwarder;
 use read::{ApplyWaiters, ReadIndexRounds};
@@ -55,9 +62,18 @@ pub struct Node {
     request_timeout: Duration,
     /// `--max-snapshot-bytes`: the most an InstallSnapshot may make this node write.
     max_snapshot_bytes: usize,
-    /// The initial voters' addresses: a node that has not yet received the membership (a fresh or
-    /// wiped one) still knows where its peers are.
+    /// The initial voters' addresses (for a node started with `--join`, the members it found): a
+    /// node that has not yet received the membership (a fresh or wiped one) still knows where its
+    /// peers are.
     peers: BTreeMap<NodeId, Member>,
+    /// Started with `--join`: joins a running cluster instead of bootstrapping one.
+    joining: bool,
+    /// Set once a peer says this node was removed (see `membership::Node::removed`).
+    removal: Arc<Removal>,
+    /// Serializes membership changes on this leader (see `membership`).
+    membership_lock: tokio::sync::Mutex<()>,
+    /// The requests being served, and whether new ones are taken (see `drain`).
+    requests: Arc<drain::Requests>,
     /// Strong reads on a follower waiting for a read index from the leader.
     read_rounds: Arc<ReadIndexRounds>,
     /// Reads waiting for this node to apply a revision.
@@ -70,8 +86,9 @@ pub struct Node {
     vote_hold: VoteHold,
     /// Reads the whole store in the background while the node lives (see `store::integrity`).
     _scrubber: Option<store::integrity::Scrubber>,
-    /// Snapshots by log size (see `log_growth`); a JoinSet, so the task stops with the node.
-    _log_growth: tokio::task::JoinSet<()>,
+    /// Background work that lives as long as the node: snapshots by log size (`log_growth`), a
+    /// removed node's end of campaigns (`membership`). A JoinSet, so its tasks stop with the node.
+    background: std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
 
 /// What a response header reports: who answered, who it thinks leads, and the revision the answer
@@ -96,6 +113,7 @@ pub struct Status {
     pub snapshot_index: u64,
     pub first_log_index: u64,
     pub voters: Vec<(NodeId, Member)>,
+    pub learners: Vec<(NodeId, Member)>,
     pub cluster: ClusterId,
 }
 
@@ -128,9 +146,20 @@ impl Node {
             args.scrub_bytes_per_sec,
             Duration::from_secs(args.scrub_interval_secs),
         )?;
-        let derived = ClusterId::derive(&args.cluster_token, &args.peers);
+        let joining = !args.join.is_empty();
+        let mut peers = args.peers().clone();
+        let derived = match store::stored_cluster_id(sm.db())? {
+            Some(stored) => ClusterId(stored),
+            None if joining => {
+                let (cluster, members) = join::discover(args).await?;
+                tracing::info!(%cluster, ?members, "joining a running cluster");
+                peers = members;
+                cluster
+            }
+            None => ClusterId::derive(&args.cluster_token, args.peers()),
+        };
         let cluster = ClusterId(store::cluster_id(sm.db(), derived.0)?);
-        if cluster != derived {
+        if cluster != derived && !joining {
             // Expected after a membership change; worth a line when it is a different --peers or token.
             tracing::info!(%cluster, from_flags = %derived, "using the cluster id stored at the first start");
         }
@@ -142,9 +171,11 @@ impl Node {
             args.peer_tls()?.map(|tls| tls.client),
             args.dial.clone().unwrap_or_default(),
         );
+        let removal = Arc::new(Removal::default());
         let network = NetworkFactory {
             id: args.id,
             channels: channels.clone(),
+            removal: removal.clone(),
         };
         // Where openraft's replay of the committed log will reach (see `store::state_machine`).
         let replay_to = {
@@ -153,9 +184,9 @@ impl Node {
         };
         let log_for_growth = log.clone();
         let raft = Raft::new(args.id, config, network, log, sm.clone()).await?;
-        let mut log_growth = tokio::task::JoinSet::new();
+        let mut background = tokio::task::JoinSet::new();
         if args.snapshot_log_bytes > 0 {
-            log_growth.spawn(log_growth::snapshot_by_log_bytes(
+            background.spawn(log_growth::snapshot_by_log_bytes(
                 raft.clone(),
                 log_for_growth,
                 args.snapshot_log_bytes,
@@ -178,7 +209,11 @@ impl Node {
             limits: args.limits(),
             request_timeout: args.request_timeout(),
             max_snapshot_bytes: args.max_snapshot_bytes,
-            peers: args.peers.clone(),
+            peers,
+            joining,
+            removal,
+            membership_lock: tokio::sync::Mutex::new(()),
+            requests: Arc::default(),
             read_rounds: Arc::new(ReadIndexRounds::new(args.max_apply_waiters)),
             apply_waiters: Arc::new(ApplyWaiters::new(args.max_apply_waiters)),
             forwarder: Forwarder::start(channels.clone()),
@@ -186,10 +221,17 @@ impl Node {
             read_option: LinearizerOption::new(Some(read_lease), true),
             vote_hold,
             _scrubber: scrubber,
-            _log_growth: log_growth,
+            background: std::sync::Mutex::new(background),
         });
         tokio::spawn(vote_hold.end(node.raft.clone()));
-        node.bootstrap(&args.peers).await?;
+        crate::sync::lock(&node.background).spawn(membership::stop_campaigns_once_removed(
+            Arc::downgrade(&node),
+        ));
+        if joining {
+            tracing::info!("joining: this node is added by the cluster, not bootstrapped");
+        } else {
+            node.bootstrap(args.peers()).await?;
+        }
         Ok(node)
     }
 
@@ -204,10 +246,12 @@ impl Node {
             return Ok(());
         }
         if !peers.contains_key(&self.id) {
-            anyhow::bail!(
-                "node {} is not in --peers; a fresh node must be one of the initial voters",
-                self.id
+            // Added by an operator (`raftkv member add`) rather than through --join.
+            tracing::info!(
+                "not one of the initial voters in --peers; waiting for the cluster to add this node \
+                 (raftkv member add, or start it with --join)"
             );
+            return Ok(());
         }
         let initializer = peers.keys().next().copied();
         if initializer != Some(self.id) {
@@ -409,6 +453,10 @@ impl Node {
             .voter_ids()
             .map(|id| (id, membership.get_node(&id).cloned().unwrap_or_default()))
             .collect();
+        let learners = membership
+            .learner_ids()
+            .map(|id| (id, membership.get_node(&id).cloned().unwrap_or_default()))
+            .collect();
         let leader_addr = m
             .current_leader
             .and_then(|l| membership.get_node(&l))
@@ -427,6 +475,7 @@ impl Node {
             snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index),
             first_log_index: m.purged.as_ref().map_or(0, |l| l.index + 1),
             voters,
+            learners,
             cluster: self.cluster,
         }
     }
@@ -482,6 +531,9 @@ impl Node {
                 id: self.id,
                 cluster: self.cluster,
                 bootstrap_peers: self.peers.clone(),
+                joining: self.joining,
+                sm: self.sm.clone(),
+                removal: self.removal.clone(),
                 vote_hold: self.vote_hold,
                 inbox: crate::store::snapshot::Inbox::new(
                     self.sm.integrity().dir(),
@@ -494,7 +546,7 @@ impl Node {
     /// Whether `from` may send this node peer requests: a voter or learner of the membership it
     /// knows, or, while it knows none yet (fresh or wiped), one of its bootstrap `--peers`.
     pub fn admits(&self, from: NodeId) -> bool {
-        crate::network::service::admits(&self.raft, &self.peers, self.id, from)
+        crate::network::service::admits(&self.raft, &self.peers, self.joining, self.id, from)
     }
 }
 

@@ -55,6 +55,7 @@ impl Node {
     /// Makes the next local read linearizable: on return, this node has applied everything committed
     /// before the call began. Works on any node; a deposed or paused leader cannot pass it.
     pub async fn linearize(&self, deadline: Instant) -> Result<(), Error> {
+        self.check_member()?;
         loop {
             let view = self.view();
             let attempt = match view.leader {

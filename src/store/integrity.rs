@@ -32,7 +32,7 @@ use super::record::Record;
 use super::snapshot::legacy::{self, SNAPSHOT_KEY};
 use super::snapshot::{SNAPSHOT_FILE_KEY, SNAPSHOT_META_KEY};
 use super::state_machine::{
-    CLEAN_SHUTDOWN_KEY, LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StoredValue,
+    CLEAN_SHUTDOWN_KEY, LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, RETIRED_KEY, StoredValue,
 };
 use super::{NODE_ID_KEY, SERDE_SHAPES, trees};
 use crate::types::{Entry, LogId, NodeId, SnapshotMeta, StoredMembership, Vote};
@@ -463,6 +463,11 @@ fn check_value(
         ("sm_meta", LAST_APPLIED_KEY) => decodes::<LogId>(tree, key, value),
         ("sm_meta", LAST_MEMBERSHIP_KEY) => decodes::<StoredMembership>(tree, key, value),
         ("sm_meta", CLEAN_SHUTDOWN_KEY) => decodes::<Option<LogId>>(tree, key, value),
+        ("sm_meta", RETIRED_KEY) => {
+            crate::codec::decode::<std::collections::BTreeSet<NodeId>>(value)
+                .map(|_| ())
+                .map_err(|e| format!("{tree}/retired_members does not decode: {e}"))
+        }
         ("sm_meta" | "sm_snapshot", SNAPSHOT_META_KEY) if format == SERDE_SHAPES => {
             decodes::<SnapshotMetaV2>(tree, key, value)
         }

@@ -276,6 +276,15 @@ pub fn check_format(db: &sled::Db, dir: &Path) -> Result<u32, StoreError> {
     Ok(found)
 }
 
+/// The cluster id stored at this data directory's first start, if it has had one.
+pub fn stored_cluster_id(db: &sled::Db) -> Result<Option<u64>, StoreError> {
+    let meta = db.open_tree("raft_meta")?;
+    match meta.get(CLUSTER_ID_KEY)? {
+        Some(bytes) => Ok(Some(crate::codec::decode(&bytes)?)),
+        None => Ok(None),
+    }
+}
+
 /// The cluster this data directory belongs to: the one stored at its first start, or `derived` (which
 /// is then stored) on a new directory. Stored once, so that later changes to `--peers` or the token
 /// do not move a running cluster to another id.

@@ -32,7 +32,7 @@
 //! `tests/cluster.rs` SIGKILLs every node mid-write and checks that no acknowledged write is lost;
 //! `raftkv jepsen` kills and restarts nodes throughout and checks every history.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
@@ -47,12 +47,14 @@ use super::{Integrity, io_err, read_decoded};
 use crate::codec;
 use crate::sync::lock;
 use crate::types::{
-    Command, CommandResponse, Compare, CompareResult, CompareTarget, KeyValue, LogId, Snapshot,
-    SnapshotData, SnapshotMeta, StoredMembership, TxnOp, TxnOpResult, TypeConfig,
+    Command, CommandResponse, Compare, CompareResult, CompareTarget, KeyValue, LogId, NodeId,
+    Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TxnOp, TxnOpResult, TypeConfig,
 };
 
 pub(super) const LAST_APPLIED_KEY: &[u8] = b"last_applied";
 pub(super) const LAST_MEMBERSHIP_KEY: &[u8] = b"last_membership";
+/// The ids of every node a membership change has removed (see [`StateMachineStore::is_retired`]).
+pub(crate) const RETIRED_KEY: &[u8] = b"retired_members";
 /// Present only between a clean shutdown and the next start; holds the `last_applied` it vouches for.
 pub(super) const CLEAN_SHUTDOWN_KEY: &[u8] = b"clean_shutdown";
 /// Which of the two data trees is current (absent: the first). A snapshot install fills the other
@@ -119,6 +121,8 @@ pub(super) struct Inner {
     /// `snapshot::capture`). Taken inside `write_lock`, never the other way round.
     pub(super) capture: Mutex<Option<snapshot::Capture>>,
     pub(super) integrity: Arc<Integrity>,
+    /// `RETIRED_KEY`'s set, kept in memory: the peer port asks it of senders it refuses.
+    retired: RwLock<BTreeSet<NodeId>>,
 }
 
 impl Inner {
@@ -167,8 +171,13 @@ impl StateMachineStore {
         snapshots: sled::Tree,
         integrity: Arc<Integrity>,
     ) -> Result<Self, super::StoreError> {
+        let retired = match meta.get(RETIRED_KEY)? {
+            Some(bytes) => codec::decode(&bytes)?,
+            None => BTreeSet::new(),
+        };
         Ok(Self {
             inner: Arc::new(Inner {
+                retired: RwLock::new(retired),
                 db,
                 data: RwLock::new(data),
                 meta,
@@ -184,6 +193,18 @@ impl StateMachineStore {
     /// Who hears of corruption in this store, and whether it has been found.
     pub fn integrity(&self) -> &Arc<Integrity> {
         &self.inner.integrity
+    }
+
+    /// Whether a membership change this replica applied removed node `id`. Node ids are never
+    /// reused: a data directory left behind by a removed node still holds its log, and a new node
+    /// under its id would inherit that node's votes in other members' eyes. Only changes applied
+    /// here count; a replica rebuilt from a snapshot knows the removals it applied since.
+    pub fn is_retired(&self, id: NodeId) -> bool {
+        self.inner
+            .retired
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
     }
 
     /// The database, for the background scrub.
@@ -488,7 +509,9 @@ impl StateMachineStore {
     {
         let mut pending = Vec::new();
         let mut last_applied = None;
-        let mut membership = None;
+        let mut membership: Option<StoredMembership> = None;
+        // Set once a membership entry is in the batch: the removed ids so far plus this batch's.
+        let mut retired: Option<BTreeSet<NodeId>> = None;
 
         let mut guard = self.inner.write_lock.lock().await;
         // Not switched while the write lock is held (an install takes it to switch).
@@ -512,6 +535,24 @@ impl StateMachineStore {
                     }
                 },
                 EntryPayload::Membership(m) => {
+                    let before: Option<StoredMembership> = match &membership {
+                        Some(m) => Some(m.clone()),
+                        None => self.read_meta(LAST_MEMBERSHIP_KEY)?,
+                    };
+                    let retired = retired.get_or_insert_with(|| {
+                        self.inner
+                            .retired
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone()
+                    });
+                    if let Some(before) = before {
+                        for (id, _) in before.membership().nodes() {
+                            if m.get_node(id).is_none() {
+                                retired.insert(*id);
+                            }
+                        }
+                    }
                     membership = Some(StoredMembership::new(Some(entry.log_id), m));
                     CommandResponse::None
                 }
@@ -546,10 +587,21 @@ impl StateMachineStore {
             meta.insert(LAST_MEMBERSHIP_KEY, m.encode()?)
                 .map_err(io_err)?;
         }
+        if let Some(retired) = &retired {
+            meta.insert(RETIRED_KEY, codec::encode(retired).map_err(io_err)?)
+                .map_err(io_err)?;
+        }
         meta.insert(LAST_APPLIED_KEY, last_applied.encode()?)
             .map_err(io_err)?;
         guard.torn = false;
         drop(guard);
+        if let Some(retired) = retired {
+            *self
+                .inner
+                .retired
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = retired;
+        }
 
         // Committed (durable on a quorum's logs) and applied: now the clients hear back.
         for (responder, response) in pending {

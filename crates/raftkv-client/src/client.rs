@@ -112,6 +112,25 @@ impl Client {
         F: Fn(KvClient<Channel>, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
+        self.call_on(|channel, t| f(KvClient::new(channel), t))
+            .await
+    }
+
+    async fn call_cluster<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(ClusterClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        self.call_on(|channel, t| f(ClusterClient::new(channel), t))
+            .await
+    }
+
+    /// One call, retried on the hinted leader or the next node while it certainly was not acted on.
+    async fn call_on<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(Channel, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
         let deadline = Instant::now() + self.timeout;
         let mut attempt = 0;
         // The most telling refusal so far: a node's own answer (it says why: no quorum, no leader)
@@ -120,7 +139,7 @@ impl Client {
         loop {
             let (i, channel) = self.pick(attempt);
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let last = match f(KvClient::new(channel), remaining).await {
+            let last = match f(channel, remaining).await {
                 Ok(v) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     return Ok(v);
@@ -211,6 +230,58 @@ impl Client {
         self.call(|mut c, t| {
             let r = with_timeout(req.clone(), t);
             async move { c.txn(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// The members, as the first node that answers knows them (matched indexes only from the leader).
+    pub async fn member_list(&self) -> Result<pb::MemberListResponse, tonic::Status> {
+        self.call_cluster(|mut c, t| {
+            let r = with_timeout(pb::MemberListRequest {}, t);
+            async move { c.member_list(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Adds a member (`learner: false`: waits for it to catch up and promotes it). `peer_address`
+    /// empty: the same as `address`.
+    pub async fn member_add(
+        &self,
+        req: pb::MemberAddRequest,
+    ) -> Result<pb::MemberAddResponse, tonic::Status> {
+        self.call_cluster(|mut c, t| {
+            let r = with_timeout(req.clone(), t);
+            async move { c.member_add(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn member_promote(
+        &self,
+        id: u64,
+    ) -> Result<pb::MemberPromoteResponse, tonic::Status> {
+        self.call_cluster(|mut c, t| {
+            let r = with_timeout(pb::MemberPromoteRequest { id }, t);
+            async move { c.member_promote(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn member_remove(&self, id: u64) -> Result<pb::MemberRemoveResponse, tonic::Status> {
+        self.call_cluster(|mut c, t| {
+            let r = with_timeout(pb::MemberRemoveRequest { id }, t);
+            async move { c.member_remove(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn move_leader(
+        &self,
+        target_id: u64,
+    ) -> Result<pb::MoveLeaderResponse, tonic::Status> {
+        self.call_cluster(|mut c, t| {
+            let r = with_timeout(pb::MoveLeaderRequest { target_id }, t);
+            async move { c.move_leader(r).await.map(|r| r.into_inner()) }
         })
         .await
     }

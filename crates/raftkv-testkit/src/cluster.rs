@@ -172,26 +172,18 @@ impl Builder {
         });
         let mut nodes = Vec::new();
         for spec in self.nodes {
-            let endpoint = raftkv_client::endpoint(&spec.addr, tls.as_ref().map(|(_, c)| c))
-                .map_err(|source| Error::Endpoint {
-                    addr: spec.addr.clone(),
-                    source,
-                })?;
-            let shared = self.shared_channels.then(|| endpoint.connect_lazy());
-            nodes.push(Node {
-                data_dir: dir.path().join(format!("n{}.data", spec.id)),
-                log: dir.path().join(format!("n{}.log", spec.id)),
+            nodes.push(Node::new(
                 spec,
-                endpoint,
-                shared,
-                child: None,
-                paused: false,
-            });
+                dir.path(),
+                tls.as_ref().map(|(_, c)| c),
+                self.shared_channels,
+            )?);
         }
         Ok(Cluster {
             dir,
             bin: self.bin,
             nodes,
+            shared_channels: self.shared_channels,
             peers,
             args: self.args,
             env: self.env,
@@ -237,6 +229,31 @@ struct Node {
     paused: bool,
 }
 
+impl Node {
+    fn new(
+        spec: NodeSpec,
+        dir: &Path,
+        tls: Option<&ClientTlsConfig>,
+        shared_channels: bool,
+    ) -> Result<Node, Error> {
+        let endpoint =
+            raftkv_client::endpoint(&spec.addr, tls).map_err(|source| Error::Endpoint {
+                addr: spec.addr.clone(),
+                source,
+            })?;
+        let shared = shared_channels.then(|| endpoint.connect_lazy());
+        Ok(Node {
+            data_dir: dir.join(format!("n{}.data", spec.id)),
+            log: dir.join(format!("n{}.log", spec.id)),
+            spec,
+            endpoint,
+            shared,
+            child: None,
+            paused: false,
+        })
+    }
+}
+
 pub struct Cluster {
     dir: Dir,
     bin: PathBuf,
@@ -248,6 +265,7 @@ pub struct Cluster {
     /// With TLS: the `raftkv certs` directory, and how the harness dials the nodes.
     tls: Option<(PathBuf, ClientTlsConfig)>,
     status_timeout: Duration,
+    shared_channels: bool,
 }
 
 impl Cluster {
@@ -280,6 +298,23 @@ impl Cluster {
             .iter_mut()
             .find(|n| n.spec.id == id)
             .unwrap_or_else(|| panic!("node {id} is not in this cluster"))
+    }
+
+    /// Adds node `spec` to the harness, not yet started. It starts with the cluster's flags like the
+    /// others (`--peers` included) and its own: give it `--join` to join the running cluster, or add
+    /// it with `MemberAdd` first. With TLS, the certificates must already cover its id.
+    pub fn add_node(&mut self, spec: NodeSpec) -> Result<(), Error> {
+        if self.nodes.iter().any(|n| n.spec.id == spec.id) {
+            return Err(Error::Exists(spec.id));
+        }
+        let node = Node::new(
+            spec,
+            self.dir.path(),
+            self.tls.as_ref().map(|(_, c)| c),
+            self.shared_channels,
+        )?;
+        self.nodes.push(node);
+        Ok(())
     }
 
     /// The directory that holds the data directories and logs.

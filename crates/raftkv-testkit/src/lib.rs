@@ -78,6 +78,8 @@ pub enum Error {
     },
     #[error("node {0} is already running")]
     AlreadyRunning(u64),
+    #[error("the cluster already has a node {0}")]
+    Exists(u64),
     #[error("node {0} is not running")]
     NotRunning(u64),
     #[error("kill -{signal} node {id} (pid {pid}) failed")]
