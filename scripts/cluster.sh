@@ -9,6 +9,7 @@ DATA_ROOT=${RAFTKV_DATA_DIR:-$REPO/data}
 [[ $DATA_ROOT == /* ]] || DATA_ROOT=$PWD/$DATA_ROOT
 HOST=${RAFTKV_HOST:-127.0.0.1}
 PORT_BASE=${RAFTKV_PORT_BASE:-7000}
+METRICS_PORT_BASE=${RAFTKV_METRICS_PORT_BASE:-9000}
 START_TIMEOUT=${RAFTKV_START_TIMEOUT:-20}
 STOP_TIMEOUT=${RAFTKV_STOP_TIMEOUT:-10}
 BIN=${RAFTKV_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/raftkv}
@@ -68,6 +69,8 @@ Environment:
   RAFTKV_HOST           address the nodes listen on (default: 127.0.0.1)
   RAFTKV_PORT_BASE      node N serves clients on port RAFTKV_PORT_BASE+N and peers on
                         RAFTKV_PORT_BASE+100+N (default: 7000, so 7001-7003 and 7101-7103)
+  RAFTKV_METRICS_PORT_BASE  node N serves /metrics, /livez and /readyz over HTTP on port
+                        RAFTKV_METRICS_PORT_BASE+N (default: 9000, so 9001-9003)
   RAFTKV_BIN            raftkv binary to run (default: <repo>/target/release/raftkv, built with
                         'cargo build --release'; when set, nothing is built)
   RAFTKV_START_TIMEOUT  seconds 'start' and 'restart' wait for the cluster (default: 20)
@@ -88,6 +91,7 @@ port_of() { echo $((PORT_BASE + $1)); }
 addr_of() { echo "$HOST:$(port_of "$1")"; }
 # Raft traffic has a port of its own, 100 above the client port (7101-7103 by default).
 peer_addr_of() { echo "$HOST:$((PORT_BASE + 100 + $1))"; }
+metrics_addr_of() { echo "$HOST:$((METRICS_PORT_BASE + $1))"; }
 node_dir() { echo "$DATA_ROOT/n$1"; }
 log_of() { echo "$DATA_ROOT/n$1.log"; }
 pidfile_of() { echo "$DATA_ROOT/n$1.pid"; }
@@ -226,6 +230,7 @@ spawn_node() {
     fi
     NO_COLOR=1 "${detach[@]}" bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$(pidfile_of "$n")" \
         "$BIN" server --id "$n" --listen "$(addr_of "$n")" --peer-listen "$(peer_addr_of "$n")" \
+        --metrics-listen "$(metrics_addr_of "$n")" \
         --peers "$(initial_peers)" --data-dir "$(node_dir "$n")" "${tls[@]}" "${join[@]}" \
         </dev/null >>"$log" 2>&1 &
     # Wait (briefly) until the inner shell has written the pid file and become the server, so that
@@ -420,6 +425,7 @@ ${tls_hint}  ${env_hint}$bin_hint put greeting hello
   ${env_hint}$bin_hint get greeting
   ${env_hint}$bin_hint status
   grpcurl $grpcurl_tls -format text -d 'key: "greeting"' $(addr_of 1) raftkv.v1.KV/Get
+  curl -s http://$(metrics_addr_of 1)/metrics | grep ^raftkv_server     # also /livez, /readyz?verbose
 Stop it with: ${script_env}scripts/cluster.sh stop
 EOF
 }

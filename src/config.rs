@@ -21,6 +21,10 @@ pub struct ServerArgs {
     /// Address to serve Raft traffic from the other nodes on. Only they need to reach it.
     #[arg(long, env = "RAFTKV_PEER_LISTEN")]
     pub peer_listen: String,
+    /// Address to serve Prometheus metrics (/metrics) and health endpoints (/livez, /readyz) on,
+    /// over plain HTTP. None unless given.
+    #[arg(long, env = "RAFTKV_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Address clients reach this node at (default: the client address of this node's entry in
     /// --peers, else --listen).
     #[arg(long, env = "RAFTKV_ADVERTISE")]

@@ -19,6 +19,8 @@
 //! - [`store`]: durable storage on sled: the Raft log and vote, the state machine, snapshots, integrity
 //!   checks.
 //! - [`listener`], [`tls`]: bounded accepting and TLS for both ports.
+//! - [`telemetry`]: Prometheus metrics and the `/livez` and `/readyz` endpoints (`--metrics-listen`);
+//!   every layer records through the `metrics` facade under the names in [`telemetry::names`].
 //! - Shared by all: [`types`] (the model: commands, results, members), [`limits`] (what a request may
 //!   hold), [`codec`] (the bytes on disk and between nodes), [`grpc`] (deadlines), [`sync`], [`pb`].
 //!
@@ -37,5 +39,6 @@ pub mod pb;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod telemetry;
 pub mod tls;
 pub mod types;

@@ -76,6 +76,17 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let peer_listener = TcpListener::bind(&args.peer_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for peers on {}: {e}", args.peer_listen))?;
+    // Bound before the node starts, so that a taken port fails the start rather than the metrics.
+    let metrics = match &args.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen for metrics on {addr}: {e}"))?;
+            Some((listener, crate::telemetry::install()?))
+        }
+    };
+    let readiness = crate::api::health::Readiness::default();
     let node = match Node::start(&args).await {
         Ok(node) => node,
         // Already logged as an ERROR naming the directory, where corruption was first found.
@@ -121,6 +132,20 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     );
     // Aborted when dropped, at return.
     let mut reload = tokio::task::JoinSet::new();
+    if let Some((listener, handle)) = metrics {
+        let endpoint =
+            crate::telemetry::http::Endpoint::new(handle, readiness.clone(), args.data_dir.clone());
+        metrics::gauge!(crate::telemetry::names::INFO,
+            "id" => args.id.to_string(),
+            "cluster_id" => node.cluster().to_string(),
+            "version" => env!("CARGO_PKG_VERSION"))
+        .set(1.0);
+        reload.spawn(async move {
+            if let Err(e) = crate::telemetry::http::serve(listener, endpoint).await {
+                tracing::error!(error = %e, "the metrics endpoint stopped");
+            }
+        });
+    }
     reload.spawn(reload_tls_on_sighup(
         hup,
         public_tls.iter().chain(&peer_tls).cloned().collect(),
@@ -158,6 +183,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
                     max_concurrent_streams: args.max_concurrent_streams,
                     tls: public_tls,
                 },
+                readiness,
             ),
             serve_peers(
                 node.clone(),
@@ -251,13 +277,18 @@ pub(crate) struct Port {
 
 /// Serves the public services (see `api`) until the listener fails or the caller drops the future (how
 /// a node stops: see [`run`]).
-pub(crate) async fn serve_public(node: Arc<Node>, port: Port) -> anyhow::Result<()> {
-    let (routes, health_probe) = crate::api::services(node.clone()).await?;
+pub(crate) async fn serve_public(
+    node: Arc<Node>,
+    port: Port,
+    readiness: crate::api::health::Readiness,
+) -> anyhow::Result<()> {
+    let (routes, health_probe) = crate::api::services(node.clone(), readiness).await?;
     // A JoinSet aborts its tasks when dropped: the probe stops with the server, also when the server's
     // future is dropped rather than finished.
     let mut background = tokio::task::JoinSet::new();
     background.spawn(health_probe);
     let served = bounded_server(port.max_concurrent_streams)
+        .layer(crate::telemetry::grpc::GrpcMetricsLayer)
         .layer(crate::api::AnswerByDeadlineLayer::new(node.id()))
         .layer(tower::util::MapResponseLayer::new(
             crate::api::oversize_is_resource_exhausted,

@@ -14,7 +14,7 @@
 //! Corrupt storage turns both statuses NOT_SERVING at once and for good: the process is about to exit
 //! (see server.rs) and must be rebuilt, not restarted on the same data.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
@@ -30,8 +30,55 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long one check may take before the node counts as unable to serve.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// One named check of the readiness the probe keeps, as `/readyz?verbose` lists it.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: &'static str,
+    /// Why it fails; None while it passes.
+    pub failure: Option<String>,
+}
+
+/// The latest readiness verdict, shared with the metrics port's `/readyz` so that both answer
+/// from the same probe. Not ready until the first probe has passed.
+#[derive(Debug, Clone)]
+pub struct Readiness(Arc<Mutex<Vec<Check>>>);
+
+impl Default for Readiness {
+    fn default() -> Readiness {
+        Readiness(Arc::new(Mutex::new(vec![
+            Check {
+                name: "storage",
+                failure: None,
+            },
+            Check {
+                name: "linearizable_read",
+                failure: Some("not probed yet".into()),
+            },
+        ])))
+    }
+}
+
+impl Readiness {
+    pub fn checks(&self) -> Vec<Check> {
+        crate::sync::lock(&self.0).clone()
+    }
+
+    fn set(&self, name: &'static str, failure: Option<String>) {
+        let mut checks = crate::sync::lock(&self.0);
+        if let Some(check) = checks.iter_mut().find(|c| c.name == name) {
+            check.failure = failure;
+        }
+        let ready = checks.iter().all(|c| c.failure.is_none());
+        metrics::gauge!(crate::telemetry::names::READY).set(if ready { 1.0 } else { 0.0 });
+    }
+}
+
 /// Keeps the KV status current for as long as the server runs; the caller aborts it on shutdown.
-pub(super) async fn keep_reporting(node: Arc<Node>, reporter: HealthReporter) {
+pub(super) async fn keep_reporting(
+    node: Arc<Node>,
+    reporter: HealthReporter,
+    readiness: Readiness,
+) {
     let mut ticker = tokio::time::interval(PROBE_EVERY);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // What `serve` set before starting this task.
@@ -50,6 +97,7 @@ pub(super) async fn keep_reporting(node: Arc<Node>, reporter: HealthReporter) {
                         ServingStatus::NotServing,
                     )
                     .await;
+                readiness.set("storage", Some(format!("corrupt: {what}")));
                 tracing::info!(reason = %what, "health NOT_SERVING: storage is corrupt");
                 return;
             }
@@ -58,6 +106,10 @@ pub(super) async fn keep_reporting(node: Arc<Node>, reporter: HealthReporter) {
             Ok(()) => (ServingStatus::Serving, String::new()),
             Err(e) => (ServingStatus::NotServing, e.to_string()),
         };
+        readiness.set(
+            "linearizable_read",
+            (status != ServingStatus::Serving).then(|| why.clone()),
+        );
         if status == reported {
             continue;
         }

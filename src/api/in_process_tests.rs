@@ -43,7 +43,7 @@ async fn serve(peers: &str, extra: &[&str], leader: bool) -> Served {
     let server = tokio::spawn({
         let node = node.clone();
         async move {
-            let _ = crate::server::serve_public(node, port).await;
+            let _ = crate::server::serve_public(node, port, Default::default()).await;
         }
     });
     let channel = Channel::from_shared(format!("http://{addr}"))

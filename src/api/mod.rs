@@ -4,7 +4,7 @@
 //! [`status`].
 
 pub mod cluster;
-mod health;
+pub mod health;
 #[cfg(test)]
 mod in_process_tests;
 pub mod kv;
@@ -24,6 +24,7 @@ use crate::types::NodeId;
 /// run for as long as they are served (drop it with the server).
 pub async fn services(
     node: Arc<Node>,
+    readiness: health::Readiness,
 ) -> anyhow::Result<(Routes, impl Future<Output = ()> + Send)> {
     let max_request = node.limits().max_request_bytes;
     let kv = pb::v1::kv_server::KvServer::new(kv::KvService { node: node.clone() })
@@ -51,7 +52,10 @@ pub async fn services(
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
-    Ok((routes, health::keep_reporting(node, health_reporter)))
+    Ok((
+        routes,
+        health::keep_reporting(node, health_reporter, readiness),
+    ))
 }
 
 /// Reflection lists the public services only. The node-to-node Raft service shares the descriptor

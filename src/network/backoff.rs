@@ -94,6 +94,8 @@ impl PeerHealth {
     }
 
     pub fn failed(&self, target: NodeId, error: &dyn Display) {
+        metrics::counter!(crate::telemetry::names::PEER_SENT_FAILURES, "to" => target.to_string())
+            .increment(1);
         let now = Instant::now();
         let mut s = self.state();
         s.failures = s.failures.saturating_add(1);

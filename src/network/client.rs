@@ -192,9 +192,12 @@ impl PeerClient {
         let mut request = tonic::Request::new(Payload { data });
         let ttl = option.hard_ttl();
         request.set_timeout(ttl);
-        let response = call(self.client()?, request)
-            .await
-            .map_err(|s| self.status_to_error(action, ttl, s))?;
+        let response = call(self.client()?, request).await.map_err(|s| {
+            // Streams count theirs in `PeerHealth::failed`; unary calls (votes) are counted here.
+            metrics::counter!(crate::telemetry::names::PEER_SENT_FAILURES, "to" => self.target.to_string())
+                .increment(1);
+            self.status_to_error(action, ttl, s)
+        })?;
         self.health.succeeded(self.target);
         codec::decode(&response.into_inner().data)
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))
@@ -334,7 +337,10 @@ impl Answers {
         };
         match message {
             Ok(Some(payload)) => {
-                lock(&self.sent).pop_front();
+                if let Some(sent) = lock(&self.sent).pop_front() {
+                    metrics::histogram!(crate::telemetry::names::PEER_RTT, "to" => self.target.to_string())
+                        .record(sent.elapsed().as_secs_f64());
+                }
                 self.in_flight.add_permits(1);
                 self.health.succeeded(self.target);
                 match codec::decode::<StreamAppendResult<TypeConfig>>(&payload.data) {

@@ -19,6 +19,7 @@
 mod drain;
 pub mod error;
 pub mod forward;
+mod gauges;
 pub mod join;
 mod log_growth;
 pub mod membership;
@@ -224,6 +225,7 @@ impl Node {
             background: std::sync::Mutex::new(background),
         });
         tokio::spawn(vote_hold.end(node.raft.clone()));
+        crate::sync::lock(&node.background).spawn(gauges::publish(Arc::downgrade(&node)));
         crate::sync::lock(&node.background).spawn(membership::stop_campaigns_once_removed(
             Arc::downgrade(&node),
         ));

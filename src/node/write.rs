@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::forward::ForwardError;
 use super::{Error, Node};
+use crate::telemetry::names;
 use crate::types::{Applied, Command, CommandResponse, TypeConfig};
 
 /// How long a write waits on a leader that has just taken office for its first quorum acknowledgement
@@ -52,9 +53,22 @@ impl Node {
             match view.leader {
                 Some(leader) if leader == self.id => {
                     let acked_before = self.quorum_acked();
+                    let pending = Pending::start();
                     let result =
                         tokio::time::timeout_at(deadline, self.raft.client_write(cmd.clone()))
                             .await;
+                    drop(pending);
+                    // Refused before it was appended (not the leader) is no failed proposal.
+                    let failed = !matches!(
+                        result,
+                        Ok(Ok(_))
+                            | Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(
+                                _
+                            ))))
+                    );
+                    if failed {
+                        metrics::counter!(names::PROPOSALS_FAILED).increment(1);
+                    }
                     match result {
                         Err(_) => {
                             return Err(Error::Deadline(
@@ -205,6 +219,23 @@ fn forwarded_failure(leader: u64, e: ForwardError) -> Retry {
         } => Retry::No(Error::MaybeApplied(format!(
             "forwarded write failed after it may have reached the leader; it may be applied: {why}"
         ))),
+    }
+}
+
+/// A write this leader has proposed and not yet heard the outcome of, counted in
+/// `raftkv_server_proposals_pending` for as long as it lives (also when its caller gives up).
+struct Pending;
+
+impl Pending {
+    fn start() -> Pending {
+        metrics::gauge!(names::PROPOSALS_PENDING).increment(1.0);
+        Pending
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        metrics::gauge!(names::PROPOSALS_PENDING).decrement(1.0);
     }
 }
 

@@ -342,7 +342,10 @@ fn run_flusher(wal: &Mutex<Wal>, integrity: &Integrity, rx: &mpsc::Receiver<Wait
         batch.push(first);
         batch.extend(rx.try_iter());
         // Every waiter in `batch` was queued after its records were written, so this fsync covers all.
+        let started = std::time::Instant::now();
         let result = integrity.observe("flushing the log", sync_blocking(wal));
+        metrics::histogram!(crate::telemetry::names::LOG_FSYNC)
+            .record(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
             tracing::error!(error = %e, "log flush failed; the node will stop");
         }

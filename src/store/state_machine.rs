@@ -475,7 +475,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     where
         Strm: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
+        let started = std::time::Instant::now();
         let applied = self.apply_batch(entries).await;
+        metrics::histogram!(crate::telemetry::names::APPLY).record(started.elapsed().as_secs_f64());
         self.inner.integrity.observe("applying", applied)
     }
 
