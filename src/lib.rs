@@ -12,6 +12,8 @@
 //! - [`config`]: the server's flags, turned into each layer's settings.
 //! - [`api`]: the public gRPC services (`raftkv.v1.KV`, `Cluster`, health, reflection), request
 //!   validation, and the one table from failures to gRPC statuses ([`api::status`]).
+//! - [`backup`]: backups taken while the cluster serves (a stream, or the leader's scheduled files)
+//!   and new clusters restored from them.
 //! - [`node`]: the node's core: where a write goes, linearizable reads, forwarding to the leader, the
 //!   vote hold, and the errors a caller acts on ([`node::Error`]).
 //! - [`network`]: openraft's transport between nodes (tonic on the peer port) and who a peer is
@@ -27,6 +29,7 @@
 //! openraft's types appear only in `node`, `network`, `store`, `types` and `config` (its settings).
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -86,6 +86,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
             Some((listener, crate::telemetry::install()?))
         }
     };
+    if let Some(dir) = &args.backup_dir {
+        crate::backup::schedule::prepare_dir(dir).map_err(|e| {
+            anyhow::anyhow!(
+                "--backup-dir {}: cannot write backups there: {e}",
+                dir.display()
+            )
+        })?;
+    }
     let readiness = crate::api::health::Readiness::default();
     let node = match Node::start(&args).await {
         Ok(node) => node,
@@ -145,6 +153,14 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
                 tracing::error!(error = %e, "the metrics endpoint stopped");
             }
         });
+    }
+    if let Some(dir) = &args.backup_dir {
+        reload.spawn(crate::backup::schedule::run(
+            Arc::downgrade(&node),
+            dir.clone(),
+            args.backup_interval,
+            args.backup_keep,
+        ));
     }
     reload.spawn(reload_tls_on_sighup(
         hup,

@@ -108,7 +108,12 @@ async fn grpcurl_drives_the_public_api() {
 
     // Reflection lists the public services and health, and not the node-to-node Raft service.
     let list = grpcurl_ok(&["-plaintext", at, "list"], timeout).await;
-    for service in ["raftkv.v1.KV", "raftkv.v1.Cluster", "grpc.health.v1.Health"] {
+    for service in [
+        "raftkv.v1.KV",
+        "raftkv.v1.Cluster",
+        "raftkv.v1.Maintenance",
+        "grpc.health.v1.Health",
+    ] {
         assert!(
             list.stdout.lines().any(|l| l.trim() == service),
             "`list` lacks {service}:\n{list}"
@@ -230,6 +235,38 @@ async fn grpcurl_drives_the_public_api() {
             .as_str()
             .is_some_and(|a| cluster.endpoints().iter().any(|e| e == a)),
         "{status}"
+    );
+
+    // Maintenance/Snapshot: the backup file, piece by piece; the first piece starts with its magic
+    // and the last says nothing is left (JSON omits the zero).
+    let snapshot = grpcurl_ok(
+        &["-plaintext", at, "raftkv.v1.Maintenance/Snapshot"],
+        timeout,
+    )
+    .await;
+    let pieces: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&snapshot.stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("Snapshot's output is not JSON messages ({e}):\n{snapshot}"));
+    let first = pieces
+        .first()
+        .unwrap_or_else(|| panic!("no piece:\n{snapshot}"));
+    // base64 of "RKVBACK1".
+    assert!(
+        first["blob"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("UktWQkFDSzE")),
+        "{snapshot}"
+    );
+    assert!(
+        json_u64(&first["header"]["revision"]) >= json_put_revision,
+        "{snapshot}"
+    );
+    assert!(
+        pieces
+            .last()
+            .is_some_and(|p| p.get("remainingBytes").is_none()),
+        "{snapshot}"
     );
 
     // Health: the server as a whole and the KV service.

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::Cluster;
+use common::http::{cluster_with_metrics, get, samples};
 use tokio::time::Instant;
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -46,36 +46,6 @@ const ON_THE_LEADER: &[&str] = &[
     "grpc_server_handling_seconds_bucket",
 ];
 
-/// One HTTP/1.0 GET: the status code and the body. Errors (a refused or closed connection) as Err.
-fn get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(5 * SECOND))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {answer:?}")))?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-/// The samples of a scrape, `name{labels}` to value.
-fn samples(text: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
-
 /// The value of the one series named `name` (no labels), if it is there.
 fn value(samples: &BTreeMap<String, f64>, name: &str) -> Option<f64> {
     samples.get(name).copied()
@@ -87,21 +57,6 @@ fn names(samples: &BTreeMap<String, f64>) -> Vec<String> {
         .keys()
         .map(|k| k.split('{').next().unwrap_or_default().to_owned())
         .collect()
-}
-
-fn cluster_with_metrics() -> (Cluster, BTreeMap<u64, String>) {
-    let mut specs = raftkv_testkit::loopback(3).expect("free ports");
-    let mut metrics = BTreeMap::new();
-    for spec in &mut specs {
-        let addr = format!(
-            "127.0.0.1:{}",
-            raftkv_testkit::free_port().expect("free port")
-        );
-        spec.args = vec!["--metrics-listen".into(), addr.clone()];
-        metrics.insert(spec.id, addr);
-    }
-    let builder = raftkv_testkit::Cluster::builder(common::bin()).nodes(specs);
-    (Cluster::started(builder), metrics)
 }
 
 /// Scrapes `addr` until `ok` holds for the scrape or the deadline passes; the last scrape either way.
@@ -125,7 +80,7 @@ async fn scrape_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_the_cluster_and_readyz_its_quorum() {
-    let (mut c, metrics) = cluster_with_metrics();
+    let (mut c, metrics) = cluster_with_metrics(|_| Vec::new());
     let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
     let client = c.client();
     for i in 0..20 {
@@ -237,7 +192,7 @@ async fn metrics_follow_the_cluster_and_readyz_its_quorum() {
 /// node stays up, and the port serves again once they are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_port_survives_bad_clients() {
-    let (mut c, metrics) = cluster_with_metrics();
+    let (mut c, metrics) = cluster_with_metrics(|_| Vec::new());
     c.wait_leader(&c.ids(), 20 * SECOND).await;
     let addr = metrics[&1].clone();
 

@@ -37,7 +37,10 @@ fn sh_blocks(markdown: &str) -> Vec<String> {
     blocks
 }
 
-/// A port base whose client and peer ports for every node the guide uses are free now.
+/// The test's metrics ports (`RAFTKV_METRICS_PORT_BASE`) sit this far above its port base.
+const METRICS_OFFSET: u16 = 200;
+
+/// A port base whose client, peer and metrics ports for every node the guide uses are free now.
 fn free_port_base() -> u16 {
     let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
     for _ in 0..200 {
@@ -45,7 +48,9 @@ fn free_port_base() -> u16 {
         if !(2000..=64000).contains(&base) {
             continue;
         }
-        if (1..=MAX_NODE).all(|n| free(base + n) && free(base + 100 + n)) {
+        if (1..=MAX_NODE)
+            .all(|n| free(base + n) && free(base + 100 + n) && free(base + METRICS_OFFSET + n))
+        {
             return base;
         }
     }
@@ -76,17 +81,24 @@ fn every_command_of_the_operations_guide_runs() {
     let blocks = sh_blocks(&guide);
     assert!(blocks.len() >= 6, "{GUIDE} has {} sh blocks", blocks.len());
     let script = blocks.concat();
+    let base = free_port_base();
+    // The guide curls node N's metrics at the default 127.0.0.1:900N; here they are at the test's
+    // base + METRICS_OFFSET + N (a multiple of ten plus N, so the default's last digit carries over).
+    let metrics_base = base + METRICS_OFFSET;
+    let script = script.replace("127.0.0.1:900", &format!("127.0.0.1:{}", metrics_base / 10));
     for verb in [
         "cluster.sh add",
         "cluster.sh remove",
         "move-leader",
         "restart",
+        "snapshot save",
+        "snapshot status",
+        "cluster.sh restore",
     ] {
         assert!(script.contains(verb), "the guide no longer shows `{verb}`");
     }
 
     let data = tempfile::tempdir().expect("temp dir");
-    let base = free_port_base();
     let bin = PathBuf::from(bin());
     let bin_dir = bin.parent().expect("the binary's directory");
     let endpoints: Vec<String> = (1..=MAX_NODE)
@@ -100,6 +112,7 @@ fn every_command_of_the_operations_guide_runs() {
     let env: Vec<(String, String)> = [
         ("RAFTKV_DATA_DIR", data.path().display().to_string()),
         ("RAFTKV_PORT_BASE", base.to_string()),
+        ("RAFTKV_METRICS_PORT_BASE", metrics_base.to_string()),
         ("RAFTKV_BIN", bin.display().to_string()),
         ("RAFTKV_ENDPOINTS", endpoints.join(",")),
         ("RAFTKV_TLS", "0".to_string()),

@@ -1,4 +1,4 @@
-//! The public gRPC surface: `raftkv.v1.KV`, `raftkv.v1.Cluster`, health and reflection, and the
+//! The public gRPC surface: `raftkv.v1.KV`, `raftkv.v1.Cluster`, `raftkv.v1.Maintenance`, health and reflection, and the
 //! layers every public call passes. Node-to-node traffic has a port of its own (`network`,
 //! `node::forward`), so nothing here can reach it. Failures become gRPC statuses in one place,
 //! [`status`].
@@ -8,6 +8,7 @@ pub mod health;
 #[cfg(test)]
 mod in_process_tests;
 pub mod kv;
+pub mod maintenance;
 pub mod status;
 pub mod validate;
 
@@ -32,6 +33,9 @@ pub async fn services(
         .max_encoding_message_size(usize::MAX);
     let cluster =
         pb::v1::cluster_server::ClusterServer::new(cluster::ClusterService { node: node.clone() });
+    let maintenance = pb::v1::maintenance_server::MaintenanceServer::new(
+        maintenance::MaintenanceService::new(node.clone()),
+    );
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     // NOT_SERVING until the first probe confirms a strong read would work (see `health`).
@@ -49,6 +53,7 @@ pub async fn services(
 
     let routes = Routes::new(kv)
         .add_service(cluster)
+        .add_service(maintenance)
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -64,6 +69,7 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
     let public = [
         <pb::v1::kv_server::KvServer<kv::KvService> as tonic::server::NamedService>::NAME,
         <pb::v1::cluster_server::ClusterServer<cluster::ClusterService> as tonic::server::NamedService>::NAME,
+        <pb::v1::maintenance_server::MaintenanceServer<maintenance::MaintenanceService> as tonic::server::NamedService>::NAME,
         "grpc.health.v1.Health",
     ];
     public.into_iter().fold(

@@ -22,6 +22,9 @@ pub(super) async fn publish(node: Weak<Node>) {
     let mut ticker = tokio::time::interval(POLL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_leader = None;
+    // A counter is exported from its first increment; from 0 at start, so that rate() and the
+    // alert on it (docs/alerts.yml) count the first failure too instead of seeing a new series.
+    metrics::counter!(names::PROPOSALS_FAILED).increment(0);
     loop {
         ticker.tick().await;
         let Some(node) = node.upgrade() else { return };

@@ -52,6 +52,17 @@ impl Node {
         }
     }
 
+    /// A copy of the applied state for a backup that holds every write acknowledged before the call:
+    /// it is taken once this node has applied a read index the leader confirmed, and it may hold a
+    /// few writes more (those applied by the time the copy starts). Applies go on meanwhile.
+    pub async fn export_state(
+        &self,
+        deadline: Instant,
+    ) -> Result<crate::store::snapshot::Exported, Error> {
+        self.linearize(deadline).await?;
+        Ok(crate::store::snapshot::export(&self.sm).await?)
+    }
+
     /// Makes the next local read linearizable: on return, this node has applied everything committed
     /// before the call began. Works on any node; a deposed or paused leader cannot pass it.
     pub async fn linearize(&self, deadline: Instant) -> Result<(), Error> {

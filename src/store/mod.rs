@@ -298,6 +298,38 @@ pub fn cluster_id(db: &sled::Db, derived: u64) -> Result<u64, StoreError> {
     Ok(derived)
 }
 
+/// Creates the storage of a member of a new cluster whose state is `image` (a snapshot file, read
+/// front to back) at `last_log_id`, with `members` all voters, and `cluster` as its id
+/// (`raftkv snapshot restore`). The state is an installed snapshot and the log is empty, as on a node
+/// whose log was purged behind a snapshot. The vote is in the image's term, so the new cluster's
+/// first election is above it and its entries come after `last_log_id` in Raft's order. Returns the
+/// pairs installed. `dir` must be new.
+pub async fn create_from_image(
+    dir: &Path,
+    node_id: NodeId,
+    cluster: u64,
+    image: impl std::io::Read + Send + 'static,
+    last_log_id: Option<crate::types::LogId>,
+    members: &std::collections::BTreeMap<NodeId, crate::types::Member>,
+) -> Result<u64, StoreError> {
+    use openraft::storage::RaftLogStorage;
+    let (mut log, sm) = open(dir, node_id)?;
+    cluster_id(sm.db(), cluster)?;
+    let voters = members.keys().copied().collect();
+    let membership = openraft::Membership::new(vec![voters], members.clone())
+        .map_err(|e| std::io::Error::other(format!("the new membership: {e}")))?;
+    let meta = crate::types::SnapshotMeta {
+        last_log_id,
+        last_membership: crate::types::StoredMembership::new(last_log_id, membership),
+    };
+    let keys = snapshot::install_image(&sm, image, &meta).await?;
+    let term = last_log_id.map_or(0, |l| l.leader_id.term);
+    log.save_vote(&crate::types::Vote::new(term, node_id))
+        .await?;
+    sm.close().await?;
+    Ok(keys)
+}
+
 /// Reads and decodes one stored value; `None` if the key is absent.
 pub(crate) fn read_decoded<T: record::Record>(
     tree: &sled::Tree,

@@ -49,6 +49,13 @@ pub const FS_AVAILABLE: &str = "raftkv_storage_fs_available_bytes";
 pub const SNAPSHOT_INDEX: &str = "raftkv_snapshot_last_index";
 /// The log index up to which the log has been purged behind a snapshot.
 pub const PURGED_INDEX: &str = "raftkv_snapshot_purged_index";
+/// When this node last wrote a scheduled backup (Unix seconds); exported only with `--backup-dir`,
+/// 0 until the first one.
+pub const BACKUP_LAST_SUCCESS: &str = "raftkv_backup_last_success_timestamp_seconds";
+/// The `--backup-interval`, so an alert can say "older than two intervals" without knowing it.
+pub const BACKUP_INTERVAL: &str = "raftkv_backup_interval_seconds";
+/// Scheduled backups that failed.
+pub const BACKUP_FAILURES: &str = "raftkv_backup_failures_total";
 /// Public gRPC calls answered, labelled `grpc_service`, `grpc_method`, `grpc_code`.
 pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
 /// Public gRPC calls started, labelled `grpc_service`, `grpc_method`.
@@ -114,6 +121,17 @@ pub(super) fn describe() {
     );
     describe_gauge!(SNAPSHOT_INDEX, "Last log index the latest snapshot covers.");
     describe_gauge!(PURGED_INDEX, "Log index the log is purged up to.");
+    describe_gauge!(
+        BACKUP_LAST_SUCCESS,
+        Unit::Seconds,
+        "When the last scheduled backup was written (Unix time)."
+    );
+    describe_gauge!(
+        BACKUP_INTERVAL,
+        Unit::Seconds,
+        "How often scheduled backups are taken."
+    );
+    describe_counter!(BACKUP_FAILURES, "Scheduled backups that failed.");
     describe_counter!(GRPC_HANDLED, "Public gRPC calls answered, by status code.");
     describe_counter!(GRPC_STARTED, "Public gRPC calls started.");
     describe_histogram!(

@@ -15,6 +15,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use crate::pb::v1 as pb;
 use crate::pb::v1::cluster_client::ClusterClient;
 use crate::pb::v1::kv_client::KvClient;
+use crate::pb::v1::maintenance_client::MaintenanceClient;
 use crate::{LEADER_ADDR_HEADER, NODE_ID_HEADER, endpoint};
 
 /// The least time left worth another attempt after a refusal: a node answers a little before the
@@ -282,6 +283,23 @@ impl Client {
         self.call_cluster(|mut c, t| {
             let r = with_timeout(pb::MoveLeaderRequest { target_id }, t);
             async move { c.move_leader(r).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Starts a backup stream from the first node that takes it (any node serves one). No deadline
+    /// travels with the call: the node bounds its read index by its own request timeout, but writing
+    /// the image takes as long as the state is large, and a gRPC deadline would cut it (and the
+    /// stream after it). A dead node is noticed by the connection's keepalive instead.
+    pub async fn snapshot(&self) -> Result<tonic::Streaming<pb::SnapshotResponse>, tonic::Status> {
+        self.call_on(|channel, _| {
+            let r = tonic::Request::new(pb::SnapshotRequest {});
+            async move {
+                MaintenanceClient::new(channel)
+                    .snapshot(r)
+                    .await
+                    .map(|r| r.into_inner())
+            }
         })
         .await
     }

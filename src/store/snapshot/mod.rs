@@ -120,26 +120,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 impl SnapshotBuilder {
     async fn build(&mut self) -> io::Result<Snapshot> {
         let started = Instant::now();
-        let inner = &self.sm.inner;
         // A build and an install never overlap: an install replaces the tree a build walks.
-        let _serial = inner.snapshot_lock.lock().await;
-        let meta = {
-            // The state the image will be: no apply is half way while the capture starts.
-            let _guard = inner.write_lock.lock().await;
-            let last_log_id: Option<LogId> = self.sm.read_meta(LAST_APPLIED_KEY)?;
-            let last_membership: StoredMembership =
-                self.sm.read_meta(LAST_MEMBERSHIP_KEY)?.unwrap_or_default();
-            *lock(&inner.capture) = Some(Capture::default());
-            SnapshotMeta {
-                last_log_id,
-                last_membership,
-            }
-        };
-        let sm = self.sm.clone();
-        let image_meta = meta.clone();
-        let written = blocking(move || write_image(&sm, &image_meta)).await;
-        *lock(&inner.capture) = None;
-        let (path, pairs, bytes) = written?;
+        let _serial = self.sm.inner.snapshot_lock.lock().await;
+        let (meta, path, pairs, bytes) = capture_image(&self.sm, "").await?;
         let name = file_name(&path)?;
         if !store_unless_older(&self.sm, &meta, &name).await? {
             tracing::info!(
@@ -172,13 +155,69 @@ fn file_name(path: &Path) -> io::Result<String> {
         .ok_or_else(|| io::Error::other(format!("{} has no file name", path.display())))
 }
 
+/// An image of the applied state taken for a backup (see [`export`]).
+pub struct Exported {
+    pub meta: SnapshotMeta,
+    /// In the snapshot directory, where the next open tidies it away if the caller cannot.
+    pub path: PathBuf,
+    pub pairs: u64,
+    pub bytes: u64,
+}
+
+/// Writes an image of the applied state as it is now to a file of its own, without stopping
+/// applies, for a backup. It is not a snapshot of the node's: nothing points at it, the log is not
+/// purged behind it, and the caller removes it when done.
+pub async fn export(sm: &StateMachineStore) -> io::Result<Exported> {
+    // Serialized with builds and installs: they share the capture, and an install replaces the tree.
+    let _serial = sm.inner.snapshot_lock.lock().await;
+    let (meta, path, pairs, bytes) = capture_image(sm, "backup-").await?;
+    Ok(Exported {
+        meta,
+        path,
+        pairs,
+        bytes,
+    })
+}
+
+/// Walks the applied state, as it stands when this starts, into a new file named `prefix` and a new
+/// snapshot name (see `capture`); returns its metadata, path, pairs and bytes. The caller holds
+/// `snapshot_lock`.
+async fn capture_image(
+    sm: &StateMachineStore,
+    prefix: &'static str,
+) -> io::Result<(SnapshotMeta, PathBuf, u64, u64)> {
+    let inner = &sm.inner;
+    let meta = {
+        // The state the image will be: no apply is half way while the capture starts.
+        let _guard = inner.write_lock.lock().await;
+        let last_log_id: Option<LogId> = sm.read_meta(LAST_APPLIED_KEY)?;
+        let last_membership: StoredMembership =
+            sm.read_meta(LAST_MEMBERSHIP_KEY)?.unwrap_or_default();
+        *lock(&inner.capture) = Some(Capture::default());
+        SnapshotMeta {
+            last_log_id,
+            last_membership,
+        }
+    };
+    let sm2 = sm.clone();
+    let image_meta = meta.clone();
+    let written = blocking(move || write_image(&sm2, &image_meta, prefix)).await;
+    *lock(&inner.capture) = None;
+    let (path, pairs, bytes) = written?;
+    Ok((meta, path, pairs, bytes))
+}
+
 /// Walks `sm_data` into a new snapshot file (see `capture`); returns its path, pairs and bytes. The
 /// file is fsynced and in place under its final name when this returns.
-fn write_image(sm: &StateMachineStore, meta: &SnapshotMeta) -> io::Result<(PathBuf, u64, u64)> {
+fn write_image(
+    sm: &StateMachineStore,
+    meta: &SnapshotMeta,
+    prefix: &str,
+) -> io::Result<(PathBuf, u64, u64)> {
     let inner = &sm.inner;
     let dir = dir_of(inner.integrity.dir());
     std::fs::create_dir_all(&dir)?;
-    let name = new_name(meta);
+    let name = format!("{prefix}{}", new_name(meta));
     let partial = dir.join(format!("{name}.partial"));
     let out = BufWriter::with_capacity(1 << 20, File::create(&partial)?);
     let mut writer = file::Writer::new(out, meta)?;
@@ -339,6 +378,44 @@ pub(super) async fn install(
     }
     tracing::info!(last_log_id = ?meta.last_log_id, keys, "installed snapshot");
     Ok(())
+}
+
+/// Makes the state of a new store `image` (a snapshot file, from a backup) relabelled with `meta`:
+/// the pairs are copied into a snapshot file of this node's, with `meta` in place of the image's
+/// own, and installed as if a leader had sent it. For `raftkv snapshot restore`, which gives the
+/// image the membership and log id of the new cluster. Returns the pairs installed.
+pub async fn install_image(
+    sm: &StateMachineStore,
+    image: impl io::Read + Send + 'static,
+    meta: &SnapshotMeta,
+) -> io::Result<u64> {
+    let dir = dir_of(sm.inner.integrity.dir());
+    let path = dir.join(format!("{}.partial", new_name(meta)));
+    let (to, relabel) = (path.clone(), meta.clone());
+    let (len, pairs) = blocking(move || {
+        std::fs::create_dir_all(&dir)?;
+        let mut reader = file::Reader::new(BufReader::with_capacity(1 << 20, image))?;
+        let out = BufWriter::with_capacity(1 << 20, File::create(&to)?);
+        let mut writer = file::Writer::new(out, &relabel)?;
+        while let Some(run) = reader.next_pairs()? {
+            for (k, v) in run {
+                writer.push(k, v)?;
+            }
+        }
+        let (out, pairs, bytes) = writer.finish()?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        sync_dir(&dir)?;
+        Ok((bytes, pairs))
+    })
+    .await?;
+    let data = SnapshotData {
+        file: File::open(&path)?,
+        path,
+        len,
+    };
+    install(sm, meta, data).await?;
+    Ok(pairs)
 }
 
 /// Loads the file into the spare tree and switches to it (see [`install`]); returns the pairs loaded
