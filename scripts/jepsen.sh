@@ -6,6 +6,7 @@
 #   e.g. scripts/jepsen.sh --time 600                       # 10 minutes, every fault kind, 3 nodes
 #        scripts/jepsen.sh --runs 3 --nodes 5 --time 300 --seed 42
 #        scripts/jepsen.sh --nemesis partition-leader,pause --time 120 --net proxy
+#        scripts/jepsen.sh --nemesis membership,partition,kill --time 300   # nodes added and removed
 # Every flag of `raftkv jepsen --help` is accepted. Default duration: 600 s. Results (history.jsonl,
 # summary.json, node logs) go to ./jepsen-results/<seed>/ unless --out is given.
 # Partitions use network namespaces when run as root (else a TCP proxy per link; the output says which).

@@ -130,6 +130,50 @@ async fn a_node_started_with_join_catches_up_by_snapshot_and_becomes_a_voter() {
     .await;
 }
 
+/// A voter that was down while a node was added, and comes back once the new node leads, only knows
+/// the old members: it must still follow the new leader (found by the membership nemesis: it refused
+/// it as "not a member" for good, and never caught up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug, not fixed yet: the voter refuses the new leader as not a member"]
+async fn a_voter_that_missed_a_change_follows_the_leader_added_meanwhile() {
+    let mut c = Cluster::start(3, &[]);
+    c.wait_leader(&c.ids(), 20 * SECOND).await;
+    let client = c.client();
+    for i in 0..20 {
+        eventually(10 * SECOND, "put", || {
+            client.put(format!("a{i}").into_bytes(), b"v".to_vec(), false)
+        })
+        .await;
+    }
+    c.kill(3);
+    let mut spec = raftkv_testkit::NodeSpec::loopback(4).expect("ports");
+    spec.args = vec![format!("--join={},{}", c.addr(1), c.addr(2))];
+    c.add_node(spec).expect("add node 4 to the harness");
+    c.start_again(4);
+    status_until(&c, 4, 30 * SECOND, "node 4 is a voter", |s| {
+        s.voters.iter().any(|m| m.id == 4)
+    })
+    .await;
+    c.client()
+        .move_leader(4)
+        .await
+        .expect("move the leadership to 4");
+    c.start_again(3);
+    let mut last = 0;
+    for i in 0..20 {
+        let r = eventually(10 * SECOND, "put", || {
+            client.put(format!("b{i}").into_bytes(), b"v".to_vec(), false)
+        })
+        .await;
+        last = r.header.unwrap().revision;
+    }
+    let s = status_until(&c, 3, 20 * SECOND, "node 3 follows node 4", |s| {
+        s.leader_id == 4 && s.applied_index >= last
+    })
+    .await;
+    assert!(s.voters.iter().any(|m| m.id == 4), "{s:?}");
+}
+
 /// Every rule of a membership change, each seen refused and then allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_changes_keep_their_rules() {

@@ -3,7 +3,7 @@
 //! The image is taken to a file of the node's own before the first byte goes out, so a slow client
 //! never holds up the node's snapshot work, only its own stream; the stream then reads the file a
 //! piece at a time. Memory per stream is a couple of pieces; streams at once are capped; a client
-//! that stops reading is dropped after a while, freeing the file.
+//! that stops reading, or reads too slowly on the whole, is dropped, freeing the file.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,6 +27,9 @@ const PIECE: usize = 1 << 20;
 const MAX_STREAMS: usize = 2;
 /// A client that takes no piece for this long is given up on.
 const STALLED: Duration = Duration::from_secs(60);
+/// And one that reads slower than this on the whole: a stream holds a permit and a file the size of
+/// the state for as long as it lasts.
+const MIN_BYTES_PER_SEC: u64 = 1 << 20;
 
 pub struct MaintenanceService {
     node: Arc<Node>,
@@ -62,7 +65,11 @@ impl Maintenance for MaintenanceService {
             )
         })?;
         let prepared = async {
-            let _in_flight = node.admit_request()?;
+            // Admitted as any request (refused while the node drains or once removed), but not
+            // counted in flight: a drain must not wait, and keep the leadership, for as long as an
+            // image takes to write. A stream cut by the node's exit ends without its last piece,
+            // which `snapshot save` refuses.
+            drop(node.admit_request()?);
             let deadline = node.deadline(crate::grpc::timeout_of(request.metadata()));
             export::prepare(node, deadline).await
         }
@@ -96,6 +103,8 @@ async fn send(
     tx: &mpsc::Sender<Result<pb::SnapshotResponse, Status>>,
 ) -> std::io::Result<()> {
     let total = prepared.len();
+    let ends_by =
+        tokio::time::Instant::now() + STALLED + Duration::from_secs(total / MIN_BYTES_PER_SEC);
     let mut sent = 0u64;
     let mut image = tokio::fs::File::from_std(prepared.image);
     let mut pending = prepared.header_bytes;
@@ -126,7 +135,13 @@ async fn send(
             blob: std::mem::take(&mut pending),
             remaining_bytes: total.saturating_sub(sent),
         };
-        match tx.send_timeout(Ok(piece), STALLED).await {
+        let now = tokio::time::Instant::now();
+        if now >= ends_by {
+            return Err(std::io::Error::other(format!(
+                "the client read {sent} of {total} bytes too slowly (under {MIN_BYTES_PER_SEC} bytes/s)"
+            )));
+        }
+        match tx.send_timeout(Ok(piece), STALLED.min(ends_by - now)).await {
             Ok(()) => {}
             // The client went away or stopped reading: nothing to tell it.
             Err(_) => return Ok(()),

@@ -32,26 +32,18 @@ impl Prepared {
 
 /// Takes a backup of `node`'s state at a read index the leader confirms before `deadline`.
 pub async fn prepare(node: &Node, deadline: Instant) -> Result<Prepared, Error> {
-    let exported = node.export_state(deadline).await?;
-    let path = exported.path.clone();
+    let mut exported = node.export_state(deadline).await?;
+    let image = exported.file.try_clone()?;
     let hashed = tokio::task::spawn_blocking(move || {
-        let mut image = File::open(&path)?;
-        // Unlinked at once: the open file stays readable, and a crash leaves nothing to tidy.
-        std::fs::remove_file(&path)?;
+        let mut image = image;
         let (sha, bytes) = format::hash_image(&mut image)?;
         image.seek(SeekFrom::Start(0))?;
-        Ok::<_, std::io::Error>((image, sha, bytes))
+        Ok::<_, std::io::Error>((sha, bytes))
     })
     .await
     .map_err(|e| Error::Internal(format!("hashing the backup image: {e}")))?;
-    let (image, sha256, image_bytes) = match hashed {
-        Ok(done) => done,
-        Err(e) => {
-            // The file is gone either way once the image is dropped; name the failure.
-            let _ = std::fs::remove_file(&exported.path);
-            return Err(Error::Storage(format!("reading the backup image: {e}")));
-        }
-    };
+    let (sha256, image_bytes) =
+        hashed.map_err(|e| Error::Storage(format!("reading the backup image: {e}")))?;
     let log_id = exported.meta.last_log_id.as_ref();
     let header = Header {
         format_version: FORMAT_VERSION,
@@ -71,9 +63,10 @@ pub async fn prepare(node: &Node, deadline: Instant) -> Result<Prepared, Error> 
     };
     let header_bytes = format::encode_header(&header)
         .map_err(|e| Error::Internal(format!("encoding the backup header: {e}")))?;
+    exported.file.seek(SeekFrom::Start(0))?;
     Ok(Prepared {
         header,
         header_bytes,
-        image,
+        image: exported.file,
     })
 }

@@ -183,8 +183,18 @@ pub fn verify(mut input: impl Read) -> Result<(Header, SnapshotMeta), BackupErro
             header.keys, header.revision, header.term
         )));
     }
+    // A restored cluster counts terms and indexes up from these; a file that checks can still be made
+    // by anyone (the SHA-256 is no signature), so values no cluster reaches are refused.
+    if revision > LARGEST || term > LARGEST {
+        return Err(BackupError::Corrupt(format!(
+            "revision {revision} or term {term} is past what a cluster reaches"
+        )));
+    }
     Ok((header, meta))
 }
+
+/// The largest revision or term a backup may hold.
+const LARGEST: u64 = 1 << 62;
 
 /// SHA-256 of an image read front to back, and its length.
 pub fn hash_image(mut input: impl Read) -> io::Result<(String, u64)> {

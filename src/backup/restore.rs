@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::format::{self, Header};
@@ -63,16 +63,19 @@ pub async fn run(args: &RestoreArgs) -> Result<Restored, RestoreError> {
     if !args.peers.contains_key(&args.id) {
         return Err(RestoreError::NotInPeers(args.id));
     }
-    // Checked whole before anything is written: a bad file leaves no directory behind.
+    // Checked whole before anything is written: a bad file leaves no directory behind. Opened once,
+    // so what is installed is the file that checked, even if the path is replaced meanwhile.
     let path = args.file.clone();
-    let (header, image_meta) = tokio::task::spawn_blocking(move || {
-        let file = File::open(&path).map_err(|e| {
+    let (header, image_meta, file) = tokio::task::spawn_blocking(move || {
+        let mut file = File::open(&path).map_err(|e| {
             format::BackupError::Io(std::io::Error::new(
                 e.kind(),
                 format!("{}: {e}", path.display()),
             ))
         })?;
-        format::verify(BufReader::with_capacity(1 << 20, file))
+        let (header, meta) = format::verify(BufReader::with_capacity(1 << 20, &mut file))?;
+        file.seek(SeekFrom::Start(0))?;
+        Ok::<_, format::BackupError>((header, meta, file))
     })
     .await
     .map_err(std::io::Error::other)??;
@@ -92,9 +95,9 @@ pub async fn run(args: &RestoreArgs) -> Result<Restored, RestoreError> {
         )));
     }
 
-    let mut input = BufReader::with_capacity(1 << 20, File::open(&args.file)?);
+    let mut input = BufReader::with_capacity(1 << 20, file);
     format::read_header(&mut input)?;
-    let keys = crate::store::create_from_image(
+    let created = crate::store::create_from_image(
         &args.data_dir,
         args.id,
         cluster.0,
@@ -102,7 +105,15 @@ pub async fn run(args: &RestoreArgs) -> Result<Restored, RestoreError> {
         image_meta.last_log_id,
         &args.peers,
     )
-    .await?;
+    .await;
+    let keys = match created {
+        Ok(keys) => keys,
+        Err(e) => {
+            // Half a directory would start as an empty cluster under the new id: none at all.
+            let _ = std::fs::remove_dir_all(&args.data_dir);
+            return Err(e.into());
+        }
+    };
     Ok(Restored {
         header,
         cluster,

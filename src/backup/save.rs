@@ -16,7 +16,7 @@ pub enum SaveError {
     Status(tonic::Status),
     #[error("the stream ended with {remaining} bytes still to come: the backup is incomplete")]
     Cut { remaining: u64 },
-    #[error("the node sent more than it announced: the backup is not what it said")]
+    #[error("the node's pieces do not add up to what it announced: the backup is not what it said")]
     TooLong,
     #[error("the node sent no backup")]
     Empty,
@@ -66,7 +66,10 @@ async fn receive(
     let mut out = BufWriter::with_capacity(1 << 20, File::create(partial)?);
     let mut remaining: Option<u64> = None;
     while let Some(piece) = stream.message().await.map_err(SaveError::Status)? {
-        if remaining == Some(0) {
+        // Each piece must account for itself: what was left before it, less what it carries, is
+        // what it says is left. So a node cannot send more than it announced (filling this disk).
+        let carried = piece.blob.len() as u64;
+        if remaining.is_some_and(|r| r.checked_sub(carried) != Some(piece.remaining_bytes)) {
             return Err(SaveError::TooLong);
         }
         out.write_all(&piece.blob)?;

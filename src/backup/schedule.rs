@@ -25,41 +25,44 @@ const SUFFIX: &str = ".rkvbackup";
 const RECHECK: Duration = Duration::from_secs(1);
 const RETRY: Duration = Duration::from_secs(60);
 
-/// A backup file in the directory, as its name describes it.
+/// A backup file in the directory, as its name describes it. Ordered by revision first: the newest
+/// state is the one to keep, whatever the clocks of the nodes that wrote them said.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct Written {
-    taken_at_unix: u64,
     revision: u64,
+    taken_at_unix: u64,
     name: String,
 }
 
-fn name_of(cluster: &str, taken_at_unix: u64, revision: u64) -> String {
-    format!("raftkv-{cluster}-{taken_at_unix}-r{revision}{SUFFIX}")
+fn name_of(cluster: &str, node: u64, taken_at_unix: u64, revision: u64) -> String {
+    format!("raftkv-{cluster}-n{node}-{taken_at_unix}-r{revision}{SUFFIX}")
 }
 
-/// Parses what [`name_of`] writes.
-fn parse_name(name: &str) -> Option<Written> {
-    let stem = name.strip_prefix("raftkv-")?.strip_suffix(SUFFIX)?;
-    let mut parts = stem.rsplitn(3, '-');
-    let revision = parts.next()?.strip_prefix('r')?.parse().ok()?;
+/// Parses what [`name_of`] writes, for `cluster` only: a directory shared with another cluster (a
+/// restored one, say) must not have its files counted or pruned.
+fn parse_name(name: &str, cluster: &str) -> Option<Written> {
+    let stem = name
+        .strip_prefix("raftkv-")?
+        .strip_prefix(cluster)?
+        .strip_prefix("-n")?
+        .strip_suffix(SUFFIX)?;
+    let mut parts = stem.splitn(3, '-');
+    parts.next()?.parse::<u64>().ok()?;
     let taken_at_unix = parts.next()?.parse().ok()?;
-    parts.next()?;
+    let revision = parts.next()?.strip_prefix('r')?.parse().ok()?;
     Some(Written {
-        taken_at_unix,
         revision,
+        taken_at_unix,
         name: name.to_string(),
     })
 }
 
-/// The backups in `dir`, oldest first; removes what an interrupted write left.
-fn list(dir: &Path) -> io::Result<Vec<Written>> {
+/// This cluster's backups in `dir`, oldest first.
+fn list(dir: &Path, cluster: &str) -> io::Result<Vec<Written>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let name = entry?.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name.ends_with(&format!("{SUFFIX}.partial")) {
-            let _ = std::fs::remove_file(dir.join(name));
-        } else if let Some(w) = parse_name(name) {
+        if let Some(w) = name.to_str().and_then(|n| parse_name(n, cluster)) {
             found.push(w);
         }
     }
@@ -87,7 +90,10 @@ pub async fn run(node: Weak<Node>, dir: PathBuf, interval: Duration, keep: u32) 
     metrics::gauge!(names::BACKUP_INTERVAL).set(interval.as_secs_f64());
     let failures = metrics::counter!(names::BACKUP_FAILURES);
     let last_success = metrics::gauge!(names::BACKUP_LAST_SUCCESS);
-    let mut newest = match list(&dir) {
+    let Some(cluster) = node.upgrade().map(|n| n.cluster().to_string()) else {
+        return;
+    };
+    let mut newest = match list(&dir, &cluster) {
         Ok(found) => found.last().cloned(),
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot list the backup directory");
@@ -139,24 +145,33 @@ pub async fn run(node: Weak<Node>, dir: PathBuf, interval: Duration, keep: u32) 
 async fn take(node: &Node, dir: &Path, keep: u32) -> anyhow::Result<Written> {
     let prepared = export::prepare(node, node.deadline(None)).await?;
     let header = prepared.header.clone();
-    let dir = dir.to_path_buf();
+    let (dir, me) = (dir.to_path_buf(), node.id());
     let written = tokio::task::spawn_blocking(move || {
-        let name = name_of(&header.cluster_id, header.taken_at_unix, header.revision);
+        let name = name_of(
+            &header.cluster_id,
+            me,
+            header.taken_at_unix,
+            header.revision,
+        );
         let partial = dir.join(format!("{name}.partial"));
-        let mut out = BufWriter::with_capacity(1 << 20, File::create(&partial)?);
-        super::format::write(&mut out, &prepared.header_bytes, &prepared.image)?;
-        out.flush()?;
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&partial, dir.join(&name))?;
-        let all = list(&dir)?;
-        let extra = all.len().saturating_sub(keep as usize);
-        for old in &all[..extra] {
-            std::fs::remove_file(dir.join(&old.name))?;
+        let written = write_file(&partial, &dir.join(&name), &prepared);
+        if written.is_err() {
+            let _ = std::fs::remove_file(&partial);
         }
-        File::open(&dir)?.sync_all()?;
+        written?;
+        let mut all = list(&dir, &header.cluster_id)?;
+        all.retain(|w| w.name != name);
+        let extra = (all.len() + 1).saturating_sub(keep as usize);
+        for old in &all[..extra.min(all.len())] {
+            match std::fs::remove_file(dir.join(&old.name)) {
+                // Another node pruning the same shared directory got there first.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                other => other?,
+            }
+        }
         io::Result::Ok(Written {
-            taken_at_unix: header.taken_at_unix,
             revision: header.revision,
+            taken_at_unix: header.taken_at_unix,
             name,
         })
     })
@@ -164,17 +179,37 @@ async fn take(node: &Node, dir: &Path, keep: u32) -> anyhow::Result<Written> {
     Ok(written)
 }
 
+/// Writes the backup to `partial`, fsyncs it, renames it to `path` and fsyncs the directory: the
+/// new file is durable under its final name before any older one is deleted.
+fn write_file(partial: &Path, path: &Path, prepared: &export::Prepared) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(partial)?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    super::format::write(&mut out, &prepared.header_bytes, &prepared.image)?;
+    out.flush()?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(partial, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn names_read_back_and_sort_oldest_first() {
-        let a = parse_name(&name_of("00ab", 100, 7)).unwrap();
-        let b = parse_name(&name_of("00ab", 200, 5)).unwrap();
-        assert_eq!((a.taken_at_unix, a.revision), (100, 7));
-        assert!(a < b);
-        assert_eq!(parse_name("raftkv-00ab-1-r2.rkvbackup.partial"), None);
-        assert_eq!(parse_name("notes.txt"), None);
+    fn names_read_back_and_sort_by_revision() {
+        let a = parse_name(&name_of("00ab", 1, 200, 5), "00ab").unwrap();
+        let b = parse_name(&name_of("00ab", 2, 100, 7), "00ab").unwrap();
+        assert_eq!((a.taken_at_unix, a.revision), (200, 5));
+        assert!(a < b, "a later revision is newer, whatever the clock said");
+        assert_eq!(parse_name(&name_of("00ab", 1, 1, 2), "00cd"), None);
+        assert_eq!(
+            parse_name("raftkv-00ab-n1-1-r2.rkvbackup.partial", "00ab"),
+            None
+        );
+        assert_eq!(parse_name("notes.txt", "00ab"), None);
     }
 }

@@ -52,6 +52,9 @@ pub struct FaultRecord {
     pub detail: String,
     pub start_ns: u64,
     pub end_ns: Option<u64>,
+    /// How it went, for faults that can be refused or time out (membership changes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
 }
 
 pub struct History {
@@ -86,6 +89,7 @@ impl History {
             detail,
             start_ns: self.now(),
             end_ns: None,
+            outcome: None,
         });
         faults.len() - 1
     }
@@ -99,6 +103,19 @@ impl History {
             .get_mut(index)
         {
             f.end_ns = Some(now);
+        }
+    }
+
+    /// [`History::fault_ended`], with what came of the fault.
+    pub fn fault_ended_with(&self, index: usize, outcome: String) {
+        self.fault_ended(index);
+        if let Some(f) = self
+            .faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(index)
+        {
+            f.outcome = Some(outcome);
         }
     }
 

@@ -1,7 +1,8 @@
 //! `raftkv jepsen` (the `raftkv-jepsen` binary): a Jepsen-style fault test of the real release binary.
 //!
 //! It starts a fresh cluster of separate `raftkv server` processes, runs concurrent clients on every node
-//! while the [`nemesis`] partitions, kills and pauses nodes from outside, records every operation in a
+//! while the [`nemesis`] partitions, kills and pauses nodes from outside and adds and removes members,
+//! records every operation in a
 //! [`history`], and then checks it: linearizability per register key ([`checker`]), no lost or invented
 //! set elements, no phantom or too-old eventual reads, replicas that converge after the heal, operations
 //! that work again after the heal, and no node that crashed on its own. Exit status: 0 pass, 1 anomaly,
@@ -37,8 +38,9 @@ pub struct JepsenArgs {
     /// Seconds of the main phase, during which faults come and go.
     #[arg(long, default_value_t = 60)]
     pub time: u64,
-    /// Fault kinds, comma-separated: all, partition-leader, partition-halves, partition-bridge,
-    /// partition-one-way, kill, pause, pause-reads, crash-all, clock (needs libfaketime).
+    /// Fault kinds, comma-separated: all, partition (the four partition kinds), partition-leader,
+    /// partition-halves, partition-bridge, partition-one-way, kill, pause, pause-reads, crash-all,
+    /// clock (needs libfaketime), membership (not with --tls).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     pub nemesis: Vec<String>,
     /// How partitions are made: netns (root: a network namespace per node, iptables), proxy (a TCP proxy
@@ -113,9 +115,11 @@ fn parse_range(s: &str) -> anyhow::Result<(Duration, Duration)> {
     Ok((lo, hi))
 }
 
-/// The requested fault kinds. `all` leaves out `clock` when libfaketime is missing, and says so; asking
-/// for `clock` by name without it is an error rather than a silently weaker run.
-fn parse_faults(names: &[String]) -> anyhow::Result<Vec<Fault>> {
+/// The requested fault kinds. `all` leaves out `clock` when libfaketime is missing, and `membership`
+/// with `--tls`, and says so; asking for one of those by name then is an error rather than a
+/// silently weaker run. A joining node (`--join`) asks the cluster to add it over the public port, and
+/// the harness's certificates are made for the initial nodes only, so membership needs plaintext.
+fn parse_faults(names: &[String], tls: bool) -> anyhow::Result<Vec<Fault>> {
     let have_faketime = std::path::Path::new(nemesis::LIBFAKETIME).exists();
     let mut faults = Vec::new();
     for name in names.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
@@ -128,12 +132,27 @@ fn parse_faults(names: &[String]) -> anyhow::Result<Vec<Fault>> {
                     nemesis::LIBFAKETIME
                 );
             }
+            // Left out of `all` until a voter that missed a membership change can follow a leader
+            // added meanwhile (it refuses it as "not a member" today; see tests/membership.rs,
+            // `a_voter_that_missed_a_change_follows_the_leader_added_meanwhile`): runs of `all`
+            // would fail on that known bug at random. Name it to run it.
+            faults.retain(|f| *f != Fault::Membership);
+            println!(
+                "membership fault left out of `all` (a known bug; name it to run it{})",
+                if tls { ", without --tls" } else { "" }
+            );
+        } else if name == "partition" {
+            faults.extend(nemesis::PARTITIONS);
         } else if name != "none" {
             let fault = name.parse::<Fault>().map_err(anyhow::Error::msg)?;
             anyhow::ensure!(
                 fault != Fault::Clock || have_faketime,
                 "the clock fault needs {} (apt-get install libfaketime)",
                 nemesis::LIBFAKETIME
+            );
+            anyhow::ensure!(
+                fault != Fault::Membership || !tls,
+                "the membership fault needs a plaintext cluster (no --tls)"
             );
             faults.push(fault);
         }
@@ -143,9 +162,13 @@ fn parse_faults(names: &[String]) -> anyhow::Result<Vec<Fault>> {
     Ok(faults)
 }
 
+/// Fresh ids a run with the membership fault can hand out: about one grow in every 2 * 10 faults, so
+/// this covers hours of faults in netns mode.
+const MEMBERSHIP_IDS: u64 = 60;
+
 /// Runs a whole fault test and returns the process exit code (0 pass, 1 anomaly, 2 unknown).
 pub async fn run(args: JepsenArgs) -> anyhow::Result<std::process::ExitCode> {
-    let faults = parse_faults(&args.nemesis)?;
+    let faults = parse_faults(&args.nemesis, args.tls)?;
     let healthy = parse_range(&args.healthy)?;
     let hold = parse_range(&args.hold)?;
     let seed = args.seed.unwrap_or_else(rand::random);
@@ -167,7 +190,14 @@ pub async fn run(args: JepsenArgs) -> anyhow::Result<std::process::ExitCode> {
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
-    let net = Net::create(&args.net, args.nodes).await?;
+    // Room for the fresh ids the membership nemesis hands out (proxy mode has less; the nemesis stops
+    // growing the cluster when they run out).
+    let extra = if faults.contains(&Fault::Membership) {
+        MEMBERSHIP_IDS
+    } else {
+        0
+    };
+    let net = Net::create(&args.net, args.nodes, extra).await?;
     println!(
         "raftkv jepsen: {} nodes, {} s of faults [{}], seed {seed}",
         args.nodes,
@@ -242,7 +272,11 @@ async fn drive(
     let history = Arc::new(History::new());
     let clients = {
         let nodes = nodes.lock().await;
-        nodes.ids().into_iter().map(|id| nodes.kv(id)).collect()
+        nodes
+            .members()
+            .into_iter()
+            .map(|id| (id, nodes.kv(id)))
+            .collect()
     };
     let shared = Arc::new(Shared::new(
         history.clone(),
@@ -256,11 +290,10 @@ async fn drive(
     ));
     let mut workers = Vec::new();
     for i in 0..args.register_clients {
-        let node = i % args.nodes + 1;
         let s = seed.wrapping_add(1000 + i);
         workers.push(tokio::spawn(workload::register_client(
             shared.clone(),
-            node,
+            i,
             s,
         )));
     }
@@ -274,6 +307,7 @@ async fn drive(
     }
 
     let until = tokio::time::Instant::now() + Duration::from_secs(args.time);
+    let mut membership = nemesis::membership::State::new(args.nodes, faults);
     let fired = if faults.is_empty() {
         tokio::time::sleep_until(until).await;
         BTreeMap::new()
@@ -286,6 +320,7 @@ async fn drive(
             nodes,
             shared.clone(),
             until,
+            &mut membership,
         )
         .await?
     };
@@ -300,7 +335,7 @@ async fn drive(
     net.heal().await?;
     {
         let mut nodes = nodes.lock().await;
-        for id in 1..=args.nodes {
+        for id in nodes.members() {
             nodes.resume(id)?;
             if !nodes.is_running(id) {
                 nodes.start(id)?;
@@ -308,6 +343,12 @@ async fn drive(
         }
         nodes.reap_unexpected()?;
     }
+    // Removals that had not gone through when the faults ended, and nodes still joining.
+    let unsettled = if faults.contains(&Fault::Membership) {
+        nemesis::membership::settle(nodes, &shared, &mut membership).await?
+    } else {
+        Vec::new()
+    };
     history.write_jsonl(&out.join("history.jsonl"))?;
     let nodes = nodes.lock().await;
     verify::verify(
@@ -316,6 +357,8 @@ async fn drive(
             shared: &shared,
             faults,
             fired,
+            membership: membership.stats.clone(),
+            unsettled,
             net_mode: net.mode(),
             seed,
             main_phase,
@@ -324,4 +367,38 @@ async fn drive(
         out,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn partition_names_the_four_partition_kinds() {
+        let faults = parse_faults(&names(&["membership", "partition", "kill"]), false).unwrap();
+        let mut want = nemesis::PARTITIONS.to_vec();
+        want.extend([Fault::Kill, Fault::Membership]);
+        want.sort();
+        assert_eq!(faults, want);
+    }
+
+    #[test]
+    fn all_leaves_membership_out_but_it_runs_by_name() {
+        for tls in [false, true] {
+            assert!(
+                !parse_faults(&names(&["all"]), tls)
+                    .unwrap()
+                    .contains(&Fault::Membership)
+            );
+        }
+        assert_eq!(
+            parse_faults(&names(&["membership"]), false).unwrap(),
+            vec![Fault::Membership]
+        );
+        assert!(parse_faults(&names(&["membership"]), true).is_err());
+    }
 }

@@ -13,6 +13,13 @@
 //!
 //! A cut is directional: `(from, to)` means `to` no longer hears `from`. Symmetric partitions cut both
 //! directions; "one-way" faults cut one.
+//!
+//! Node ids are network slots too: node `id` always has the same address, namespace and proxy links.
+//! The membership nemesis starts nodes with fresh ids during the run, so the network has room for
+//! more ids than the initial cluster ([`Net::max_id`]): in netns mode a node's namespace is made when
+//! it is first needed ([`Net::prepare`]); in proxy mode every link between every pair of possible ids
+//! is made at the start, because each node is told its routes (`--dial`) when it starts and a node
+//! already running could not learn a route to a newcomer.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -30,6 +37,11 @@ pub type Grudge = BTreeSet<(u64, u64)>;
 /// The ports every node listens on inside its own namespace: clients, and peers.
 const NETNS_PORT: u16 = 7000;
 const NETNS_PEER_PORT: u16 = 7100;
+/// The highest node id a netns run can host: node `id` is at `10.77.s.<id>`, and `.254` is the
+/// harness.
+const NETNS_MAX_ID: u64 = 250;
+/// The most ids a proxy run can host: it makes `ids * (ids - 1)` link listeners up front.
+const PROXY_MAX_IDS: u64 = 14;
 
 pub enum Net {
     Netns(Netns),
@@ -37,18 +49,46 @@ pub enum Net {
 }
 
 impl Net {
-    /// Builds the network for `n` nodes in the requested mode (`auto`: netns when root and `ip` and
-    /// `iptables` exist, else proxy).
-    pub async fn create(mode: &str, n: u64) -> anyhow::Result<Net> {
+    /// Builds the network for `n` nodes, with room for up to `extra` more ids (fewer in proxy mode,
+    /// see [`Net::max_id`]), in the requested mode (`auto`: netns when root and `ip` and `iptables`
+    /// exist, else proxy).
+    pub async fn create(mode: &str, n: u64, extra: u64) -> anyhow::Result<Net> {
         let mode = match mode {
             "auto" if netns_possible() => "netns",
             "auto" => "proxy",
             other => other,
         };
         match mode {
-            "netns" => Ok(Net::Netns(Netns::create(n).await?)),
-            "proxy" => Ok(Net::Proxy(Proxy::create(n).await?)),
+            "netns" => {
+                let max_id = (n + extra).min(NETNS_MAX_ID);
+                Ok(Net::Netns(Netns::create(n, max_id).await?))
+            }
+            "proxy" => Ok(Net::Proxy(
+                Proxy::create((n + extra).min(PROXY_MAX_IDS.max(n))).await?,
+            )),
             other => bail!("unknown network mode {other:?} (auto, netns or proxy)"),
+        }
+    }
+
+    /// The highest node id this network has a place for: the membership nemesis stops growing the
+    /// cluster once its fresh ids run out.
+    pub fn max_id(&self) -> u64 {
+        match self {
+            Net::Netns(ns) => ns.max_id,
+            Net::Proxy(p) => p.n,
+        }
+    }
+
+    /// Makes node `id`'s place on the network, if it has none yet (its namespace, in netns mode).
+    pub async fn prepare(&self, id: u64) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=self.max_id()).contains(&id),
+            "node id {id} is beyond this network's {} ids",
+            self.max_id()
+        );
+        match self {
+            Net::Netns(ns) => ns.add(id).await,
+            Net::Proxy(_) => Ok(()),
         }
     }
 
@@ -75,8 +115,9 @@ impl Net {
         }
     }
 
-    /// Where node `id` of `n` listens and how it is launched on this network.
-    pub fn node(&self, id: u64, n: u64) -> NodeSpec {
+    /// Where node `id` listens and how it is launched on this network. In proxy mode its routes
+    /// cover every id the network has room for, members or not yet.
+    pub fn node(&self, id: u64) -> NodeSpec {
         let (wrapper, args) = match self {
             // `ip netns exec` enters the namespace and then execs, so the child's pid is the node's
             // own: SIGKILL and SIGSTOP reach raftkv, not a wrapper.
@@ -85,7 +126,7 @@ impl Net {
                 Vec::new(),
             ),
             Net::Proxy(p) => {
-                let routes: Vec<String> = (1..=n)
+                let routes: Vec<String> = (1..=p.n)
                     .filter(|&j| j != id)
                     .map(|j| format!("{j}=127.0.0.1:{}", p.link_port(id, j)))
                     .collect();
@@ -160,11 +201,20 @@ async fn sh(args: &[&str]) -> anyhow::Result<()> {
 pub struct Netns {
     prefix: String,
     subnet: u8,
-    n: u64,
+    max_id: u64,
+    /// The nodes whose namespace exists.
+    made: Mutex<BTreeSet<u64>>,
+    /// The nodes whose namespace holds DROP rules now: a heal flushes only those, so that a run with
+    /// many namespaces does not spend a second per heal on empty tables.
+    cut_in: Mutex<BTreeSet<u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Netns {
-    async fn create(n: u64) -> anyhow::Result<Netns> {
+    async fn create(n: u64, max_id: u64) -> anyhow::Result<Netns> {
         let pid = std::process::id();
         let prefix = format!("kvj{}", pid % 100_000);
         let used = tokio::process::Command::new("ip")
@@ -177,7 +227,13 @@ impl Netns {
             .map(|k| ((pid + k) % 200 + 20) as u8)
             .find(|s| !used.contains(&format!("10.77.{s}.")))
             .context("no free 10.77.x.0/24 subnet")?;
-        let ns = Netns { prefix, subnet, n };
+        let ns = Netns {
+            prefix,
+            subnet,
+            max_id,
+            made: Mutex::default(),
+            cut_in: Mutex::default(),
+        };
         ns.teardown_blocking();
         let br = ns.bridge();
         let gw = format!("10.77.{subnet}.254/24");
@@ -185,20 +241,32 @@ impl Netns {
         sh(&["ip", "addr", "add", &gw, "dev", &br]).await?;
         sh(&["ip", "link", "set", &br, "up"]).await?;
         for id in 1..=n {
-            let name = ns.ns(id);
-            let veth = format!("{}-v{id}", ns.prefix);
-            let ip = format!("{}/24", ns.ip(id));
-            sh(&["ip", "netns", "add", &name]).await?;
-            sh(&[
-                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name,
-            ])
-            .await?;
-            sh(&["ip", "link", "set", &veth, "master", &br, "up"]).await?;
-            sh(&["ip", "-n", &name, "addr", "add", &ip, "dev", "eth0"]).await?;
-            sh(&["ip", "-n", &name, "link", "set", "eth0", "up"]).await?;
-            sh(&["ip", "-n", &name, "link", "set", "lo", "up"]).await?;
+            ns.add(id).await?;
         }
         Ok(ns)
+    }
+
+    /// Node `id`'s namespace and veth on the bridge, unless they exist.
+    async fn add(&self, id: u64) -> anyhow::Result<()> {
+        if lock(&self.made).contains(&id) {
+            return Ok(());
+        }
+        let name = self.ns(id);
+        let veth = format!("{}-v{id}", self.prefix);
+        let ip = format!("{}/24", self.ip(id));
+        let br = self.bridge();
+        // Recorded first, so that teardown removes a namespace that is only half made.
+        lock(&self.made).insert(id);
+        sh(&["ip", "netns", "add", &name]).await?;
+        sh(&[
+            "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &name,
+        ])
+        .await?;
+        sh(&["ip", "link", "set", &veth, "master", &br, "up"]).await?;
+        sh(&["ip", "-n", &name, "addr", "add", &ip, "dev", "eth0"]).await?;
+        sh(&["ip", "-n", &name, "link", "set", "eth0", "up"]).await?;
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]).await?;
+        Ok(())
     }
 
     fn bridge(&self) -> String {
@@ -216,6 +284,11 @@ impl Netns {
     async fn cut(&self, grudge: &Grudge) -> anyhow::Result<()> {
         self.heal().await?;
         for (from, to) in grudge {
+            anyhow::ensure!(
+                lock(&self.made).contains(to),
+                "node {to} has no namespace to cut in"
+            );
+            lock(&self.cut_in).insert(*to);
             let (ns, src) = (self.ns(*to), self.ip(*from));
             sh(&[
                 "ip", "netns", "exec", &ns, "iptables", "-w", "-A", "INPUT", "-s", &src, "-j",
@@ -227,7 +300,8 @@ impl Netns {
     }
 
     async fn heal(&self) -> anyhow::Result<()> {
-        for id in 1..=self.n {
+        let cut_in = std::mem::take(&mut *lock(&self.cut_in));
+        for id in cut_in {
             let ns = self.ns(id);
             sh(&["ip", "netns", "exec", &ns, "iptables", "-w", "-F", "INPUT"]).await?;
         }
@@ -243,8 +317,25 @@ impl Netns {
                 .stderr(std::process::Stdio::null())
                 .status();
         };
-        for id in 1..=self.n.max(9) {
-            quiet(&["ip", "netns", "del", &self.ns(id)]);
+        // Also what an earlier run with the same pid prefix may have left behind.
+        let listed = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mine = format!("{}-n", self.prefix);
+        let mut names: BTreeSet<String> = listed
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|name| {
+                name.strip_prefix(&mine)
+                    .is_some_and(|id| id.parse::<u64>().is_ok())
+            })
+            .map(String::from)
+            .collect();
+        names.extend(lock(&self.made).iter().map(|&id| self.ns(id)));
+        for name in names {
+            quiet(&["ip", "netns", "del", &name]);
         }
         quiet(&["ip", "link", "del", &self.bridge()]);
     }

@@ -1,12 +1,14 @@
 //! The cluster under test: real `raftkv server` processes run by `raftkv-testkit` (each with its own
 //! data directory and log file in the run's output directory), started, killed, paused and restarted
 //! from outside, the way an operator or a power cut would. What is the fault harness's own: where the
-//! network puts each node, and the nodes that exited without the harness causing it, which fail a run.
+//! network puts each node, which nodes are in the cluster now (the membership nemesis adds and
+//! removes them), and the nodes that exited without the harness causing it, which fail a run.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use raftkv_testkit::Cluster;
+use raftkv_testkit::{Cluster, NodeSpec};
 
 use super::net::Net;
 
@@ -18,6 +20,12 @@ pub struct Nodes {
     cluster: Cluster,
     /// Exits the harness did not cause, with how the process ended.
     unexpected_exits: Vec<String>,
+    /// The nodes the harness runs as part of the cluster: every node it started and has not retired.
+    /// Faults strike these, and the final checks require these; `Cluster::ids` also lists retired
+    /// ones, whose logs still count.
+    members: BTreeSet<u64>,
+    /// Nodes removed from the cluster and stopped for good (their ids are never used again).
+    retired: BTreeSet<u64>,
 }
 
 impl std::ops::Deref for Nodes {
@@ -35,7 +43,8 @@ impl std::ops::DerefMut for Nodes {
 
 impl Nodes {
     /// `n` nodes of `bin` on `net`, their data and logs in `dir`, started by the caller. With `tls`,
-    /// both ports use certificates made in `dir/tls`.
+    /// both ports use certificates made in `dir/tls` (for these nodes only: the membership fault,
+    /// which adds nodes, is not run with TLS).
     pub fn new(
         net: &Net,
         n: u64,
@@ -48,7 +57,7 @@ impl Nodes {
             .unwrap_or_else(|_| "info,openraft=error".into());
         let mut builder = Cluster::builder(bin)
             .dir(dir)
-            .nodes((1..=n).map(|id| net.node(id, n)).collect())
+            .nodes((1..=n).map(|id| net.node(id)).collect())
             .args(extra_args)
             .log_filter(log_filter)
             .status_timeout(STATUS_TIMEOUT)
@@ -59,11 +68,53 @@ impl Nodes {
         Ok(Nodes {
             cluster: builder.build()?,
             unexpected_exits: Vec::new(),
+            members: (1..=n).collect(),
+            retired: BTreeSet::new(),
         })
     }
 
+    /// The nodes in the cluster now, in id order (see [`Nodes::members`]'s field).
+    pub fn members(&self) -> Vec<u64> {
+        self.members.iter().copied().collect()
+    }
+
+    pub fn is_member(&self, id: u64) -> bool {
+        self.members.contains(&id)
+    }
+
+    pub fn retired(&self) -> Vec<u64> {
+        self.retired.iter().copied().collect()
+    }
+
+    /// A node with a fresh id, not yet started; from now on it is a member the final checks require.
+    pub fn add_member(&mut self, spec: NodeSpec) -> anyhow::Result<()> {
+        let id = spec.id;
+        anyhow::ensure!(!self.retired.contains(&id), "node id {id} was retired");
+        self.cluster.add_node(spec)?;
+        self.members.insert(id);
+        Ok(())
+    }
+
+    /// A node that was removed from the cluster: it no longer counts as a member. The caller has
+    /// stopped it or is about to.
+    pub fn retire(&mut self, id: u64) {
+        self.members.remove(&id);
+        self.retired.insert(id);
+    }
+
+    /// The member that says it leads, at the highest term any member reports.
+    pub async fn current_leader(&self) -> Option<u64> {
+        self.statuses_of(&self.members())
+            .await
+            .into_iter()
+            .flatten()
+            .filter(|s| s.role == "leader")
+            .max_by_key(|s| s.term)
+            .map(|s| s.id)
+    }
+
     /// Notes every node that exited without the harness killing it (a crash or a panic); such a node is
-    /// restarted so the run goes on, but the run fails.
+    /// restarted (unless it was retired) so the run goes on, but the run fails.
     pub fn reap_unexpected(&mut self) -> anyhow::Result<()> {
         for id in self.ids() {
             if let Some(status) = self.cluster.exited(id)? {
@@ -71,8 +122,10 @@ impl Nodes {
                 let why = self.log_tail(id, 3).join(" | ");
                 self.unexpected_exits
                     .push(format!("node {id} exited ({status}): {why}"));
-                tracing::error!(node = id, %status, %why, "node exited unexpectedly; restarting it");
-                self.cluster.start(id)?;
+                tracing::error!(node = id, %status, %why, "node exited unexpectedly");
+                if self.members.contains(&id) {
+                    self.cluster.start(id)?;
+                }
             }
         }
         Ok(())
@@ -94,8 +147,8 @@ impl Nodes {
         found
     }
 
-    /// Waits until every node answers and all agree on one leader that calls itself leader.
+    /// Waits until every member answers and all agree on one leader that calls itself leader.
     pub async fn wait_stable(&self, deadline: Duration) -> Option<u64> {
-        self.wait_leader(&self.ids(), deadline).await.ok()
+        self.wait_leader(&self.members(), deadline).await.ok()
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! A run passes only if every check passes *and* it exercised what it claims to: each requested fault
 //! kind fired, and reads, writes and CASes each succeeded at least once. A run that proved nothing is
-//! "unknown", never a pass.
+//! "unknown", never a pass. The nodes checked are the members at the end: a node the membership
+//! nemesis removed is stopped and need not converge, but what it answered while it ran is in the
+//! history and checked like the rest.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -20,6 +22,10 @@ pub struct Inputs<'a> {
     pub shared: &'a Shared,
     pub faults: &'a [Fault],
     pub fired: BTreeMap<Fault, u64>,
+    /// What the membership nemesis did: changes made, refused, timed out.
+    pub membership: BTreeMap<String, u64>,
+    /// Members that were not as they should be after the final heal (a node that never joined).
+    pub unsettled: Vec<String>,
     pub net_mode: &'static str,
     pub seed: u64,
     pub main_phase: Duration,
@@ -57,6 +63,10 @@ pub struct Report {
     /// (f, outcome) -> count.
     pub ops: BTreeMap<(String, Outcome), u64>,
     pub fired: BTreeMap<Fault, u64>,
+    pub membership: BTreeMap<String, u64>,
+    /// The members at the end, and the nodes removed during the run.
+    pub members: Vec<u64>,
+    pub retired: Vec<u64>,
     pub checks: Vec<Check>,
     pub check_time: Duration,
 }
@@ -103,6 +113,16 @@ impl Report {
         for (f, n) in &self.fired {
             println!("  {:<20} {n}", f.name());
         }
+        if !self.membership.is_empty() || !self.retired.is_empty() {
+            println!("membership changes:");
+            for (what, n) in &self.membership {
+                println!("  {what:<42} {n}");
+            }
+            println!(
+                "  members at the end {:?}, removed during the run {:?}",
+                self.members, self.retired
+            );
+        }
         println!(
             "checks (checking took {:.2} s):",
             self.check_time.as_secs_f64()
@@ -137,6 +157,9 @@ impl Report {
             "check_secs": self.check_time.as_secs_f64(),
             "ops": ops,
             "faults": faults,
+            "membership": self.membership,
+            "members": self.members,
+            "retired": self.retired,
             "checks": checks,
         })
     }
@@ -174,6 +197,8 @@ pub async fn verify(input: Inputs<'_>, out: &std::path::Path) -> anyhow::Result<
         shared,
         faults,
         fired,
+        membership,
+        unsettled,
         net_mode,
         seed,
         main_phase,
@@ -192,6 +217,21 @@ pub async fn verify(input: Inputs<'_>, out: &std::path::Path) -> anyhow::Result<
             None => "no agreed leader within 30 s of the heal".into(),
         },
     ));
+    if faults.contains(&Fault::Membership) {
+        checks.push(check(
+            "membership",
+            unsettled.is_empty(),
+            if unsettled.is_empty() {
+                format!(
+                    "every node the harness runs is a member: {:?} (removed: {:?})",
+                    nodes.members(),
+                    nodes.retired()
+                )
+            } else {
+                unsettled.join("; ")
+            },
+        ));
+    }
     checks.push(final_ops(nodes).await);
 
     // Linearizability of the register, per key.
@@ -275,20 +315,38 @@ pub async fn verify(input: Inputs<'_>, out: &std::path::Path) -> anyhow::Result<
         .into_iter()
         .filter(|f| ops.get(&(f.to_string(), Outcome::Ok)).copied().unwrap_or(0) == 0)
         .collect();
+    // A membership fault that was refused or timed out every time changed nothing.
+    let changed = |kind: &str| {
+        membership
+            .iter()
+            .filter(|(k, _)| k.starts_with(kind))
+            .map(|(_, n)| n)
+            .sum::<u64>()
+    };
+    let no_change =
+        faults.contains(&Fault::Membership) && changed("grown") + changed("shrunk") == 0;
+    let covered = missing.is_empty() && no_ok.is_empty() && !no_change;
     checks.push(Check {
         name: "coverage",
-        status: if missing.is_empty() && no_ok.is_empty() {
+        status: if covered {
             Status::Pass
         } else {
             Status::Unknown
         },
-        detail: if missing.is_empty() && no_ok.is_empty() {
+        detail: if covered {
             format!(
                 "every requested fault fired ({} in all); every operation kind succeeded",
                 fired.values().sum::<u64>()
             )
         } else {
-            format!("faults that never fired: {missing:?}; operation kinds with no ok: {no_ok:?}")
+            format!(
+                "faults that never fired: {missing:?}; operation kinds with no ok: {no_ok:?}{}",
+                if no_change {
+                    "; no membership change was made"
+                } else {
+                    ""
+                }
+            )
         },
     });
 
@@ -298,6 +356,9 @@ pub async fn verify(input: Inputs<'_>, out: &std::path::Path) -> anyhow::Result<
         main_phase,
         ops,
         fired,
+        membership,
+        members: nodes.members(),
+        retired: nodes.retired(),
         checks,
         check_time: check_start.elapsed(),
     })
@@ -330,7 +391,7 @@ where
 
 async fn final_ops(nodes: &Nodes) -> Check {
     let mut failures = Vec::new();
-    for id in nodes.ids() {
+    for id in nodes.members() {
         let key = format!("final/{id}").into_bytes();
         let value = format!("final-{id}").into_bytes();
         let write = until_ok(|| {
@@ -380,7 +441,7 @@ async fn final_ops(nodes: &Nodes) -> Check {
         if failures.is_empty() {
             format!(
                 "a write and a strong read succeeded through each of the {} nodes",
-                nodes.size()
+                nodes.members().len()
             )
         } else {
             failures.join("; ")
@@ -428,7 +489,10 @@ async fn scan_all(
 /// Every acknowledged add is present; nothing is present that was never attempted, and every element
 /// holds the value it was written with.
 async fn set_check(nodes: &Nodes, shared: &Shared, leader: Option<u64>) -> Check {
-    let via = leader.unwrap_or(1);
+    // Node 1 may have been removed (the membership nemesis), so without a leader: the first member.
+    let via = leader
+        .or_else(|| nodes.members().first().copied())
+        .unwrap_or(1);
     let end = {
         let mut e = SET_PREFIX.as_bytes().to_vec();
         if let Some(last) = e.last_mut() {
@@ -502,16 +566,22 @@ async fn set_check(nodes: &Nodes, shared: &Shared, leader: Option<u64>) -> Check
     )
 }
 
-/// After the heal every node must hold exactly the same data at the same revision.
+/// After the heal every member must hold exactly the same data at the same revision.
 async fn convergence(nodes: &Nodes) -> Check {
+    let members = nodes.members();
     let result = until_ok(|| async {
-        let statuses = nodes.statuses().await;
-        if statuses.len() as u64 != nodes.size() {
+        let statuses: Vec<_> = nodes
+            .statuses_of(&members)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if statuses.len() != members.len() {
             return Err("not every node answers Status".to_string());
         }
         let target = statuses.iter().map(|s| s.commit_index).max().unwrap_or(0);
         let mut first: Option<(u64, Vec<pb::KeyValue>)> = None;
-        for id in nodes.ids() {
+        for &id in &members {
             let kvs = scan_all(nodes, id, b"", b"", pb::Consistency::Eventual, target).await?;
             match &first {
                 None => first = Some((id, kvs)),
@@ -533,7 +603,7 @@ async fn convergence(nodes: &Nodes) -> Check {
             "convergence",
             format!(
                 "all {} nodes hold the same {pairs} pairs at revision {revision}",
-                nodes.size()
+                members.len()
             ),
         ),
         Err(e) => check("convergence", false, e),

@@ -1,7 +1,9 @@
 //! The clients of a fault test and what they record.
 //!
 //! Three workloads run side by side, with clients pinned to every node so followers see writes (and
-//! forward them) too:
+//! forward them) too. The nodes they use follow the membership: a node the membership nemesis adds
+//! becomes a target once it is a member, and one it removes stops being one once the removal is
+//! done (what it answered until then stays in the history and is checked like everything else):
 //!
 //! * **register**: strong reads, writes and compare-and-swaps (a `Txn`) on one key at a time, checked for
 //!   linearizability per key. Keys rotate every `ops_per_key` operations, because checking cost explodes
@@ -13,7 +15,7 @@
 //!
 //! Every written value is unique in the run, so a value read names exactly one write.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +29,10 @@ use super::history::{History, OpRecord, Outcome};
 use raftkv_client::pb::v1 as pb;
 use raftkv_client::pb::v1::kv_client::KvClient;
 use raftkv_client::{NODE_ID_HEADER, certainly_not_proposed};
+
+/// How long a client waits when there is no node to send to (never in practice: the membership
+/// nemesis keeps the cluster at its size or more).
+const NO_TARGET_WAIT: Duration = Duration::from_millis(50);
 
 pub struct Settings {
     pub request_timeout: Duration,
@@ -43,7 +49,7 @@ pub struct Settings {
 pub struct Shared {
     pub history: Arc<History>,
     pub settings: Settings,
-    clients: Vec<KvClient<Channel>>,
+    targets: Mutex<Targets>,
     stop: AtomicBool,
     next_value: AtomicU64,
     next_process: AtomicU64,
@@ -60,20 +66,34 @@ pub struct Shared {
     pub min_revision_reads: AtomicU64,
 }
 
+/// Where the clients send their requests.
+struct Targets {
+    /// A channel to every node that was ever a target (a removed node's too, for the nemesis's
+    /// probes of it).
+    clients: BTreeMap<u64, KvClient<Channel>>,
+    /// The nodes clients use now, in id order.
+    active: Vec<u64>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
+    /// `clients`: the nodes to use at first, by id.
     pub fn new(
         history: Arc<History>,
-        clients: Vec<KvClient<Channel>>,
+        clients: Vec<(u64, KvClient<Channel>)>,
         settings: Settings,
     ) -> Shared {
+        let active = clients.iter().map(|(id, _)| *id).collect();
         Shared {
             history,
             settings,
-            clients,
+            targets: Mutex::new(Targets {
+                clients: clients.into_iter().collect(),
+                active,
+            }),
             stop: AtomicBool::new(false),
             next_value: AtomicU64::new(1),
             next_process: AtomicU64::new(0),
@@ -146,12 +166,40 @@ impl Shared {
         *r = (*r).max(revision);
     }
 
-    fn client(&self, node: u64) -> KvClient<Channel> {
-        self.clients[(node - 1) as usize].clone()
+    /// From now on clients use node `id` too.
+    pub fn add_target(&self, id: u64, client: KvClient<Channel>) {
+        let mut t = lock(&self.targets);
+        t.clients.insert(id, client);
+        if !t.active.contains(&id) {
+            t.active.push(id);
+            t.active.sort_unstable();
+        }
     }
 
-    fn nodes(&self) -> u64 {
-        self.clients.len() as u64
+    /// From now on no client picks node `id`; requests already sent to it finish and are recorded.
+    pub fn remove_target(&self, id: u64) {
+        lock(&self.targets).active.retain(|&n| n != id);
+    }
+
+    pub fn targets(&self) -> Vec<u64> {
+        lock(&self.targets).active.clone()
+    }
+
+    fn client(&self, node: u64) -> Option<KvClient<Channel>> {
+        lock(&self.targets).clients.get(&node).cloned()
+    }
+
+    /// The node of the `slot`-th pinned client: slots are dealt round the current targets in id
+    /// order, so every target has clients and a new node gets some at once.
+    fn pinned(&self, slot: u64) -> Option<u64> {
+        let t = lock(&self.targets);
+        let n = t.active.len() as u64;
+        (n > 0).then(|| t.active[(slot % n) as usize])
+    }
+
+    fn random_target(&self, rng: &mut StdRng) -> Option<u64> {
+        let t = lock(&self.targets);
+        (!t.active.is_empty()).then(|| t.active[rng.random_range(0..t.active.len())])
     }
 
     /// Sends one request with the run's deadline (as grpc-timeout, so the server gives up in time, and
@@ -183,8 +231,8 @@ impl Shared {
             value: value.to_string().into_bytes(),
             prev_kv: false,
         };
-        let mut client = self.client(node);
-        self.timed(|t| client.put(request(req, t))).await
+        self.timed(node, |mut c, t| async move { c.put(request(req, t)).await })
+            .await
     }
 
     async fn get(
@@ -199,17 +247,23 @@ impl Shared {
             consistency: consistency as i32,
             min_revision,
         };
-        let mut client = self.client(node);
-        self.timed(|t| client.get(request(req, t))).await
+        self.timed(node, |mut c, t| async move { c.get(request(req, t)).await })
+            .await
     }
 
-    async fn timed<T, F, Fut>(&self, make: F) -> Timed<T>
+    async fn timed<T, F, Fut>(&self, node: u64, make: F) -> Timed<T>
     where
-        F: FnOnce(Duration) -> Fut,
+        F: FnOnce(KvClient<Channel>, Duration) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let invoke = self.history.now();
-        let result = self.call(make).await;
+        let result = match self.client(node) {
+            Some(client) => self.call(|t| make(client, t)).await,
+            // Never sent, so certainly not applied (a harness bug if it ever happens).
+            None => Err(tonic::Status::failed_precondition(format!(
+                "harness: no channel to node {node}"
+            ))),
+        };
         Timed {
             invoke,
             complete: self.history.now(),
@@ -226,14 +280,24 @@ fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
 
 /// A mutation's outcome from its error: only a refusal that certainly happened before proposing is a
 /// `fail`; anything else (timeouts, lost connections, UNKNOWN) may have been applied.
-fn mutation_outcome(status: &tonic::Status) -> Outcome {
+fn mutation_outcome(status: &tonic::Status, node: u64) -> Outcome {
     // A validation refusal counts only when a raftkv node gave it: HTTP/2 itself also answers
     // RESOURCE_EXHAUSTED (e.g. a GOAWAY after too many reset streams), about requests it may have run.
     let refused = matches!(
         status.code(),
         tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
     ) && status.metadata().contains_key(NODE_ID_HEADER);
-    if certainly_not_proposed(status) || refused {
+    // A removed node turns every request away before looking at it. Only its own refusal counts: one
+    // passed on by a node that forwarded the write says nothing about what that node did first.
+    let own = status
+        .metadata()
+        .get(NODE_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == node.to_string());
+    let removed = status.code() == tonic::Code::FailedPrecondition
+        && own
+        && status.message().contains("was removed from the cluster");
+    if certainly_not_proposed(status) || refused || removed {
         Outcome::Fail
     } else {
         Outcome::Info
@@ -255,13 +319,17 @@ fn error_text(s: &tonic::Status) -> Option<String> {
     Some(format!("{:?}: {}", s.code(), s.message()))
 }
 
-/// One register client pinned to `node`, until the run stops.
-pub async fn register_client(shared: Arc<Shared>, node: u64, seed: u64) {
+/// One register client, the `slot`-th pinned one (see `Shared::pinned`), until the run stops.
+pub async fn register_client(shared: Arc<Shared>, slot: u64, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut process = shared.process();
     // The last value this client saw for the key it is on: what its next CAS expects.
     let mut known: Option<(String, Option<u64>)> = None;
     while !shared.stopped() {
+        let Some(node) = shared.pinned(slot) else {
+            tokio::time::sleep(NO_TARGET_WAIT).await;
+            continue;
+        };
         let key = shared.register_key();
         let expected = match &known {
             Some((k, v)) if *k == key => *v,
@@ -402,7 +470,7 @@ async fn register_write(
             shared.acked(key, revision);
             (Outcome::Ok, Some(revision), None)
         }
-        Err(s) => (mutation_outcome(s), None, error_text(s)),
+        Err(s) => (mutation_outcome(s, node), None, error_text(s)),
     };
     record_mutation(
         shared,
@@ -452,12 +520,13 @@ async fn register_cas(
         }],
         failure: vec![],
     };
-    let mut client = shared.client(node);
     let Timed {
         invoke,
         complete,
         result,
-    } = shared.timed(|t| client.txn(request(txn, t))).await;
+    } = shared
+        .timed(node, |mut c, t| async move { c.txn(request(txn, t)).await })
+        .await;
     let (outcome, swapped, revision, error) = match &result {
         Ok(r) => {
             let revision = r.header.as_ref().map_or(0, |h| h.revision);
@@ -466,7 +535,7 @@ async fn register_cas(
             }
             (Outcome::Ok, r.succeeded, Some(revision), None)
         }
-        Err(s) => (mutation_outcome(s), false, None, error_text(s)),
+        Err(s) => (mutation_outcome(s, node), false, None, error_text(s)),
     };
     record_mutation(
         shared,
@@ -514,7 +583,10 @@ pub async fn set_client(shared: Arc<Shared>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut process = shared.process();
     while !shared.stopped() {
-        let node = rng.random_range(1..=shared.nodes());
+        let Some(node) = shared.random_target(&mut rng) else {
+            tokio::time::sleep(NO_TARGET_WAIT).await;
+            continue;
+        };
         let e = shared.value();
         lock(&shared.set_attempted).insert(e);
         let key = set_key(e);
@@ -528,7 +600,7 @@ pub async fn set_client(shared: Arc<Shared>, seed: u64) {
                 lock(&shared.set_acked).insert(e);
                 (Outcome::Ok, r.header.as_ref().map(|h| h.revision), None)
             }
-            Err(s) => (mutation_outcome(s), None, error_text(s)),
+            Err(s) => (mutation_outcome(s, node), None, error_text(s)),
         };
         shared.history.push(OpRecord {
             process,
@@ -561,7 +633,10 @@ pub async fn eventual_client(shared: Arc<Shared>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let process = shared.process();
     while !shared.stopped() {
-        let node = rng.random_range(1..=shared.nodes());
+        let Some(node) = shared.random_target(&mut rng) else {
+            tokio::time::sleep(NO_TARGET_WAIT).await;
+            continue;
+        };
         let key = shared.recent_register_key(&mut rng);
         let min_revision = if rng.random_bool(0.5) {
             lock(&shared.acked_revision).get(&key).copied().unwrap_or(0)
@@ -637,5 +712,31 @@ fn check_eventual(
                  from revision {seen}"
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(code: tonic::Code, from: u64, message: &str) -> tonic::Status {
+        let mut s = tonic::Status::new(code, message);
+        s.metadata_mut().insert(
+            NODE_ID_HEADER,
+            from.to_string().parse().expect("a header value"),
+        );
+        s
+    }
+
+    #[test]
+    fn only_a_removed_nodes_own_refusal_is_a_certain_failure() {
+        let msg = "node 4 was removed from the cluster and no longer serves";
+        let own = refusal(tonic::Code::FailedPrecondition, 4, msg);
+        assert_eq!(mutation_outcome(&own, 4), Outcome::Fail);
+        // Passed on by the node the client asked, which may have done something first.
+        let passed_on = refusal(tonic::Code::FailedPrecondition, 4, msg);
+        assert_eq!(mutation_outcome(&passed_on, 2), Outcome::Info);
+        let other = refusal(tonic::Code::FailedPrecondition, 4, "something else");
+        assert_eq!(mutation_outcome(&other, 4), Outcome::Info);
     }
 }

@@ -158,25 +158,49 @@ fn file_name(path: &Path) -> io::Result<String> {
 /// An image of the applied state taken for a backup (see [`export`]).
 pub struct Exported {
     pub meta: SnapshotMeta,
-    /// In the snapshot directory, where the next open tidies it away if the caller cannot.
-    pub path: PathBuf,
+    /// The image, open and already removed from the directory: dropped, it frees its space.
+    pub file: File,
     pub pairs: u64,
     pub bytes: u64,
 }
 
 /// Writes an image of the applied state as it is now to a file of its own, without stopping
-/// applies, for a backup. It is not a snapshot of the node's: nothing points at it, the log is not
-/// purged behind it, and the caller removes it when done.
+/// applies, for a backup. It is not a snapshot of the node's: nothing points at it and the log is
+/// not purged behind it.
+///
+/// The work runs on a task of its own, so a caller that goes away (a client's deadline, a closed
+/// connection) cannot leave the capture running or the lock released half way; the file is
+/// unlinked as soon as it is whole, so one that nobody takes is gone with its handle.
 pub async fn export(sm: &StateMachineStore) -> io::Result<Exported> {
-    // Serialized with builds and installs: they share the capture, and an install replaces the tree.
-    let _serial = sm.inner.snapshot_lock.lock().await;
-    let (meta, path, pairs, bytes) = capture_image(sm, "backup-").await?;
-    Ok(Exported {
-        meta,
-        path,
-        pairs,
-        bytes,
+    let sm = sm.clone();
+    tokio::spawn(async move {
+        // Serialized with builds and installs: they share the capture, and an install replaces the
+        // tree.
+        let _serial = sm.inner.snapshot_lock.lock().await;
+        let (meta, path, pairs, bytes) = capture_image(&sm, "backup-").await?;
+        let file = File::open(&path);
+        let removed = std::fs::remove_file(&path);
+        let file = file?;
+        removed?;
+        Ok(Exported {
+            meta,
+            file,
+            pairs,
+            bytes,
+        })
     })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// Ends a capture however the build that started it ends: a capture left on would make every later
+/// apply keep old values for a build that is gone.
+struct EndCapture<'a>(&'a super::state_machine::Inner);
+
+impl Drop for EndCapture<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.capture) = None;
+    }
 }
 
 /// Walks the applied state, as it stands when this starts, into a new file named `prefix` and a new
@@ -187,23 +211,22 @@ async fn capture_image(
     prefix: &'static str,
 ) -> io::Result<(SnapshotMeta, PathBuf, u64, u64)> {
     let inner = &sm.inner;
-    let meta = {
+    let (meta, _end) = {
         // The state the image will be: no apply is half way while the capture starts.
         let _guard = inner.write_lock.lock().await;
         let last_log_id: Option<LogId> = sm.read_meta(LAST_APPLIED_KEY)?;
         let last_membership: StoredMembership =
             sm.read_meta(LAST_MEMBERSHIP_KEY)?.unwrap_or_default();
         *lock(&inner.capture) = Some(Capture::default());
-        SnapshotMeta {
+        let meta = SnapshotMeta {
             last_log_id,
             last_membership,
-        }
+        };
+        (meta, EndCapture(inner))
     };
     let sm2 = sm.clone();
     let image_meta = meta.clone();
-    let written = blocking(move || write_image(&sm2, &image_meta, prefix)).await;
-    *lock(&inner.capture) = None;
-    let (path, pairs, bytes) = written?;
+    let (path, pairs, bytes) = blocking(move || write_image(&sm2, &image_meta, prefix)).await?;
     Ok((meta, path, pairs, bytes))
 }
 

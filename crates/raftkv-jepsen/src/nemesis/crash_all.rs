@@ -8,7 +8,7 @@ pub(super) async fn inject(s: &Strike<'_>) -> anyhow::Result<()> {
     let Strike {
         fault,
         hold,
-        n,
+        ref members,
         nodes,
         ..
     } = *s;
@@ -17,7 +17,7 @@ pub(super) async fn inject(s: &Strike<'_>) -> anyhow::Result<()> {
     tracing::info!(%fault, "nemesis: crash all");
     {
         let mut nodes = nodes.lock().await;
-        for id in 1..=n {
+        for &id in members {
             nodes.kill(id)?;
         }
     }
@@ -25,7 +25,7 @@ pub(super) async fn inject(s: &Strike<'_>) -> anyhow::Result<()> {
     tokio::time::sleep(hold.min(Duration::from_secs(1))).await;
     {
         let mut nodes = nodes.lock().await;
-        for id in 1..=n {
+        for &id in members {
             nodes.start(id)?;
         }
     }

@@ -2,8 +2,9 @@
 //!
 //! The schedule alternates healthy and faulty periods (Jepsen's flip-flop). Fault kinds are taken in
 //! shuffled rounds, so every requested kind fires within the first round and short runs still cover
-//! them all. Leader-targeted faults ask the nodes who leads at that moment. Each fault kind is a module
-//! of its own; this one schedules them.
+//! them all. Leader-targeted faults ask the nodes who leads at that moment, and every fault strikes
+//! the members of the moment (the membership nemesis changes them). Each fault kind is a module of its
+//! own; this one schedules them.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -23,6 +24,7 @@ use super::workload::Shared;
 mod clock;
 mod crash_all;
 mod kill;
+pub mod membership;
 mod partition;
 mod pause;
 mod pause_reads;
@@ -57,9 +59,12 @@ pub enum Fault {
     /// and running at 0.5x to 2x speed (`Instant` too), then restart it with the true clock. Raft's
     /// timers and anything lease-like run on that clock.
     Clock,
+    /// Add a brand-new node (fresh id) or remove a voter (the leader or a follower, in turn), keeping
+    /// the cluster between its size and size + 2 voters; see [`membership`].
+    Membership,
 }
 
-pub const ALL: [Fault; 9] = [
+pub const ALL: [Fault; 10] = [
     Fault::PartitionLeader,
     Fault::PartitionHalves,
     Fault::PartitionBridge,
@@ -69,6 +74,15 @@ pub const ALL: [Fault; 9] = [
     Fault::PauseReads,
     Fault::CrashAll,
     Fault::Clock,
+    Fault::Membership,
+];
+
+/// The partition kinds, which `partition` names together.
+pub const PARTITIONS: [Fault; 4] = [
+    Fault::PartitionLeader,
+    Fault::PartitionHalves,
+    Fault::PartitionBridge,
+    Fault::PartitionOneWay,
 ];
 
 impl Fault {
@@ -83,6 +97,7 @@ impl Fault {
             Fault::PauseReads => "pause-reads",
             Fault::CrashAll => "crash-all",
             Fault::Clock => "clock",
+            Fault::Membership => "membership",
         }
     }
 }
@@ -101,7 +116,10 @@ impl FromStr for Fault {
             .find(|f| f.name() == s || f.name().trim_start_matches("partition-") == s)
             .ok_or_else(|| {
                 let names: Vec<_> = ALL.iter().map(|f| f.name()).collect();
-                format!("unknown fault {s:?}; one of: all, {}", names.join(", "))
+                format!(
+                    "unknown fault {s:?}; one of: all, partition, {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -113,7 +131,9 @@ pub struct Schedule {
     pub hold: (Duration, Duration),
 }
 
-/// Runs faults until `until`, then heals everything. Returns how many times each kind was installed.
+/// Runs faults until `until`, then heals everything. Returns how many times each kind was installed;
+/// `membership` keeps what the membership nemesis did and has to settle.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     faults: Vec<Fault>,
     schedule: Schedule,
@@ -122,6 +142,7 @@ pub async fn run(
     nodes: &tokio::sync::Mutex<Nodes>,
     shared: Arc<Shared>,
     until: tokio::time::Instant,
+    membership: &mut membership::State,
 ) -> anyhow::Result<BTreeMap<Fault, u64>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut fired: BTreeMap<Fault, u64> = faults.iter().map(|f| (*f, 0)).collect();
@@ -143,8 +164,12 @@ pub async fn run(
         };
         flip = !flip;
         let hold = between(&mut rng, schedule.hold);
-        let leader = nodes.lock().await.leader().await;
-        inject(fault, flip, hold, leader, &mut rng, net, nodes, &shared).await?;
+        let leader = nodes.lock().await.current_leader().await;
+        let strike = Strike::new(fault, flip, hold, leader, &mut rng, net, nodes, &shared).await;
+        match fault {
+            Fault::Membership => membership::inject(&strike, membership, &mut rng).await?,
+            _ => inject(&strike, &mut rng).await?,
+        }
         *fired.entry(fault).or_default() += 1;
     }
     Ok(fired)
@@ -163,8 +188,9 @@ struct Strike<'a> {
     /// Alternates from one fault to the next: whether a fault that may target the leader does.
     flip: bool,
     hold: Duration,
-    n: u64,
-    /// Every node id, shuffled.
+    /// The members the harness runs now, in id order.
+    members: Vec<u64>,
+    /// The same, shuffled.
     ids: Vec<u64>,
     /// The leader, or a random node when no leader is known right now.
     target_leader: u64,
@@ -175,14 +201,48 @@ struct Strike<'a> {
     shared: &'a Arc<Shared>,
 }
 
-impl Strike<'_> {
+impl<'a> Strike<'a> {
+    #[allow(clippy::too_many_arguments)]
+    async fn new(
+        fault: Fault,
+        flip: bool,
+        hold: Duration,
+        leader: Option<u64>,
+        rng: &mut StdRng,
+        net: &'a Net,
+        nodes: &'a tokio::sync::Mutex<Nodes>,
+        shared: &'a Arc<Shared>,
+    ) -> Strike<'a> {
+        let members = nodes.lock().await.members();
+        let mut ids = members.clone();
+        ids.shuffle(rng);
+        let target_leader = leader.unwrap_or(ids[0]);
+        let leader_note = if leader.is_some() {
+            format!("leader {target_leader}")
+        } else {
+            format!("no leader known; node {target_leader}")
+        };
+        Strike {
+            fault,
+            flip,
+            hold,
+            members,
+            ids,
+            target_leader,
+            leader_note,
+            net,
+            nodes,
+            shared,
+        }
+    }
+
     fn history(&self) -> &History {
         &self.shared.history
     }
 
-    /// Every node but `x`.
+    /// Every member but `x`.
     fn others(&self, x: u64) -> Vec<u64> {
-        (1..=self.n).filter(|&i| i != x).collect()
+        self.members.iter().copied().filter(|&i| i != x).collect()
     }
 
     /// Alternately the leader and a random node.
@@ -204,47 +264,17 @@ impl Strike<'_> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn inject(
-    fault: Fault,
-    flip: bool,
-    hold: Duration,
-    leader: Option<u64>,
-    rng: &mut StdRng,
-    net: &Net,
-    nodes: &tokio::sync::Mutex<Nodes>,
-    shared: &Arc<Shared>,
-) -> anyhow::Result<()> {
-    let n = nodes.lock().await.size();
-    let mut ids: Vec<u64> = (1..=n).collect();
-    ids.shuffle(rng);
-    let target_leader = leader.unwrap_or(ids[0]);
-    let leader_note = if leader.is_some() {
-        format!("leader {target_leader}")
-    } else {
-        format!("no leader known; node {target_leader}")
-    };
-    let strike = Strike {
-        fault,
-        flip,
-        hold,
-        n,
-        ids,
-        target_leader,
-        leader_note,
-        net,
-        nodes,
-        shared,
-    };
-    match fault {
+async fn inject(strike: &Strike<'_>, rng: &mut StdRng) -> anyhow::Result<()> {
+    match strike.fault {
         Fault::PartitionLeader
         | Fault::PartitionHalves
         | Fault::PartitionBridge
-        | Fault::PartitionOneWay => partition::inject(&strike).await,
-        Fault::Kill => kill::inject(&strike, rng).await,
-        Fault::Pause => pause::inject(&strike).await,
-        Fault::PauseReads => pause_reads::inject(&strike).await,
-        Fault::Clock => clock::inject(&strike, rng).await,
-        Fault::CrashAll => crash_all::inject(&strike).await,
+        | Fault::PartitionOneWay => partition::inject(strike).await,
+        Fault::Kill => kill::inject(strike, rng).await,
+        Fault::Pause => pause::inject(strike).await,
+        Fault::PauseReads => pause_reads::inject(strike).await,
+        Fault::Clock => clock::inject(strike, rng).await,
+        Fault::CrashAll => crash_all::inject(strike).await,
+        Fault::Membership => anyhow::bail!("the membership fault has its own state"),
     }
 }

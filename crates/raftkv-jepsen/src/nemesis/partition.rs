@@ -21,7 +21,6 @@ pub(super) async fn inject(s: &Strike<'_>) -> anyhow::Result<()> {
         fault,
         flip,
         hold,
-        n,
         ref ids,
         target_leader,
         ref leader_note,
@@ -29,6 +28,7 @@ pub(super) async fn inject(s: &Strike<'_>) -> anyhow::Result<()> {
         ..
     } = *s;
     let history = s.history();
+    let n = s.members.len() as u64;
     let others = |x: u64| s.others(x);
     let (grudge, detail) = match fault {
         Fault::PartitionLeader => (
