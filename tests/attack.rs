@@ -15,7 +15,9 @@ use std::time::Duration;
 use common::{Cluster, channel, req};
 use openraft::EntryPayload;
 use raftkv::network::identity::{CLUSTER_ID_HEADER, FROM_HEADER};
-use raftkv::pb::internal::{ForwardedWrite, Payload, ProposeBatchRequest, SnapshotChunk};
+use raftkv::pb::internal::{
+    ForwardedWrite, MembersRequest, Payload, ProposeBatchRequest, SnapshotChunk,
+};
 use raftkv::pb::v1 as pb;
 use raftkv::types::{Command, Entry, SnapshotMeta, TypeConfig, Vote, VoteRequest};
 use tokio::time::Instant;
@@ -480,6 +482,37 @@ async fn forged_votes_and_appends_from_a_non_member_are_refused() {
             Code::PermissionDenied,
             "StreamAppend from a non-member on node {id}"
         );
+    }
+
+    // Every refusal above made the node ask the members it knows whether the stranger is one of
+    // them (a member added while it was down would be): none vouched, so it stays refused. Nor may
+    // the stranger ask who the members are; a member may, and hears the truth.
+    for id in cluster.ids() {
+        let asked = cluster
+            .peer_client(id, STRANGER)
+            .members(req(MembersRequest { id: STRANGER }, RPC))
+            .await;
+        assert_eq!(
+            asked.map(|_| ()).map_err(|s| s.code()),
+            Err(Code::PermissionDenied),
+            "Members from a non-member on node {id}"
+        );
+        let member = cluster
+            .ids()
+            .into_iter()
+            .find(|m| *m != id)
+            .expect("another member");
+        let client = || cluster.peer_client(id, member);
+        let about = |who| async move {
+            client()
+                .members(req(MembersRequest { id: who }, RPC))
+                .await
+                .expect("a member may ask")
+                .into_inner()
+        };
+        let stranger = about(STRANGER).await;
+        assert!(!stranger.member && !stranger.retired, "{stranger:?}");
+        assert!(about(member).await.member, "node {member} on node {id}");
     }
 
     assert_unharmed(&mut cluster, &before).await;

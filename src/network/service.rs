@@ -24,10 +24,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::SNAPSHOT_CHUNK_BYTES;
 use super::identity::{ClusterId, REMOVED_HEADER, Refusals, sent_by};
+use super::vouch::Vouches;
 use crate::codec;
 use crate::node::VoteHold;
 use crate::pb::internal::raft_server::Raft as RaftRpc;
-use crate::pb::internal::{Payload, SnapshotChunk};
+use crate::pb::internal::{MembersRequest, MembersResponse, Payload, SnapshotChunk};
 use crate::store::snapshot::Inbox;
 use crate::store::snapshot::inbox::InboxError;
 use crate::store::{Raft, StateMachineStore};
@@ -48,6 +49,10 @@ pub struct Admission {
     pub sm: StateMachineStore,
     /// Set when this node learns it was removed itself.
     pub removal: Arc<super::identity::Removal>,
+    /// Senders this node's membership does not name but known members vouched for (see `vouch`).
+    pub vouches: Vouches,
+    /// The latest leadership transfer this node heard of from its leader.
+    pub transfers: Transfers,
     pub vote_hold: VoteHold,
     /// Where a received snapshot is written, bounded by `--max-snapshot-bytes`.
     pub inbox: Inbox,
@@ -128,11 +133,13 @@ fn check_sender(
 ///
 /// During a membership change the latest membership may not be committed yet and can still be
 /// replaced; a member of the committed one is admitted too, so a node that heard of a change first
-/// still hears from a leader that did not.
+/// still hears from a leader that did not. And a node that missed a change (it was down) admits a
+/// member of the newer membership that members it knows vouched for (see `vouch`).
 pub fn admits(
     raft: &Raft,
     bootstrap: &BTreeMap<NodeId, Member>,
     joining: bool,
+    vouches: &Vouches,
     me: NodeId,
     from: NodeId,
 ) -> bool {
@@ -150,6 +157,23 @@ pub fn admits(
                 .membership()
                 .get_node(&from)
                 .is_some()
+            || vouches.vouched(from)
+    }
+}
+
+/// Whether `id` is a member, as this node's log knows it: the answer to [`RaftRpc::members`].
+fn membership_of(raft: &Raft, sm: &StateMachineStore, id: NodeId) -> MembersResponse {
+    let metrics = raft.metrics();
+    let m = metrics.borrow_watched();
+    let retired = sm.is_retired(id);
+    let named = m.membership_config.membership().get_node(&id).is_some()
+        || m.committed_membership_config
+            .membership()
+            .get_node(&id)
+            .is_some();
+    MembersResponse {
+        member: named && !retired,
+        retired,
     }
 }
 
@@ -177,12 +201,17 @@ fn check_member(
         raft,
         &admission.bootstrap_peers,
         admission.joining,
+        &admission.vouches,
         admission.id,
         from,
     ) {
         return Ok(());
     }
     refusals.note(rpc, from, "not a member");
+    if !admission.sm.is_retired(from) {
+        // Perhaps a member added while this node was away: its next message is admitted if so.
+        admission.vouches.ask(from);
+    }
     let mut status =
         Status::permission_denied(format!("node {from} is not a member of this cluster"));
     if admission.sm.is_retired(from) {
@@ -228,10 +257,12 @@ impl RaftService {
 
     /// A vote that claims a leadership transfer would skip the receiver's leader lease (openraft
     /// grants it "because the leader said so"), so one forged message could depose a healthy leader.
-    /// The claim is dropped instead: a genuine transfer has already made every voter that heard the
-    /// leader's TransferLeader drop its lease (see [`RaftRpc::transfer_leader`]), and the leader
-    /// dropped its own, so the candidate still wins the votes it needs without it.
-    fn check_vote(
+    /// The claim is dropped instead: a genuine transfer makes every voter that hears the leader's
+    /// TransferLeader drop its lease (see [`RaftRpc::transfer_leader`]), and the leader dropped its
+    /// own, so the candidate still wins the votes it needs without it. The leader sends its
+    /// TransferLeader to every voter at once, so the candidate's vote can overtake it on the way
+    /// here; such a vote waits, briefly, for the transfer it claims, which a forged one only delays.
+    async fn check_vote(
         &self,
         rpc: &'static str,
         request: &Request<Payload>,
@@ -239,8 +270,42 @@ impl RaftService {
     ) -> Result<(), Status> {
         let from = sender(&req.vote);
         self.check_sender(rpc, request, from)?;
+        if req.leadership_transfer {
+            let wait = Duration::from_millis(self.raft.config().election_timeout_min);
+            self.admission
+                .transfers
+                .wait_for(from, req.vote.leader_id().term(), wait)
+                .await;
+        }
         req.leadership_transfer = false;
         Ok(())
+    }
+}
+
+/// The latest leadership transfer this node's leader announced: its vote's term and the target.
+#[derive(Clone)]
+pub struct Transfers(Arc<tokio::sync::watch::Sender<Option<(u64, NodeId)>>>);
+
+impl Default for Transfers {
+    fn default() -> Self {
+        Transfers(Arc::new(tokio::sync::watch::channel(None).0))
+    }
+}
+
+impl Transfers {
+    fn heard(&self, leader_term: u64, to: NodeId) {
+        self.0.send_replace(Some((leader_term, to)));
+    }
+
+    /// Until this node has handled a transfer to `candidate` from the leader of the term before the
+    /// candidate's (the term it campaigns in), at most `wait`.
+    async fn wait_for(&self, candidate: NodeId, candidate_term: u64, wait: Duration) {
+        let mut rx = self.0.subscribe();
+        let announced = |seen: &Option<(u64, NodeId)>| match seen {
+            Some((term, to)) => *to == candidate && term.saturating_add(1) >= candidate_term,
+            None => false,
+        };
+        let _ = tokio::time::timeout(wait, rx.wait_for(announced)).await;
     }
 }
 
@@ -324,7 +389,7 @@ impl RaftRpc for RaftService {
 
     async fn vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
         let mut rpc: VoteRequest = decode(request.get_ref())?;
-        self.check_vote("Vote", &request, &mut rpc)?;
+        self.check_vote("Vote", &request, &mut rpc).await?;
         if let Some(left) = self.admission.vote_hold.left() {
             return self.refuse_held_vote(left).await;
         }
@@ -334,7 +399,7 @@ impl RaftRpc for RaftService {
 
     async fn pre_vote(&self, request: Request<Payload>) -> Result<Response<Payload>, Status> {
         let mut rpc: VoteRequest = decode(request.get_ref())?;
-        self.check_vote("PreVote", &request, &mut rpc)?;
+        self.check_vote("PreVote", &request, &mut rpc).await?;
         if let Some(left) = self.admission.vote_hold.left() {
             return self.refuse_held_vote(left).await;
         }
@@ -354,11 +419,14 @@ impl RaftRpc for RaftService {
         let rpc: openraft::raft::TransferLeaderRequest<TypeConfig> = decode(request.get_ref())?;
         let from = sender(rpc.from_leader());
         self.check_sender("TransferLeader", &request, from)?;
+        let (term, to) = (rpc.from_leader().leader_id().term(), *rpc.to_node_id());
         let resp = self
             .raft
             .handle_transfer_leader(rpc)
             .await
             .map_err(stopped)?;
+        // After openraft has queued it, so a vote that waited for it is handled after it.
+        self.admission.transfers.heard(term, to);
         reply(&resp)
     }
 
@@ -412,6 +480,21 @@ impl RaftRpc for RaftService {
             .map_err(stopped)?;
         reply(&resp)
     }
+
+    /// Answered to members only, so a stranger cannot probe the membership through it.
+    async fn members(
+        &self,
+        request: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let from = sent_by(&request)?;
+        check_member(&self.raft, &self.admission, &self.refusals, "Members", from)?;
+        let id = request.get_ref().id;
+        Ok(Response::new(membership_of(
+            &self.raft,
+            &self.admission.sm,
+            id,
+        )))
+    }
 }
 
 /// The peer's status for a snapshot this node would not receive.
@@ -429,5 +512,38 @@ fn inbox_status(e: InboxError) -> Status {
             tracing::warn!(error = %e, "could not write a received snapshot");
             Status::unavailable(e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_transfer_vote_waits_only_for_its_own_transfer() {
+        let transfers = Transfers::default();
+        let wait = Duration::from_millis(500);
+        let waited = |candidate, term| {
+            let transfers = transfers.clone();
+            async move {
+                let started = std::time::Instant::now();
+                transfers.wait_for(candidate, term, wait).await;
+                started.elapsed()
+            }
+        };
+        // None heard: the whole wait, then judged as any vote.
+        assert!(waited(4, 6).await >= wait);
+        // Heard before the vote: it goes on at once.
+        transfers.heard(5, 4);
+        assert!(waited(4, 6).await < wait);
+        // Another target, or a transfer from an older term, does not count.
+        assert!(waited(2, 6).await >= wait);
+        assert!(waited(4, 9).await >= wait);
+        // Heard while the vote waits: it goes on then.
+        let pending = tokio::spawn(waited(3, 8));
+        tokio::task::yield_now().await;
+        transfers.heard(7, 3);
+        let took = pending.await.expect("the waiting vote");
+        assert!(took < wait, "{took:?}");
     }
 }

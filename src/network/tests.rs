@@ -91,6 +91,13 @@ impl RaftRpc for Peer {
     ) -> Result<Response<Payload>, Status> {
         not_here()
     }
+
+    async fn members(
+        &self,
+        _: Request<crate::pb::internal::MembersRequest>,
+    ) -> Result<Response<crate::pb::internal::MembersResponse>, Status> {
+        not_here()
+    }
 }
 
 /// Serves `peer` on a free loopback port and returns a client of it, as node 1 would hold for node 2.

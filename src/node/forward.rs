@@ -60,6 +60,15 @@ impl ForwardError {
         if certainly_not_sent(status) {
             return ForwardError::NotSent(why);
         }
+        // A whole call refused by the leader's identity or membership check (this node was
+        // removed, or belongs to another cluster): refused before any write in it was looked at.
+        // Every other verdict comes back per write, inside the answer.
+        if matches!(
+            status.code(),
+            tonic::Code::PermissionDenied | tonic::Code::FailedPrecondition
+        ) {
+            return ForwardError::NotSent(format!("refused by the leader: {why}"));
+        }
         let deadline = matches!(
             status.code(),
             tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
@@ -472,5 +481,26 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_call_refused_by_the_leaders_checks_was_not_proposed() {
+        for code in [
+            tonic::Code::PermissionDenied,
+            tonic::Code::FailedPrecondition,
+        ] {
+            let refused = ForwardError::from_status(&Status::new(code, "not a member"));
+            assert!(matches!(refused, ForwardError::NotSent(_)), "{code:?}");
+        }
+        let cut = ForwardError::from_status(&Status::unknown("connection reset"));
+        assert!(matches!(
+            cut,
+            ForwardError::Lost {
+                deadline: false,
+                ..
+            }
+        ));
+        let late = ForwardError::from_status(&Status::deadline_exceeded("late"));
+        assert!(matches!(late, ForwardError::Lost { deadline: true, .. }));
     }
 }

@@ -23,8 +23,9 @@ use crate::types::{Member, NodeId};
 const DISCOVER_FOR: Duration = Duration::from_secs(60);
 /// Between attempts to reach the cluster, or to be promoted.
 const RETRY_EVERY: Duration = Duration::from_millis(500);
-/// The deadline of each call to the cluster.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The deadline of each call to the cluster: short, as every step is asked again, and a member
+/// that is cut off from the leader would otherwise hold each attempt for the whole deadline.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {

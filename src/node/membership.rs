@@ -132,7 +132,17 @@ impl Node {
             let view = self.view();
             let leader = match view.leader {
                 Some(leader) if leader == self.id => {
-                    return self.change_as_leader(change, deadline).await;
+                    match self.change_as_leader(change.clone(), deadline).await {
+                        // Leadership moved while the change waited (a MoveLeader that another
+                        // node won, an election): nothing was proposed, so it is made at the new
+                        // leader instead of failing.
+                        Err(e) if e.not_proposed() && Instant::now() < deadline => {
+                            self.await_leader(Some(self.id), deadline, &e.to_string())
+                                .await?;
+                            continue;
+                        }
+                        result => return result,
+                    }
                 }
                 Some(leader) => leader,
                 None => {
@@ -401,37 +411,55 @@ impl Node {
             return Ok(());
         }
         let started = Instant::now();
-        self.raft
-            .trigger()
-            .transfer_leader(to)
-            .await
-            .map_err(|e| Error::Stopped(e.to_string()))?;
-        let moved = |m: &openraft::RaftMetrics<crate::types::TypeConfig>| {
-            m.current_leader.is_some() && m.current_leader != Some(self.id)
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        let waited = self
-            .raft
-            .wait(Some(left))
-            .metrics(moved, "leadership moved")
-            .await;
-        let now = self.view().leader;
-        match waited {
-            Ok(_) if now == Some(to) => {
-                tracing::info!(
-                    to,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "moved the leadership"
-                );
-                Ok(())
+        loop {
+            let term = self.raft.metrics().borrow_watched().current_term;
+            self.raft
+                .trigger()
+                .transfer_leader(to)
+                .await
+                .map_err(|e| Error::Stopped(e.to_string()))?;
+            // Done when another node leads; tried again when this node won a new election itself
+            // (the target's campaign failed and this node's timer fired first).
+            let settled = |m: &openraft::RaftMetrics<crate::types::TypeConfig>| {
+                m.current_leader.is_some()
+                    && (m.current_leader != Some(self.id) || m.current_term > term)
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let waited = self
+                .raft
+                .wait(Some(left))
+                .metrics(settled, "leadership moved")
+                .await;
+            let now = self.view().leader;
+            match waited {
+                Ok(_) if now == Some(to) => {
+                    tracing::info!(
+                        to,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "moved the leadership"
+                    );
+                    return Ok(());
+                }
+                Ok(_) if now == Some(self.id) => {
+                    tracing::info!(to, "the handover did not take; trying again");
+                }
+                // Another voter's election timer fired first: nothing changed but the leader, so
+                // the caller asks the new one to hand over (see `change_membership`).
+                Ok(_) => {
+                    return Err(Error::not_leader(
+                        format!(
+                            "node {} took the leadership instead of node {to}",
+                            now.unwrap_or(0)
+                        ),
+                        self.hint(),
+                    ));
+                }
+                Err(_) => {
+                    return Err(Error::Deadline(format!(
+                        "node {to} did not take the leadership before the deadline"
+                    )));
+                }
             }
-            Ok(_) => Err(Error::Refused(format!(
-                "node {} took the leadership instead of node {to}",
-                now.unwrap_or(0)
-            ))),
-            Err(_) => Err(Error::Deadline(format!(
-                "node {to} did not take the leadership before the deadline"
-            ))),
         }
     }
 

@@ -41,6 +41,7 @@ use crate::limits::Limits;
 use crate::network::PeerChannels;
 use crate::network::client::NetworkFactory;
 use crate::network::identity::{ClusterId, PeerIdentity, Removal};
+use crate::network::vouch::Vouches;
 use crate::store::{self, Integrity, Raft, StateMachineStore};
 use crate::types::{KeyValue, Member, NodeId, TypeConfig};
 pub use drain::InFlight;
@@ -81,6 +82,8 @@ pub struct Node {
     apply_waiters: Arc<ApplyWaiters>,
     /// Writes on a follower on their way to the leader, sent in batches.
     forwarder: Forwarder,
+    /// Senders this node's membership does not name yet, vouched for by members it knows.
+    vouches: Vouches,
     /// How this leader confirms it still leads before a strong read: a quorum acknowledgement younger
     /// than the read lease, or a fresh heartbeat round (see `ServerArgs::read_lease`).
     read_option: LinearizerOption,
@@ -201,6 +204,7 @@ impl Node {
                 tracing::warn!(error = %e, to = to.index, "serving before the committed log is replayed");
             }
         }
+        let vouches = Vouches::start(raft.clone(), channels.clone(), args.id);
         let node = Arc::new(Node {
             id: args.id,
             cluster,
@@ -218,6 +222,7 @@ impl Node {
             read_rounds: Arc::new(ReadIndexRounds::new(args.max_apply_waiters)),
             apply_waiters: Arc::new(ApplyWaiters::new(args.max_apply_waiters)),
             forwarder: Forwarder::start(channels.clone()),
+            vouches,
             // A round is still started at once when the acknowledgement is too old (or the lease is 0).
             read_option: LinearizerOption::new(Some(read_lease), true),
             vote_hold,
@@ -536,6 +541,8 @@ impl Node {
                 joining: self.joining,
                 sm: self.sm.clone(),
                 removal: self.removal.clone(),
+                vouches: self.vouches.clone(),
+                transfers: Default::default(),
                 vote_hold: self.vote_hold,
                 inbox: crate::store::snapshot::Inbox::new(
                     self.sm.integrity().dir(),
@@ -548,7 +555,14 @@ impl Node {
     /// Whether `from` may send this node peer requests: a voter or learner of the membership it
     /// knows, or, while it knows none yet (fresh or wiped), one of its bootstrap `--peers`.
     pub fn admits(&self, from: NodeId) -> bool {
-        crate::network::service::admits(&self.raft, &self.peers, self.joining, self.id, from)
+        crate::network::service::admits(
+            &self.raft,
+            &self.peers,
+            self.joining,
+            &self.vouches,
+            self.id,
+            from,
+        )
     }
 }
 

@@ -197,14 +197,32 @@ impl StateMachineStore {
 
     /// Whether a membership change this replica applied removed node `id`. Node ids are never
     /// reused: a data directory left behind by a removed node still holds its log, and a new node
-    /// under its id would inherit that node's votes in other members' eyes. Only changes applied
-    /// here count; a replica rebuilt from a snapshot knows the removals it applied since.
+    /// under its id would inherit that node's votes in other members' eyes. The removals this
+    /// replica applied count, and those a snapshot it installed carried.
     pub fn is_retired(&self, id: NodeId) -> bool {
         self.inner
             .retired
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains(&id)
+    }
+
+    /// Every id this replica knows was removed, for a snapshot to carry.
+    pub(super) fn retired_ids(&self) -> BTreeSet<NodeId> {
+        self.inner
+            .retired
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// After `RETIRED_KEY` was written with `ids`.
+    pub(super) fn set_retired(&self, ids: BTreeSet<NodeId>) {
+        *self
+            .inner
+            .retired
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = ids;
     }
 
     /// The database, for the background scrub.

@@ -460,6 +460,49 @@ async fn snapshot_round_trip_replaces_state() {
     assert_eq!((all.len(), more), (2, false));
 }
 
+/// Removed ids are state: a replica that catches up by snapshot refuses them as one that applied
+/// the removals does, and keeps the ones it knew.
+#[tokio::test]
+async fn a_snapshot_carries_the_removed_ids() {
+    // Voters `before`, then `after`: the ids in `before` only are removed.
+    async fn change(sm: &mut StateMachineStore, before: &[u64], after: &[u64]) {
+        let voters = |ids: &[u64]| {
+            EntryPayload::Membership(Membership::new_with_defaults(
+                vec![ids.iter().copied().collect()],
+                ids.iter().copied(),
+            ))
+        };
+        let entries = [before, after]
+            .iter()
+            .zip(1..)
+            .map(|(ids, index)| Entry {
+                log_id: log_id(1, index),
+                payload: voters(ids),
+            })
+            .collect();
+        apply(sm, entries).await;
+    }
+    let src_dir = tempfile::tempdir().unwrap();
+    let (_l, mut src) = open(src_dir.path(), 1).unwrap();
+    change(&mut src, &[1, 2, 3], &[1, 2]).await;
+    assert!(src.is_retired(3));
+    let snap = build_snapshot(&mut src).await;
+
+    let dst_dir = tempfile::tempdir().unwrap();
+    {
+        let (_l2, mut dst) = open(dst_dir.path(), 2).unwrap();
+        change(&mut dst, &[1, 2, 9], &[1, 2]).await;
+        dst.install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert!(dst.is_retired(3), "carried by the snapshot");
+        assert!(dst.is_retired(9), "known before it");
+        assert!(!dst.is_retired(1));
+    }
+    let (_l2, dst) = open(dst_dir.path(), 2).unwrap();
+    assert!(dst.is_retired(3) && dst.is_retired(9), "durable");
+}
+
 #[tokio::test]
 async fn scan_respects_bounds_and_limit() {
     let dir = tempfile::tempdir().unwrap();

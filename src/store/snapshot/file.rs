@@ -8,6 +8,10 @@
 //! The crc is CRC-32 over kind, len and payload. The first frame is `META` (the snapshot metadata's
 //! record), then any number of `PAIRS` frames (each pair: key length u32 LE, key, value length u32
 //! LE, value; the value is `sm_data`'s stored bytes), then `END` (the number of pairs, u64 LE).
+//! Between `META` and the first `PAIRS` may come one `RETIRED` frame: the ids membership changes
+//! have removed (encoded with `codec`), which are state like the pairs (ids are never reused, and a
+//! node that caught up by snapshot must refuse them too). It is written only when there are any, so
+//! a cluster that never removed a member writes the files an older version reads.
 //! Nothing may follow `END`, and a file without it is no snapshot: a torn write or a cut transfer is
 //! refused instead of installed as a smaller state. Keys are strictly increasing across the file,
 //! as sled iterates them, so a reader can also reject duplicates.
@@ -21,13 +25,16 @@ use crate::codec::CodecError;
 use crate::limits::MAX_KEY_BYTES;
 use crate::store::record::Record;
 use crate::store::state_machine::StoredValue;
-use crate::types::SnapshotMeta;
+use std::collections::BTreeSet;
+
+use crate::types::{NodeId, SnapshotMeta};
 
 pub const MAGIC: &[u8; 8] = b"RKVSNAP1";
 
 const META: u8 = 1;
 const PAIRS: u8 = 2;
 const END: u8 = 3;
+const RETIRED: u8 = 4;
 const FRAME_HEADER: usize = 9;
 
 /// A `PAIRS` frame is closed once it holds this much; one pair may take it past.
@@ -74,7 +81,16 @@ pub struct Writer<W: Write> {
 }
 
 impl<W: Write> Writer<W> {
-    pub fn new(mut out: W, meta: &SnapshotMeta) -> Result<Self, FileError> {
+    pub fn new(out: W, meta: &SnapshotMeta) -> Result<Self, FileError> {
+        Self::with_retired(out, meta, &BTreeSet::new())
+    }
+
+    /// A file whose state includes the `retired` member ids.
+    pub fn with_retired(
+        mut out: W,
+        meta: &SnapshotMeta,
+        retired: &BTreeSet<NodeId>,
+    ) -> Result<Self, FileError> {
         out.write_all(MAGIC)?;
         let mut writer = Writer {
             out,
@@ -84,6 +100,9 @@ impl<W: Write> Writer<W> {
         };
         let meta = meta.encode()?;
         writer.write_frame(META, &meta)?;
+        if !retired.is_empty() {
+            writer.write_frame(RETIRED, &crate::codec::encode(retired)?)?;
+        }
         Ok(writer)
     }
 
@@ -154,8 +173,11 @@ pub type Pair<'a> = (&'a [u8], &'a [u8]);
 pub struct Reader<R: Read> {
     input: R,
     meta: SnapshotMeta,
+    retired: BTreeSet<NodeId>,
     frame: Vec<u8>,
     pairs: u64,
+    /// Past the frames that may only come before the pairs.
+    in_pairs: bool,
     last_key: Option<Vec<u8>>,
     ended: bool,
 }
@@ -176,8 +198,10 @@ impl<R: Read> Reader<R> {
         Ok(Reader {
             input,
             meta,
+            retired: BTreeSet::new(),
             frame,
             pairs: 0,
+            in_pairs: false,
             last_key: None,
             ended: false,
         })
@@ -187,13 +211,25 @@ impl<R: Read> Reader<R> {
         &self.meta
     }
 
+    /// The removed member ids the file holds; complete once the first run of pairs (or the end) was
+    /// read.
+    pub fn retired(&self) -> &BTreeSet<NodeId> {
+        &self.retired
+    }
+
     /// The next run of pairs (key, stored value), or `None` after the end frame. Every key is checked
     /// to be larger than the one before it and every value to decode as a stored value.
     pub fn next_pairs(&mut self) -> Result<Option<Vec<Pair<'_>>>, FileError> {
         if self.ended {
             return Ok(None);
         }
-        match read_frame(&mut self.input, &mut self.frame)? {
+        let mut kind = read_frame(&mut self.input, &mut self.frame)?;
+        if kind == RETIRED && !self.in_pairs {
+            self.retired = crate::codec::decode(&self.frame)?;
+            kind = read_frame(&mut self.input, &mut self.frame)?;
+        }
+        self.in_pairs = true;
+        match kind {
             PAIRS => {}
             END => {
                 let count = <[u8; 8]>::try_from(self.frame.as_slice())
@@ -381,6 +417,45 @@ mod tests {
         bytes.extend_from_slice(&0u32.to_le_bytes());
         bytes.extend_from_slice(b"short");
         assert!(verify(bytes.as_slice()).is_err());
+    }
+
+    #[test]
+    fn removed_ids_travel_before_the_pairs_and_only_there() {
+        let retired = BTreeSet::from([2u64, 5]);
+        let mut w = Writer::with_retired(Vec::new(), &meta(3), &retired).unwrap();
+        w.push(b"a", &value(b"x")).unwrap();
+        let bytes = w.finish().unwrap().0;
+        let mut r = Reader::new(bytes.as_slice()).unwrap();
+        assert_eq!(r.next_pairs().unwrap().map(|run| run.len()), Some(1));
+        assert_eq!(r.retired(), &retired);
+        assert!(r.next_pairs().unwrap().is_none());
+        assert_eq!(verify(bytes.as_slice()).unwrap(), (meta(3), 1));
+        // None removed: no frame, the bytes an older version writes and reads.
+        let plain = Writer::with_retired(Vec::new(), &meta(3), &BTreeSet::new())
+            .unwrap()
+            .finish()
+            .unwrap()
+            .0;
+        assert_eq!(
+            plain,
+            Writer::new(Vec::new(), &meta(3))
+                .unwrap()
+                .finish()
+                .unwrap()
+                .0
+        );
+        let mut r = Reader::new(plain.as_slice()).unwrap();
+        assert!(r.next_pairs().unwrap().is_none());
+        assert!(r.retired().is_empty());
+        // After the pairs it is no snapshot.
+        let mut late = Writer::new(Vec::new(), &meta(3)).unwrap();
+        late.push(b"a", &value(b"x")).unwrap();
+        late.flush_pairs().unwrap();
+        late.write_frame(RETIRED, &crate::codec::encode(&retired).unwrap())
+            .unwrap();
+        let late = late.finish().unwrap().0;
+        let e = verify(late.as_slice()).unwrap_err();
+        assert!(e.to_string().contains("unexpected frame kind 4"), "{e}");
     }
 
     proptest::proptest! {

@@ -22,6 +22,7 @@ pub mod file;
 pub mod inbox;
 pub(crate) mod legacy;
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter};
 use std::path::{Path, PathBuf};
@@ -35,10 +36,12 @@ pub(crate) use capture::Capture;
 pub use inbox::Inbox;
 
 use super::record::Record;
-use super::state_machine::{LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, StateMachineStore};
+use super::state_machine::{LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, RETIRED_KEY, StateMachineStore};
 use super::{io_err, read_decoded, tx_err};
 use crate::sync::lock;
-use crate::types::{LogId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig};
+use crate::types::{
+    LogId, NodeId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig,
+};
 
 /// The directory, inside the data directory, that holds snapshot files.
 pub const SNAPSHOT_DIR: &str = "snapshots";
@@ -211,9 +214,10 @@ async fn capture_image(
     prefix: &'static str,
 ) -> io::Result<(SnapshotMeta, PathBuf, u64, u64)> {
     let inner = &sm.inner;
-    let (meta, _end) = {
+    let (meta, retired, _end) = {
         // The state the image will be: no apply is half way while the capture starts.
         let _guard = inner.write_lock.lock().await;
+        let retired = sm.retired_ids();
         let last_log_id: Option<LogId> = sm.read_meta(LAST_APPLIED_KEY)?;
         let last_membership: StoredMembership =
             sm.read_meta(LAST_MEMBERSHIP_KEY)?.unwrap_or_default();
@@ -222,11 +226,12 @@ async fn capture_image(
             last_log_id,
             last_membership,
         };
-        (meta, EndCapture(inner))
+        (meta, retired, EndCapture(inner))
     };
     let sm2 = sm.clone();
     let image_meta = meta.clone();
-    let (path, pairs, bytes) = blocking(move || write_image(&sm2, &image_meta, prefix)).await?;
+    let (path, pairs, bytes) =
+        blocking(move || write_image(&sm2, &image_meta, &retired, prefix)).await?;
     Ok((meta, path, pairs, bytes))
 }
 
@@ -235,6 +240,7 @@ async fn capture_image(
 fn write_image(
     sm: &StateMachineStore,
     meta: &SnapshotMeta,
+    retired: &BTreeSet<NodeId>,
     prefix: &str,
 ) -> io::Result<(PathBuf, u64, u64)> {
     let inner = &sm.inner;
@@ -243,7 +249,7 @@ fn write_image(
     let name = format!("{prefix}{}", new_name(meta));
     let partial = dir.join(format!("{name}.partial"));
     let out = BufWriter::with_capacity(1 << 20, File::create(&partial)?);
-    let mut writer = file::Writer::new(out, meta)?;
+    let mut writer = file::Writer::with_retired(out, meta, retired)?;
     let data = inner.data();
     let mut last: Option<sled::IVec> = None;
     let mut applies_held = None;
@@ -406,7 +412,8 @@ pub(super) async fn install(
 /// Makes the state of a new store `image` (a snapshot file, from a backup) relabelled with `meta`:
 /// the pairs are copied into a snapshot file of this node's, with `meta` in place of the image's
 /// own, and installed as if a leader had sent it. For `raftkv snapshot restore`, which gives the
-/// image the membership and log id of the new cluster. Returns the pairs installed.
+/// image the membership and log id of the new cluster. Returns the pairs installed. The old
+/// cluster's removed ids are left behind with its membership: the new cluster's ids are its own.
 pub async fn install_image(
     sm: &StateMachineStore,
     image: impl io::Read + Send + 'static,
@@ -473,9 +480,13 @@ fn switch_state(
     // Left by an earlier install or a crash during one.
     inner.db.drop_tree(spare_name).map_err(io_err)?;
     let spare = inner.db.open_tree(spare_name).map_err(io_err)?;
+    // Removals are for good and ids are never reused, so what this replica knew stays known: the
+    // file adds the removals it carries (none, from a version before they were carried).
+    let mut retired = sm.retired_ids();
     let (found, keys) = match file {
         Some((path, expected)) => {
-            let (found, keys) = load_file(&spare, path)?;
+            let (found, keys, carried) = load_file(&spare, path)?;
+            retired.extend(carried);
             if let Some(expected) = expected.filter(|e| **e != found) {
                 return Err(io::Error::other(format!(
                     "the snapshot file is of {:?}, openraft installs {:?}",
@@ -495,6 +506,9 @@ fn switch_state(
         Some(m) => meta_batch.insert(LAST_MEMBERSHIP_KEY, m.last_membership.encode()?),
         None => meta_batch.remove(LAST_MEMBERSHIP_KEY),
     }
+    if !retired.is_empty() {
+        meta_batch.insert(RETIRED_KEY, crate::codec::encode(&retired).map_err(io_err)?);
+    }
     meta_batch.insert(super::state_machine::DATA_TREE_KEY, spare_name.as_bytes());
     let result: Result<(), TransactionError<String>> =
         (&inner.meta, &inner.snapshots).transaction(|(m, s)| {
@@ -503,6 +517,7 @@ fn switch_state(
             Ok(())
         });
     result.map_err(tx_err)?;
+    sm.set_retired(retired);
     let old = inner.switch_data(spare);
     Ok((found, keys, old))
 }
@@ -510,7 +525,7 @@ fn switch_state(
 /// Inserts a snapshot file's pairs into `tree` (which must be empty), as they are read.
 /// Returns the file's metadata and the number of pairs. The file is checked as it is read; a
 /// local file that does not read is corruption (`InvalidData`).
-fn load_file(tree: &sled::Tree, path: &Path) -> io::Result<(SnapshotMeta, u64)> {
+fn load_file(tree: &sled::Tree, path: &Path) -> io::Result<(SnapshotMeta, u64, BTreeSet<NodeId>)> {
     let mut reader = file::Reader::new(BufReader::with_capacity(1 << 20, File::open(path)?))?;
     let mut keys = 0u64;
     // Plain inserts, not one `apply_batch` per frame: a batch holds one epoch guard for all its
@@ -523,7 +538,7 @@ fn load_file(tree: &sled::Tree, path: &Path) -> io::Result<(SnapshotMeta, u64)> 
             tree.insert(k, v).map_err(io_err)?;
         }
     }
-    Ok((reader.meta().clone(), keys))
+    Ok((reader.meta().clone(), keys, reader.retired().clone()))
 }
 
 /// Replaces the state with the stored snapshot's, or empties it when there is none, and returns the
