@@ -197,24 +197,28 @@ fn check_member(
             admission.id
         )));
     }
-    if admits(
-        raft,
-        &admission.bootstrap_peers,
-        admission.joining,
-        &admission.vouches,
-        admission.id,
-        from,
-    ) {
+    // A removal this node applied is final, whatever was vouched for before it.
+    let retired = admission.sm.is_retired(from);
+    if !retired
+        && admits(
+            raft,
+            &admission.bootstrap_peers,
+            admission.joining,
+            &admission.vouches,
+            admission.id,
+            from,
+        )
+    {
         return Ok(());
     }
     refusals.note(rpc, from, "not a member");
-    if !admission.sm.is_retired(from) {
+    if !retired {
         // Perhaps a member added while this node was away: its next message is admitted if so.
         admission.vouches.ask(from);
     }
     let mut status =
         Status::permission_denied(format!("node {from} is not a member of this cluster"));
-    if admission.sm.is_retired(from) {
+    if retired {
         // Only for a removal this node applied (committed, so final): the sender stops for good.
         status.metadata_mut().insert(
             REMOVED_HEADER,
@@ -271,7 +275,9 @@ impl RaftService {
         let from = sender(&req.vote);
         self.check_sender(rpc, request, from)?;
         if req.leadership_transfer {
-            let wait = Duration::from_millis(self.raft.config().election_timeout_min);
+            // Half the candidate's own vote timeout (election-min-ms), so a vote that waited in
+            // vain is still answered in time.
+            let wait = Duration::from_millis(self.raft.config().election_timeout_min / 2);
             self.admission
                 .transfers
                 .wait_for(from, req.vote.leader_id().term(), wait)
@@ -282,7 +288,8 @@ impl RaftService {
     }
 }
 
-/// The latest leadership transfer this node's leader announced: its vote's term and the target.
+/// The latest leadership transfer a member announced to this node: the announcing leader's term
+/// and the target. Any admitted member's, whether openraft acted on it or not: it only ends a wait.
 #[derive(Clone)]
 pub struct Transfers(Arc<tokio::sync::watch::Sender<Option<(u64, NodeId)>>>);
 

@@ -8,7 +8,9 @@
 //! fresh id), so the node asks the members it does know (`Raft.Members`) whether the sender is one;
 //! when any of them says so, it admits the sender for a while, long enough for the log to catch up
 //! and name it. A stranger nobody vouches for stays refused, and the asks are rate-limited and
-//! bounded so a flood of forged ids costs a few small calls, not one per message.
+//! bounded (one per sender a second, a bounded queue and table), so a flood of forged ids costs
+//! small calls at a bounded rate, not one per message. Such a flood can crowd out a genuine ask
+//! until it stops; against a forger who reaches the peer port, peer TLS is the defence.
 //!
 //! Trusting one member's word is enough: this is about who may disturb the node, not about Raft's
 //! safety, which holds whichever genuine members' messages arrive. A stale member could vouch for a
@@ -18,6 +20,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use openraft::async_runtime::watch::WatchReceiver;
 use tokio::sync::mpsc;
 
@@ -43,15 +47,15 @@ const MAX_QUEUED: usize = 16;
 struct State {
     /// Until when each vouched-for sender is admitted.
     vouched: HashMap<NodeId, Instant>,
-    /// When each unknown sender was last asked about.
-    asked: HashMap<NodeId, Instant>,
+    /// Unknown senders asked about: `None` while the ask waits or runs, then when it was answered.
+    asked: HashMap<NodeId, Option<Instant>>,
 }
 
 impl State {
     fn forget_expired(&mut self, now: Instant) {
         self.vouched.retain(|_, until| *until > now);
         self.asked
-            .retain(|_, at| now.duration_since(*at) < ASK_EVERY);
+            .retain(|_, at| at.is_none_or(|at| now.duration_since(at) < ASK_EVERY));
     }
 }
 
@@ -100,7 +104,7 @@ impl Vouches {
             return;
         }
         if self.asks.try_send(id).is_ok() {
-            state.asked.insert(id, now);
+            state.asked.insert(id, None);
         }
     }
 }
@@ -128,28 +132,38 @@ async fn run(
             known.dedup();
             known
         };
-        let answers = futures::future::join_all(known.iter().map(|(peer, addr)| {
-            let channels = &channels;
-            async move { (*peer, ask(channels, addr, id).await) }
-        }))
-        .await;
-        let by: Vec<NodeId> = answers
+        // All asked at once, done at the first yes: a member that is down (likely, when this node
+        // missed changes) costs its timeout only when nobody else says yes.
+        let mut pending: FuturesUnordered<_> = known
             .iter()
-            .filter(|(_, answer)| matches!(answer, Ok(true)))
-            .map(|(peer, _)| *peer)
+            .map(|(peer, addr)| {
+                let channels = &channels;
+                async move { (*peer, ask(channels, addr, id).await) }
+            })
             .collect();
-        if by.is_empty() {
-            tracing::debug!(id, ?answers, "no member vouched for an unknown sender");
-            continue;
+        let mut by = None;
+        let mut answers = Vec::new();
+        while let Some((peer, answer)) = pending.next().await {
+            if matches!(answer, Ok(true)) {
+                by = Some(peer);
+                break;
+            }
+            answers.push((peer, answer));
         }
-        tracing::info!(
-            id,
-            vouched_by = ?by,
-            "admitting a member this node's log does not name yet, on the word of members it knows"
-        );
-        lock(&state)
-            .vouched
-            .insert(id, Instant::now() + VOUCHED_FOR);
+        drop(pending);
+        let mut state = lock(&state);
+        state.asked.insert(id, Some(Instant::now()));
+        match by {
+            Some(peer) => {
+                tracing::info!(
+                    id,
+                    vouched_by = peer,
+                    "admitting a member this node's log does not name yet, on the word of members it knows"
+                );
+                state.vouched.insert(id, Instant::now() + VOUCHED_FOR);
+            }
+            None => tracing::debug!(id, ?answers, "no member vouched for an unknown sender"),
+        }
     }
 }
 

@@ -12,7 +12,9 @@
 //! status it would have given that write alone, and a batch that fails as a whole gives every write
 //! in it the same failure. The leader's answers are typed ([`Error`] travels encoded), so a follower
 //! tells a leader's refusal (not proposed: retry) from a write of unknown fate without reading status
-//! codes; a failed call is "not proposed" only when the transport shows it never left this node.
+//! codes; a failed call is "not proposed" only when the transport shows it never left this node, or
+//! when the leader refused the whole call at its identity or membership check, which comes before
+//! any write in it is looked at.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

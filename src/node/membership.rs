@@ -201,6 +201,7 @@ impl Node {
         if self.view().leader != Some(self.id) {
             return Err(Error::not_leader("not the leader", self.hint()));
         }
+        self.finish_joint(deadline).await?;
         match change {
             Change::Add {
                 id,
@@ -212,6 +213,31 @@ impl Node {
             Change::MoveLeader { to } => self.move_leader(to, deadline).await?,
         }
         Ok(self.members())
+    }
+
+    /// A change is two log entries (the joint configuration, then the new one), and a leader that
+    /// lost its leadership between them leaves the cluster in the joint one, which openraft does not
+    /// leave by itself. The next change (a retry of the same one, most likely) finishes it first,
+    /// with the empty change openraft's own second step makes, so it judges the membership the
+    /// interrupted change was making rather than a union of the old and the new voters.
+    async fn finish_joint(&self, deadline: Instant) -> Result<(), Error> {
+        let joint = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            m.membership_config.membership().get_joint_config().len() > 1
+        };
+        if !joint {
+            return Ok(());
+        }
+        tracing::info!("finishing a membership change an earlier leader left half done");
+        let flattened = tokio::time::timeout_at(
+            deadline,
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::new()), false),
+        )
+        .await
+        .map_err(|_| proposed_late())?;
+        self.check(flattened)
     }
 
     async fn add(

@@ -555,14 +555,15 @@ impl Node {
     /// Whether `from` may send this node peer requests: a voter or learner of the membership it
     /// knows, or, while it knows none yet (fresh or wiped), one of its bootstrap `--peers`.
     pub fn admits(&self, from: NodeId) -> bool {
-        crate::network::service::admits(
-            &self.raft,
-            &self.peers,
-            self.joining,
-            &self.vouches,
-            self.id,
-            from,
-        )
+        !self.sm.is_retired(from)
+            && crate::network::service::admits(
+                &self.raft,
+                &self.peers,
+                self.joining,
+                &self.vouches,
+                self.id,
+                from,
+            )
     }
 }
 

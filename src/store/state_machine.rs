@@ -614,14 +614,12 @@ impl StateMachineStore {
         meta.insert(LAST_APPLIED_KEY, last_applied.encode()?)
             .map_err(io_err)?;
         guard.torn = false;
-        drop(guard);
+        // Before the write lock is let go: a snapshot capture takes it, and must see the removals
+        // of every entry its applied index covers.
         if let Some(retired) = retired {
-            *self
-                .inner
-                .retired
-                .write()
-                .unwrap_or_else(|p| p.into_inner()) = retired;
+            self.set_retired(retired);
         }
+        drop(guard);
 
         // Committed (durable on a quorum's logs) and applied: now the clients hear back.
         for (responder, response) in pending {
