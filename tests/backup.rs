@@ -418,3 +418,91 @@ async fn the_leader_writes_scheduled_backups_keeps_the_newest_and_skips_when_idl
         assert!(theirs.is_empty(), "follower {id} wrote {theirs:?}");
     }
 }
+
+/// A tmpfs mounted for one test, unmounted when it ends.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    /// None (and a line saying why) without root: only root mounts.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        if !rustix::process::geteuid().is_root() {
+            println!(
+                "SKIPPED: mounting a small tmpfs needs root; the disk-room check is not tested"
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a tmpfs: {status:?}");
+        Some(Tmpfs(dir))
+    }
+
+    fn available(&self) -> u64 {
+        let fs = rustix::fs::statvfs(self.0.path()).unwrap();
+        fs.f_bavail * fs.f_frsize
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// A backup image is written on the node's own disk before it is streamed: it is refused with
+/// RESOURCE_EXHAUSTED, before anything is written, while the image would leave the filesystem with
+/// less than its headroom (a twentieth, at least 64 MiB), and taken once there is room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_that_would_fill_the_nodes_disk_is_refused() {
+    let Some(fs) = Tmpfs::mount("512m") else {
+        return;
+    };
+    let c = Cluster::started(Cluster::builder(1, &[]).dir(fs.0.path().join("cluster")));
+    let client = c.client();
+    for i in 0..50 {
+        eventually(10 * SECOND, "put", || {
+            client.put(format!("k{i}").into_bytes(), b"value".to_vec(), false)
+        })
+        .await;
+    }
+    // Leave about 40 MiB free: less than the 64 MiB headroom.
+    let ballast = fs.0.path().join("ballast");
+    {
+        use std::io::Write;
+        let mut out = std::fs::File::create(&ballast).unwrap();
+        let chunk = vec![1u8; 1 << 20];
+        while fs.available() > 40 << 20 {
+            out.write_all(&chunk).unwrap();
+        }
+        out.sync_all().unwrap();
+    }
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("backup.rkv");
+    let save = || {
+        run(&[
+            "snapshot",
+            "save",
+            file.to_str().unwrap(),
+            "--endpoints",
+            &c.addr(1),
+        ])
+    };
+    let refused = save();
+    assert!(
+        !refused.status.success(),
+        "saved on a full disk: {}",
+        text(&refused)
+    );
+    let why = text(&refused);
+    assert!(why.contains("not enough free disk"), "{why}");
+    assert!(!file.exists(), "a refused save leaves no file");
+
+    std::fs::remove_file(&ballast).unwrap();
+    let saved = save();
+    assert!(saved.status.success(), "save with room: {}", text(&saved));
+    assert_eq!(status_json(&file)["keys"], 50);
+}

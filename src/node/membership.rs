@@ -136,7 +136,11 @@ impl Node {
                         // Leadership moved while the change waited (a MoveLeader that another
                         // node won, an election): nothing was proposed, so it is made at the new
                         // leader instead of failing.
-                        Err(e) if e.not_proposed() && Instant::now() < deadline => {
+                        Err(e)
+                            if e.not_proposed()
+                                && !matches!(e, Error::Stopped(_))
+                                && Instant::now() < deadline =>
+                        {
                             self.await_leader(Some(self.id), deadline, &e.to_string())
                                 .await?;
                             continue;

@@ -60,6 +60,7 @@ impl Node {
         deadline: Instant,
     ) -> Result<crate::store::snapshot::Exported, Error> {
         self.linearize(deadline).await?;
+        crate::store::snapshot::room_for_export(&self.sm).map_err(Error::Exhausted)?;
         Ok(crate::store::snapshot::export(&self.sm).await?)
     }
 

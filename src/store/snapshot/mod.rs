@@ -196,6 +196,47 @@ pub async fn export(sm: &StateMachineStore) -> io::Result<Exported> {
     .map_err(io::Error::other)?
 }
 
+/// The room an export must leave on the data directory's filesystem after its image: the Raft log
+/// and the state machine share that filesystem, a full one stops the node, and no backup is worth
+/// that. The disk alert fires below a tenth free (docs/alerts.yml); exports stop at a twentieth.
+const EXPORT_HEADROOM_DIVISOR: u64 = 20;
+/// On a small filesystem a twentieth is little; at least this, unless the filesystem is tiny.
+const EXPORT_HEADROOM_MIN: u64 = 64 << 20;
+
+/// Whether an image of about `estimate` bytes still leaves the headroom on a filesystem of `total`
+/// bytes with `available` free.
+fn leaves_room(available: u64, total: u64, estimate: u64) -> bool {
+    let headroom = (total / EXPORT_HEADROOM_DIVISOR).max(EXPORT_HEADROOM_MIN.min(total / 4));
+    available >= estimate.saturating_add(headroom)
+}
+
+/// Refuses an export the data directory's filesystem has no room for, before it writes anything.
+/// The image is estimated from the current snapshot file (same format, same state give or take
+/// the writes since), with a quarter more for growth; with no snapshot yet, only the headroom is
+/// checked. A filesystem that cannot be asked does not stop a backup.
+pub fn room_for_export(sm: &StateMachineStore) -> Result<(), String> {
+    let dir = sm.inner.integrity.dir();
+    let Ok(fs) = rustix::fs::statvfs(dir) else {
+        return Ok(());
+    };
+    let total = fs.f_blocks.saturating_mul(fs.f_frsize);
+    let available = fs.f_bavail.saturating_mul(fs.f_frsize);
+    let current = current_name(sm)
+        .ok()
+        .flatten()
+        .and_then(|name| std::fs::metadata(dir_of(dir).join(name)).ok())
+        .map_or(0, |m| m.len());
+    let estimate = current.saturating_add(current / 4);
+    if leaves_room(available, total, estimate) {
+        return Ok(());
+    }
+    Err(format!(
+        "not enough free disk for a backup image: about {estimate} bytes needed, {available} of \
+         {total} free, and a backup must leave a twentieth of the filesystem (at least 64 MiB) to \
+         the Raft log and the state machine"
+    ))
+}
+
 /// Ends a capture however the build that started it ends: a capture left on would make every later
 /// apply keep old values for a build that is gone.
 struct EndCapture<'a>(&'a super::state_machine::Inner);
@@ -637,6 +678,22 @@ mod tests {
     use super::*;
 
     use super::test_meta as meta_at;
+
+    #[test]
+    fn an_export_leaves_a_twentieth_of_the_disk() {
+        const GIB: u64 = 1 << 30;
+        // 100 GiB filesystem: 5 GiB must stay free after the image.
+        assert!(leaves_room(6 * GIB, 100 * GIB, GIB));
+        assert!(!leaves_room(6 * GIB, 100 * GIB, GIB + 1));
+        assert!(!leaves_room(4 * GIB, 100 * GIB, 0));
+        // 400 MiB filesystem: the 64 MiB floor applies rather than 20 MiB.
+        assert!(!leaves_room(70 << 20, 400 << 20, 10 << 20));
+        assert!(leaves_room(80 << 20, 400 << 20, 10 << 20));
+        // A tiny one: a quarter of it.
+        assert!(leaves_room(30 << 20, 100 << 20, 4 << 20));
+        assert!(!leaves_room(20 << 20, 100 << 20, 4 << 20));
+        assert!(!leaves_room(0, 0, 1));
+    }
 
     fn empty_file(sm: &StateMachineStore, meta: &SnapshotMeta) -> String {
         let name = new_name(meta);
