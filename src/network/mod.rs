@@ -1,7 +1,8 @@
 //! openraft's transport over tonic: [`client`] is openraft's side (it calls peers), [`service`] answers
 //! peers on the peer listener (`--peer-listen`), a port of its own: the public port never serves it,
 //! so a client can neither call it nor crowd it out. [`identity`] is what every peer request says about
-//! where it comes from, and [`vouch`] how a node admits a member its own log does not name yet. The channels here also carry the node's forwarding (`node::forward`).
+//! where it comes from, and [`vouch`] how a node admits a member its own log does not name yet. The
+//! channels here also carry the node's forwarding (`node::forward`).
 
 pub mod backoff;
 pub mod client;

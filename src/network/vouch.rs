@@ -75,16 +75,6 @@ impl Vouches {
         Vouches { state, asks }
     }
 
-    /// A set nobody can add to, for tests of admission.
-    #[cfg(test)]
-    pub fn none() -> Vouches {
-        let (asks, _rx) = mpsc::channel(1);
-        Vouches {
-            state: Arc::default(),
-            asks,
-        }
-    }
-
     /// Whether a member vouched for `id` recently.
     pub fn vouched(&self, id: NodeId) -> bool {
         lock(&self.state)

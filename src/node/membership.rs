@@ -234,14 +234,26 @@ impl Node {
             return Ok(());
         }
         tracing::info!("finishing a membership change an earlier leader left half done");
-        let flattened = tokio::time::timeout_at(
-            deadline,
-            self.raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::new()), false),
-        )
-        .await
-        .map_err(|_| proposed_late())?;
-        self.check(flattened)
+        self.propose(ChangeMembers::AddVoterIds(BTreeSet::new()), deadline)
+            .await
+    }
+
+    /// Proposes a voter change and waits for it until `deadline`. openraft makes it in two entries
+    /// from inside the call (the joint configuration, then the new one), so the call runs on a task
+    /// of its own: a deadline that passes between the two must not drop the second and leave the
+    /// cluster in the joint configuration.
+    async fn propose(
+        &self,
+        change: ChangeMembers<NodeId, Member>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let raft = self.raft.clone();
+        let task = tokio::spawn(async move { raft.change_membership(change, false).await });
+        match tokio::time::timeout_at(deadline, task).await {
+            Err(_) => Err(proposed_late()),
+            Ok(Err(e)) => Err(Error::Internal(format!("the membership change task: {e}"))),
+            Ok(Ok(changed)) => self.check(changed),
+        }
     }
 
     async fn add(
@@ -350,14 +362,8 @@ impl Node {
                 member.matched_index.saturating_add(lag),
             )));
         }
-        let changed = tokio::time::timeout_at(
-            deadline,
-            self.raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false),
-        )
-        .await
-        .map_err(|_| proposed_late())?;
-        self.check(changed)?;
+        self.propose(ChangeMembers::AddVoterIds(BTreeSet::from([id])), deadline)
+            .await?;
         tracing::info!(id, "promoted a learner to voter");
         Ok(())
     }
@@ -418,10 +424,7 @@ impl Node {
             }
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         };
-        let changed = tokio::time::timeout_at(deadline, self.raft.change_membership(change, false))
-            .await
-            .map_err(|_| proposed_late())?;
-        self.check(changed)?;
+        self.propose(change, deadline).await?;
         tracing::info!(id, "removed a member");
         Ok(())
     }

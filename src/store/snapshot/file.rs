@@ -19,14 +19,13 @@
 //! The same bytes are the stored snapshot, the stream a leader sends, and what a follower writes to
 //! disk as it receives them: one format, checked in one place ([`verify`]).
 
+use std::collections::BTreeSet;
 use std::io::{self, Read, Write};
 
 use crate::codec::CodecError;
 use crate::limits::MAX_KEY_BYTES;
 use crate::store::record::Record;
 use crate::store::state_machine::StoredValue;
-use std::collections::BTreeSet;
-
 use crate::types::{NodeId, SnapshotMeta};
 
 pub const MAGIC: &[u8; 8] = b"RKVSNAP1";
