@@ -113,6 +113,14 @@ if ((install_only)); then
     exit 0
 fi
 
+# The power-loss tests mount FUSE: where that works (root and /dev/fuse) they must run, never skip.
+if raftkv_fuse_ok=$( ( [[ $(id -u) == 0 ]] && [[ -c /dev/fuse ]] && exec 3<>/dev/fuse ) 2>&1 ); then
+    export RAFTKV_REQUIRE_FUSE=1
+    echo "power-loss tests: FUSE mountable here (RAFTKV_REQUIRE_FUSE=1)"
+else
+    echo "power-loss tests: SKIPPED: FUSE cannot be mounted here (needs root and /dev/fuse) ${raftkv_fuse_ok}"
+fi
+
 failed=()
 
 step "cargo fmt --all -- --check"

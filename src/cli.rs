@@ -10,14 +10,18 @@ use serde::Deserialize;
 
 use crate::pb::v1 as pb;
 
-/// Targets whose warnings raftkv replaces with rate-limited lines of its own, and the directive that
-/// quiets each. openraft's heartbeat worker warns on every failed heartbeat, tens a second for each
-/// peer that is down; raftkv's network reports such a peer instead (network/backoff.rs). A filter
-/// that names the target gets them back.
-const QUIETED: &[(&str, &str)] = &[(
-    "openraft::core::heartbeat",
-    "openraft::core::heartbeat=error",
-)];
+/// Targets quieted by default, and the directive that quiets each. openraft's heartbeat worker warns
+/// on every failed heartbeat, tens a second for each peer that is down; raftkv's network reports such
+/// a peer instead, rate-limited (network/backoff.rs). A filter that names the target gets them back.
+const QUIETED: &[(&str, &str)] = &[
+    (
+        "openraft::core::heartbeat",
+        "openraft::core::heartbeat=error",
+    ),
+    // The fault harness's FUSE mounts (fuser): a line per mount and per unmount, and a warning for
+    // each unmount of a mount that is already gone; the harness reports its power cuts itself.
+    ("fuser", "fuser=error"),
+];
 
 /// The log setup of every raftkv binary (the server, the CLI and the tools beside it): `RAFTKV_LOG`
 /// or a default that keeps dependencies' chatter out, to standard error.

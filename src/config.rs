@@ -145,6 +145,12 @@ pub struct ServerArgs {
     /// so damage on disk is found even where nothing reads it. 0 turns the scrub off.
     #[arg(long, env = "RAFTKV_SCRUB_BYTES_PER_SEC", default_value_t = 4 * 1024 * 1024)]
     pub scrub_bytes_per_sec: u64,
+    /// UNSAFE, for the fault harness's self-test only: acknowledge log appends and votes before the
+    /// fsync that makes them durable (which follows within half a second), as a disk with a lying
+    /// write cache would. A power cut then loses acknowledged writes; `raftkv jepsen --nemesis
+    /// power-loss` must report it. Never set it on a node that holds data anyone wants.
+    #[arg(long, hide = true)]
+    pub unsafe_ack_before_fsync: bool,
     /// Seconds between the end of one scrub pass and the start of the next.
     #[arg(long, env = "RAFTKV_SCRUB_INTERVAL_SECS", default_value_t = 3600)]
     pub scrub_interval_secs: u64,

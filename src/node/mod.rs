@@ -143,7 +143,16 @@ impl Node {
         config.enable_elect = false;
         let config = Arc::new(config);
         std::fs::create_dir_all(&args.data_dir)?;
-        let (log, sm) = store::open(&args.data_dir, args.id)?;
+        let durability = if args.unsafe_ack_before_fsync {
+            tracing::warn!(
+                "--unsafe-ack-before-fsync: log appends are acknowledged before they are durable; \
+                 a power cut will lose acknowledged writes"
+            );
+            store::Durability::UnsafeAckBeforeFsync
+        } else {
+            store::Durability::Fsync
+        };
+        let (log, sm) = store::open_with(&args.data_dir, args.id, durability)?;
         let scrubber = store::integrity::Scrubber::start(
             sm.db().clone(),
             sm.integrity().clone(),
@@ -162,7 +171,7 @@ impl Node {
             }
             None => ClusterId::derive(&args.cluster_token, args.peers()),
         };
-        let cluster = ClusterId(store::cluster_id(sm.db(), derived.0)?);
+        let cluster = ClusterId(store::cluster_id(sm.db(), &args.data_dir, derived.0)?);
         if cluster != derived && !joining {
             // Expected after a membership change; worth a line when it is a different --peers or token.
             tracing::info!(%cluster, from_flags = %derived, "using the cluster id stored at the first start");

@@ -32,8 +32,34 @@ pub(crate) fn flush_blocking(db: &sled::Db, data_dir: &Path) -> io::Result<()> {
     sync_files(&data_dir.join("sled"))
 }
 
+/// Makes the data directory's own layout durable: the directories the stores live in, and the data
+/// directory's name in its parent. A power cut otherwise takes a directory entry that was never
+/// fsynced with it, whatever was fsynced inside it: a node would come back without its log and
+/// vote, or with no data directory at all, and start as a fresh member. Run on every open, so a
+/// directory made by an older version is covered too; it costs a few fsyncs at start.
+pub(crate) fn sync_layout(data_dir: &Path) -> io::Result<()> {
+    for dir in ["sled", super::log::LOG_DIR, super::snapshot::SNAPSHOT_DIR] {
+        let path = data_dir.join(dir);
+        if path.is_dir() {
+            File::open(&path)?.sync_all()?;
+        }
+    }
+    File::open(data_dir)?.sync_all()?;
+    let parent = match data_dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}
+
 fn sync_files(sled_dir: &Path) -> io::Result<()> {
     File::open(sled_dir.join("db"))?.sync_all()?;
+    // sled writes its configuration once, at creation, and never syncs it; one it cannot read
+    // back stops the node from opening its database.
+    let conf = sled_dir.join("conf");
+    if conf.exists() {
+        File::open(&conf)?.sync_all()?;
+    }
     let blobs = sled_dir.join("blobs");
     if blobs.is_dir() {
         let files: Vec<PathBuf> = std::fs::read_dir(&blobs)?

@@ -207,6 +207,20 @@ pub(crate) fn sync_blocking(wal: &Mutex<Wal>) -> io::Result<()> {
         .map_err(|_| io::Error::other("the log engine's flush worker stopped"))?
 }
 
+/// When the log answers an append or a vote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// After the fsync that makes it durable: the only correct answer.
+    #[default]
+    Fsync,
+    /// At once, with the fsync following within [`UNSAFE_SYNC_EVERY`]: the fault harness's proof
+    /// that a power cut is seen (`--unsafe-ack-before-fsync`).
+    UnsafeAckBeforeFsync,
+}
+
+/// How long [`Durability::UnsafeAckBeforeFsync`] leaves acknowledged records unsynced.
+const UNSAFE_SYNC_EVERY: Duration = Duration::from_millis(500);
+
 /// Something waiting for the next fsync.
 enum Waiter {
     Append(IOFlushed<TypeConfig>),
@@ -242,14 +256,18 @@ pub struct LogStore {
 impl LogStore {
     /// Opens the engine in `dir` and starts the flusher thread; the thread ends once every handle
     /// (and so every sender) is dropped, and the engine closes with it.
-    pub(super) fn open(dir: &Path, integrity: Arc<Integrity>) -> io::Result<Self> {
+    pub(super) fn open(
+        dir: &Path,
+        integrity: Arc<Integrity>,
+        durability: Durability,
+    ) -> io::Result<Self> {
         let wal = Arc::new(Mutex::new(open_wal(dir)?));
         let (tx, rx) = mpsc::channel();
         let flusher_wal = wal.clone();
         let flusher_integrity = integrity.clone();
         std::thread::Builder::new()
             .name("raftkv-log-flush".into())
-            .spawn(move || run_flusher(&flusher_wal, &flusher_integrity, &rx))?;
+            .spawn(move || run_flusher(&flusher_wal, &flusher_integrity, &rx, durability))?;
         Ok(Self {
             wal,
             flusher: tx,
@@ -336,7 +354,15 @@ pub struct LogSummary {
 
 /// Completes queued waiters in batches, one fsync per batch. Waiters queued while an fsync runs wait
 /// for the next one: that fsync may have started before their records were written.
-fn run_flusher(wal: &Mutex<Wal>, integrity: &Integrity, rx: &mpsc::Receiver<Waiter>) {
+fn run_flusher(
+    wal: &Mutex<Wal>,
+    integrity: &Integrity,
+    rx: &mpsc::Receiver<Waiter>,
+    durability: Durability,
+) {
+    if durability == Durability::UnsafeAckBeforeFsync {
+        return run_lying_flusher(wal, rx);
+    }
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -351,6 +377,25 @@ fn run_flusher(wal: &Mutex<Wal>, integrity: &Integrity, rx: &mpsc::Receiver<Wait
         }
         for waiter in batch.drain(..) {
             waiter.complete(&result);
+        }
+    }
+}
+
+/// [`Durability::UnsafeAckBeforeFsync`]: every waiter is told "durable" the moment it arrives, and
+/// the fsync runs on a timer of its own.
+fn run_lying_flusher(wal: &Mutex<Wal>, rx: &mpsc::Receiver<Waiter>) {
+    let mut last_sync = std::time::Instant::now();
+    loop {
+        match rx.recv_timeout(UNSAFE_SYNC_EVERY) {
+            Ok(waiter) => waiter.complete(&Ok(())),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        if last_sync.elapsed() >= UNSAFE_SYNC_EVERY {
+            if let Err(e) = sync_blocking(wal) {
+                tracing::error!(error = %e, "log flush failed");
+            }
+            last_sync = std::time::Instant::now();
         }
     }
 }

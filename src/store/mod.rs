@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use integrity::Integrity;
-pub use log::LogStore;
+pub use log::{Durability, LogStore};
 pub use state_machine::StateMachineStore;
 
 /// The Raft handle over this store. Named here, where the state machine type is, so the model types
@@ -167,6 +167,15 @@ fn classify(integrity: &Integrity, what: &str, e: impl Into<StoreError>) -> Stor
 /// metadata is sound (see `integrity`), migrating an older format first. Corruption found here is
 /// [`StoreError::Corrupt`], and trips the returned stores' [`Integrity`] for anything found later.
 pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore), StoreError> {
+    open_with(dir, node_id, Durability::Fsync)
+}
+
+/// [`open`], with the log's [`Durability`] chosen (the unsafe one only for the harness's self-test).
+pub fn open_with(
+    dir: &Path,
+    node_id: NodeId,
+    durability: Durability,
+) -> Result<(LogStore, StateMachineStore), StoreError> {
     let integrity = Integrity::new(dir);
     let db = sled_config(dir)
         .open()
@@ -201,12 +210,14 @@ pub fn open(dir: &Path, node_id: NodeId) -> Result<(LogStore, StateMachineStore)
             what,
         });
     }
-    let log = LogStore::open(&log_dir, integrity.clone())
+    let log = LogStore::open(&log_dir, integrity.clone(), durability)
         .map_err(|e| classify(&integrity, "opening the log", e))?;
     let report = integrity::check_meta(&db, Some(node_id), FORMAT, Some(&log.summary()));
     fail_on_problems(&integrity, report)?;
-    open_checked(db, node_id, integrity.clone(), log)
-        .map_err(|e| classify(&integrity, "opening the stores", e))
+    let opened = open_checked(db, node_id, integrity.clone(), log)
+        .map_err(|e| classify(&integrity, "opening the stores", e))?;
+    durable::sync_layout(dir).map_err(|e| classify(&integrity, "syncing the data directory", e))?;
+    Ok(opened)
 }
 
 /// [`StoreError::Corrupt`] with the start check's first problem, if it found any.
@@ -247,7 +258,8 @@ fn open_checked(
                 .insert(NODE_ID_KEY, crate::codec::encode(&node_id)?)?;
             t.raft_meta
                 .insert(FORMAT_KEY, crate::codec::encode(&FORMAT)?)?;
-            db.flush()?;
+            // Which node this is must survive a power cut like its vote does.
+            durable::flush_blocking(&db, integrity.dir())?;
         }
     }
     let sm = StateMachineStore::new(db, t.sm_data, t.sm_meta, t.sm_snapshot, integrity)?;
@@ -288,13 +300,14 @@ pub fn stored_cluster_id(db: &sled::Db) -> Result<Option<u64>, StoreError> {
 /// The cluster this data directory belongs to: the one stored at its first start, or `derived` (which
 /// is then stored) on a new directory. Stored once, so that later changes to `--peers` or the token
 /// do not move a running cluster to another id.
-pub fn cluster_id(db: &sled::Db, derived: u64) -> Result<u64, StoreError> {
+pub fn cluster_id(db: &sled::Db, dir: &Path, derived: u64) -> Result<u64, StoreError> {
     let meta = db.open_tree("raft_meta")?;
     if let Some(bytes) = meta.get(CLUSTER_ID_KEY)? {
         return Ok(crate::codec::decode(&bytes)?);
     }
     meta.insert(CLUSTER_ID_KEY, crate::codec::encode(&derived)?)?;
-    db.flush()?;
+    // Lost, the id would be derived again from flags that may have changed since.
+    durable::flush_blocking(db, dir)?;
     Ok(derived)
 }
 
@@ -314,7 +327,7 @@ pub async fn create_from_image(
 ) -> Result<u64, StoreError> {
     use openraft::storage::RaftLogStorage;
     let (mut log, sm) = open(dir, node_id)?;
-    cluster_id(sm.db(), cluster)?;
+    cluster_id(sm.db(), dir, cluster)?;
     let voters = members.keys().copied().collect();
     let membership = openraft::Membership::new(vec![voters], members.clone())
         .map_err(|e| std::io::Error::other(format!("the new membership: {e}")))?;

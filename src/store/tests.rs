@@ -899,9 +899,9 @@ async fn a_directory_in_another_format_is_refused_and_the_cluster_id_is_kept() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (_log, sm) = open(dir.path(), 7).unwrap();
-        assert_eq!(super::cluster_id(sm.db(), 42).unwrap(), 42);
+        assert_eq!(super::cluster_id(sm.db(), dir.path(), 42).unwrap(), 42);
         assert_eq!(
-            super::cluster_id(sm.db(), 43).unwrap(),
+            super::cluster_id(sm.db(), dir.path(), 43).unwrap(),
             42,
             "the first id stays"
         );

@@ -40,7 +40,8 @@ pub struct JepsenArgs {
     pub time: u64,
     /// Fault kinds, comma-separated: all, partition (the four partition kinds), partition-leader,
     /// partition-halves, partition-bridge, partition-one-way, kill, pause, pause-reads, crash-all,
-    /// clock (needs libfaketime), membership (not with --tls).
+    /// clock (needs libfaketime), membership (not with --tls), power-loss (needs root and
+    /// /dev/fuse: every data directory is then on a filesystem that loses what was not fsynced).
     #[arg(long, default_value = "all", value_delimiter = ',')]
     pub nemesis: Vec<String>,
     /// How partitions are made: netns (root: a network namespace per node, iptables), proxy (a TCP proxy
@@ -115,11 +116,19 @@ fn parse_range(s: &str) -> anyhow::Result<(Duration, Duration)> {
     Ok((lo, hi))
 }
 
-/// The requested fault kinds. `all` leaves out `clock` when libfaketime is missing, and `membership`
-/// with `--tls`, and says so; asking for one of those by name then is an error rather than a
-/// silently weaker run. A joining node (`--join`) asks the cluster to add it over the public port, and
+/// The requested fault kinds. `all` leaves out `clock` when libfaketime is missing, `membership`
+/// with `--tls`, and `power-loss` where FUSE cannot be mounted, and says so; asking for one of those
+/// by name then is an error rather than a silently weaker run. A joining node (`--join`) asks the cluster to add it over the public port, and
 /// the harness's certificates are made for the initial nodes only, so membership needs plaintext.
 fn parse_faults(names: &[String], tls: bool) -> anyhow::Result<Vec<Fault>> {
+    parse_faults_with(names, tls, raftkv_lossyfs::available())
+}
+
+fn parse_faults_with(
+    names: &[String],
+    tls: bool,
+    fuse: Result<(), String>,
+) -> anyhow::Result<Vec<Fault>> {
     let have_faketime = std::path::Path::new(nemesis::LIBFAKETIME).exists();
     let mut faults = Vec::new();
     for name in names.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
@@ -136,6 +145,10 @@ fn parse_faults(names: &[String], tls: bool) -> anyhow::Result<Vec<Fault>> {
                 faults.retain(|f| *f != Fault::Membership);
                 println!("membership fault left out: it needs a plaintext cluster (no --tls)");
             }
+            if let Err(why) = &fuse {
+                faults.retain(|f| *f != Fault::PowerLoss);
+                println!("power-loss fault left out: {why}");
+            }
         } else if name == "partition" {
             faults.extend(nemesis::PARTITIONS);
         } else if name != "none" {
@@ -149,6 +162,9 @@ fn parse_faults(names: &[String], tls: bool) -> anyhow::Result<Vec<Fault>> {
                 fault != Fault::Membership || !tls,
                 "the membership fault needs a plaintext cluster (no --tls)"
             );
+            if let (Fault::PowerLoss, Err(why)) = (fault, &fuse) {
+                anyhow::bail!("the power-loss fault cannot run here: {why}");
+            }
             faults.push(fault);
         }
     }
@@ -214,7 +230,16 @@ pub async fn run(args: JepsenArgs) -> anyhow::Result<std::process::ExitCode> {
     if !node_args.iter().any(|a| a.starts_with("--keep-logs")) {
         node_args.push("--keep-logs=100".into());
     }
-    let mut nodes = Nodes::new(&net, args.nodes, &bin, &out, node_args, args.tls)?;
+    let power_loss = faults.contains(&Fault::PowerLoss);
+    if power_loss {
+        println!(
+            "power loss: every data directory on lossyfs (stores in {})",
+            out.join("lossyfs").display()
+        );
+    }
+    let mut nodes = Nodes::new(
+        &net, args.nodes, &bin, &out, node_args, args.tls, power_loss,
+    )?;
     if let Some(dir) = nodes.tls_dir() {
         println!("TLS: clients and peers, certificates in {}", dir.display());
     }
@@ -224,6 +249,11 @@ pub async fn run(args: JepsenArgs) -> anyhow::Result<std::process::ExitCode> {
     let nodes = tokio::sync::Mutex::new(nodes);
     let report = drive(&args, &faults, healthy, hold, seed, &net, &nodes, &out).await;
     let _ = nodes.lock().await.kill_all();
+    // A failed run keeps its data, written out of the stores as ordinary directories.
+    let keep = args.keep_data || report.as_ref().map_or(true, |r| r.exit_code() != 0);
+    if let Err(e) = nodes.lock().await.unmount_all(keep) {
+        println!("unmounting the lossyfs data directories failed: {e:#}");
+    }
     let report = report?;
     report.print();
     std::fs::write(
@@ -379,6 +409,22 @@ mod tests {
         want.extend([Fault::Kill, Fault::Membership]);
         want.sort();
         assert_eq!(faults, want);
+    }
+
+    #[test]
+    fn power_loss_needs_fuse() {
+        let no = || Err("no /dev/fuse".to_string());
+        assert!(
+            !parse_faults_with(&names(&["all"]), false, no())
+                .unwrap()
+                .contains(&Fault::PowerLoss)
+        );
+        assert!(
+            parse_faults_with(&names(&["all"]), false, Ok(()))
+                .unwrap()
+                .contains(&Fault::PowerLoss)
+        );
+        assert!(parse_faults_with(&names(&["power-loss"]), false, no()).is_err());
     }
 
     #[test]

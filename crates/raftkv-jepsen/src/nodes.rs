@@ -2,12 +2,14 @@
 //! data directory and log file in the run's output directory), started, killed, paused and restarted
 //! from outside, the way an operator or a power cut would. What is the fault harness's own: where the
 //! network puts each node, which nodes are in the cluster now (the membership nemesis adds and
-//! removes them), and the nodes that exited without the harness causing it, which fail a run.
+//! removes them), the nodes that exited without the harness causing it, which fail a run, and, for
+//! the power-loss fault, the filesystem under each data directory that loses what was not fsynced.
 
-use std::collections::BTreeSet;
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use raftkv_lossyfs::Mount;
 use raftkv_testkit::{Cluster, NodeSpec};
 
 use super::net::Net;
@@ -26,6 +28,14 @@ pub struct Nodes {
     members: BTreeSet<u64>,
     /// Nodes removed from the cluster and stopped for good (their ids are never used again).
     retired: BTreeSet<u64>,
+    /// With the power-loss fault: where each node's durable data lives, and its mount.
+    power: Option<Power>,
+}
+
+/// Every node's data directory is a mount of a store of its own under `stores`.
+struct Power {
+    stores: PathBuf,
+    mounts: BTreeMap<u64, Mount>,
 }
 
 impl std::ops::Deref for Nodes {
@@ -52,6 +62,7 @@ impl Nodes {
         dir: &Path,
         extra_args: Vec<String>,
         tls: bool,
+        power_loss: bool,
     ) -> anyhow::Result<Nodes> {
         let log_filter = std::env::var("RAFTKV_JEPSEN_NODE_LOG")
             .unwrap_or_else(|_| "info,openraft=error".into());
@@ -70,7 +81,94 @@ impl Nodes {
             unexpected_exits: Vec::new(),
             members: (1..=n).collect(),
             retired: BTreeSet::new(),
+            power: power_loss.then(|| Power {
+                stores: dir.join("lossyfs"),
+                mounts: BTreeMap::new(),
+            }),
         })
+    }
+
+    /// Starts node `id`, first mounting its data directory when the run has power cuts.
+    pub fn start(&mut self, id: u64) -> anyhow::Result<()> {
+        self.start_with_env(id, &[])
+    }
+
+    /// [`Nodes::start`] with environment variables for this start (the clock fault's).
+    pub fn start_with_env(&mut self, id: u64, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.mount(id)?;
+        self.cluster.start_with_env(id, env)?;
+        Ok(())
+    }
+
+    fn mount(&mut self, id: u64) -> anyhow::Result<()> {
+        let data = self.cluster.data_dir(id);
+        let Some(power) = &mut self.power else {
+            return Ok(());
+        };
+        if power.mounts.contains_key(&id) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&data)?;
+        let store = power.stores.join(format!("n{id}"));
+        power.mounts.insert(id, Mount::new(&store, &data)?);
+        Ok(())
+    }
+
+    /// The power cut on `ids` at one instant: each is frozen (SIGSTOP) first, then everything its
+    /// filesystem holds unsynced is dropped, then it is SIGKILLed and its data directory mounted
+    /// again from what survived. The nodes are left down; returns the bytes each lost.
+    pub fn power_cut(&mut self, ids: &[u64]) -> anyhow::Result<Vec<(u64, u64)>> {
+        anyhow::ensure!(
+            self.power.is_some(),
+            "the power-loss fault needs the nodes on lossyfs mounts"
+        );
+        for &id in ids {
+            if self.cluster.is_running(id) {
+                self.cluster.pause(id)?;
+            }
+        }
+        let mut lost = Vec::new();
+        let mut cut = Vec::new();
+        if let Some(power) = &mut self.power {
+            for &id in ids {
+                if let Some(mount) = power.mounts.remove(&id) {
+                    lost.push((id, mount.unsynced_bytes()));
+                    mount.cut();
+                    cut.push(mount);
+                }
+            }
+        }
+        for &id in ids {
+            self.cluster.kill(id)?;
+        }
+        for mount in cut {
+            mount.power_cut()?;
+        }
+        for &id in ids {
+            self.mount(id)?;
+        }
+        Ok(lost)
+    }
+
+    /// Unmounts every node's data directory in order (the nodes are down): what they wrote becomes
+    /// durable. With `export`, each store is then written out as an ordinary tree into the node's
+    /// data directory, for reading a failed run's data; otherwise the stores are removed.
+    pub fn unmount_all(&mut self, export: bool) -> anyhow::Result<()> {
+        let Some(power) = &mut self.power else {
+            return Ok(());
+        };
+        for (id, mount) in std::mem::take(&mut power.mounts) {
+            let data = mount.mountpoint().to_path_buf();
+            mount.unmount()?;
+            let store = power.stores.join(format!("n{id}"));
+            if export {
+                raftkv_lossyfs::export(&store, &data)?;
+            }
+        }
+        if !export {
+            let _ = std::fs::remove_dir_all(&power.stores);
+        }
+        Ok(())
     }
 
     /// The nodes in the cluster now, in id order (see [`Nodes::members`]'s field).
@@ -124,7 +222,7 @@ impl Nodes {
                     .push(format!("node {id} exited ({status}): {why}"));
                 tracing::error!(node = id, %status, %why, "node exited unexpectedly");
                 if self.members.contains(&id) {
-                    self.cluster.start(id)?;
+                    self.start(id)?;
                 }
             }
         }

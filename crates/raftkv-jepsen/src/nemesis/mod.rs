@@ -28,6 +28,7 @@ pub mod membership;
 mod partition;
 mod pause;
 mod pause_reads;
+mod power_loss;
 
 pub use clock::LIBFAKETIME;
 
@@ -62,9 +63,13 @@ pub enum Fault {
     /// Add a brand-new node (fresh id) or remove a voter (the leader or a follower, in turn), keeping
     /// the cluster between its size and size + 2 voters; see [`membership`].
     Membership,
+    /// Cut the power of all nodes, of one (alternately the leader), or of a minority, in turn: each
+    /// loses everything its filesystem holds that was not fsynced, then restarts on what survived.
+    /// The first cut is of all nodes, a quorum losing its page cache together.
+    PowerLoss,
 }
 
-pub const ALL: [Fault; 10] = [
+pub const ALL: [Fault; 11] = [
     Fault::PartitionLeader,
     Fault::PartitionHalves,
     Fault::PartitionBridge,
@@ -75,6 +80,7 @@ pub const ALL: [Fault; 10] = [
     Fault::CrashAll,
     Fault::Clock,
     Fault::Membership,
+    Fault::PowerLoss,
 ];
 
 /// The partition kinds, which `partition` names together.
@@ -98,6 +104,7 @@ impl Fault {
             Fault::CrashAll => "crash-all",
             Fault::Clock => "clock",
             Fault::Membership => "membership",
+            Fault::PowerLoss => "power-loss",
         }
     }
 }
@@ -165,7 +172,11 @@ pub async fn run(
         flip = !flip;
         let hold = between(&mut rng, schedule.hold);
         let leader = nodes.lock().await.current_leader().await;
-        let strike = Strike::new(fault, flip, hold, leader, &mut rng, net, nodes, &shared).await;
+        let nth = fired.get(&fault).copied().unwrap_or(0);
+        let strike = Strike::new(
+            fault, flip, nth, hold, leader, &mut rng, net, nodes, &shared,
+        )
+        .await;
         match fault {
             Fault::Membership => membership::inject(&strike, membership, &mut rng).await?,
             _ => inject(&strike, &mut rng).await?,
@@ -187,6 +198,8 @@ struct Strike<'a> {
     fault: Fault,
     /// Alternates from one fault to the next: whether a fault that may target the leader does.
     flip: bool,
+    /// How many faults of this kind came before (a kind that takes turns between variants).
+    nth: u64,
     hold: Duration,
     /// The members the harness runs now, in id order.
     members: Vec<u64>,
@@ -206,6 +219,7 @@ impl<'a> Strike<'a> {
     async fn new(
         fault: Fault,
         flip: bool,
+        nth: u64,
         hold: Duration,
         leader: Option<u64>,
         rng: &mut StdRng,
@@ -225,6 +239,7 @@ impl<'a> Strike<'a> {
         Strike {
             fault,
             flip,
+            nth,
             hold,
             members,
             ids,
@@ -275,6 +290,7 @@ async fn inject(strike: &Strike<'_>, rng: &mut StdRng) -> anyhow::Result<()> {
         Fault::PauseReads => pause_reads::inject(strike).await,
         Fault::Clock => clock::inject(strike, rng).await,
         Fault::CrashAll => crash_all::inject(strike).await,
+        Fault::PowerLoss => power_loss::inject(strike).await,
         Fault::Membership => anyhow::bail!("the membership fault has its own state"),
     }
 }

@@ -877,11 +877,22 @@ impl SegmentAccountant {
         guard: &Guard,
     ) {
         let mut deferred = false;
+        let mut synced = false;
         while let Some((&write_end, _)) =
             self.pending_blob_removals.iter().next()
         {
             if write_end > stable_lsn {
                 break;
+            }
+            // stable_lsn counts sync_file_range, which a power cut
+            // does not honour: the replacing write must be fsynced
+            // before the removal of what it replaced can be durable
+            if !synced {
+                if let Err(e) = self.config.file.sync_all() {
+                    debug!("not removing replaced blobs: fsync failed: {}", e);
+                    break;
+                }
+                synced = true;
             }
             let blobs = self
                 .pending_blob_removals
