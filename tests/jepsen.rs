@@ -246,6 +246,25 @@ fn acknowledging_before_fsync_is_caught_by_a_power_cut() {
     );
 }
 
+/// The control of the test above: the same lying nodes under SIGKILLs alone. Their records are in
+/// the kernel's hands before they are acknowledged, and a SIGKILL keeps what the kernel holds, so
+/// this must pass: what the power cut caught was the filesystem's doing, not the process's death.
+#[test]
+fn acknowledging_before_fsync_survives_sigkills() {
+    let dir = results_dir("ack_before_fsync_sigkill");
+    let run = jepsen(
+        &dir,
+        &[
+            "--time=25",
+            "--nemesis=crash-all,kill",
+            "--healthy=1-2",
+            "--hold=2-3",
+            "--node-arg=--unsafe-ack-before-fsync",
+        ],
+    );
+    assert_passed(&run);
+}
+
 /// Eventual reads checked as if they were strong are stale on a partitioned (or merely lagging) node.
 /// If the harness passed this, it could not see a stale read at all.
 #[test]

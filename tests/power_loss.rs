@@ -17,10 +17,11 @@ use raftkv_lossyfs::Mount;
 
 const SECOND: Duration = Duration::from_secs(1);
 
-/// Each node's data directory on a mount of its own store.
+/// Each node's data directory on a mount of its own store. Fields drop in order: the mounts before
+/// the directory holding their stores.
 struct Disks {
-    stores: tempfile::TempDir,
     mounts: BTreeMap<u64, Mount>,
+    stores: tempfile::TempDir,
 }
 
 impl Disks {
@@ -33,7 +34,7 @@ impl Disks {
             let mount = Mount::new(&stores.path().join(format!("n{id}")), &data).unwrap();
             mounts.insert(id, mount);
         }
-        Disks { stores, mounts }
+        Disks { mounts, stores }
     }
 
     /// The power cut on `ids` at one instant: frozen, unsynced data dropped, killed, mounted
@@ -91,14 +92,15 @@ async fn assert_keys(c: &Cluster, node: u64, range: std::ops::Range<u32>) {
 /// renames and the purges behind them mid-way.
 const ARGS: &[&str] = &["--snapshot-every=50", "--keep-logs=20"];
 
-/// Three nodes started, each on a mount of its own. The tests kill the nodes before the disks go.
-fn started_on_disks() -> (Cluster, Disks) {
+/// Three nodes started, each on a mount of its own. Bound as `let (disks, c)`, the cluster drops
+/// first (its nodes are killed) and the disks after, even when a test fails half-way.
+fn started_on_disks() -> (Disks, Cluster) {
     let mut c = Cluster::unstarted(Cluster::builder(3, ARGS));
     let disks = Disks::mount(&c);
     for id in c.ids() {
         c.start_again(id);
     }
-    (c, disks)
+    (disks, c)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +108,7 @@ async fn acknowledged_writes_survive_a_power_cut_of_every_node() {
     if !raftkv_lossyfs::available_for("acknowledged_writes_survive_a_power_cut_of_every_node") {
         return;
     }
-    let (mut c, mut disks) = started_on_disks();
+    let (mut disks, mut c) = started_on_disks();
     let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
     put_keys(&c, leader, 0..150).await;
 
@@ -134,7 +136,7 @@ async fn a_node_whose_power_is_cut_comes_back_with_its_log() {
     if !raftkv_lossyfs::available_for("a_node_whose_power_is_cut_comes_back_with_its_log") {
         return;
     }
-    let (mut c, mut disks) = started_on_disks();
+    let (mut disks, mut c) = started_on_disks();
     let leader = c.wait_leader(&c.ids(), 20 * SECOND).await;
     put_keys(&c, leader, 0..100).await;
     let follower = c.ids().into_iter().find(|&i| i != leader).unwrap();

@@ -43,9 +43,12 @@ pub async fn to_file(
                 let (header, _) =
                     format::verify(BufReader::with_capacity(1 << 20, File::open(&partial)?))?;
                 std::fs::rename(&partial, &path)?;
-                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    File::open(dir)?.sync_all()?;
-                }
+                // A bare file name lives in the working directory.
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => std::path::Path::new("."),
+                };
+                File::open(dir)?.sync_all()?;
                 Ok::<_, SaveError>(header)
             })
             .await

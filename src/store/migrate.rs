@@ -328,8 +328,12 @@ fn write_snapshot_file(
     meta: &types::SnapshotMeta,
     pairs: Vec<Pair>,
 ) -> Result<String, StoreError> {
+    let data_dir = dir;
     let dir = snapshot::dir_of(dir);
     std::fs::create_dir_all(&dir)?;
+    // The caller removes the snapshot from sled once this returns: the directory's own name must be
+    // as durable as the file in it.
+    snapshot::sync_dir(data_dir)?;
     let name = snapshot::new_name(meta);
     let partial = dir.join(format!("{name}.partial"));
     let out = std::io::BufWriter::new(std::fs::File::create(&partial)?);

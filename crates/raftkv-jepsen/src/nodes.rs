@@ -51,6 +51,34 @@ impl std::ops::DerefMut for Nodes {
     }
 }
 
+/// What a node logs when it starts on an empty data directory (`node/mod.rs`).
+const FRESH_START_LINES: [&str; 2] = ["bootstrapped a new cluster", "fresh data directory"];
+
+/// Waits (briefly) until every thread of `pid` is stopped, as `/proc` shows it.
+fn wait_stopped(pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        let all_stopped = tasks.flatten().all(|task| {
+            std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                // The state follows the command name in parentheses.
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+            })
+        });
+        if all_stopped {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    tracing::warn!(
+        pid,
+        "a node did not stop within 2 s of SIGSTOP; cutting anyway"
+    );
+}
+
 impl Nodes {
     /// `n` nodes of `bin` on `net`, their data and logs in `dir`, started by the caller. With `tls`,
     /// both ports use certificates made in `dir/tls` (for these nodes only: the membership fault,
@@ -125,6 +153,13 @@ impl Nodes {
         for &id in ids {
             if self.cluster.is_running(id) {
                 self.cluster.pause(id)?;
+            }
+        }
+        // SIGSTOP is only queued by kill(2): a thread still running when its disk goes would see
+        // errors no real power cut produces.
+        for &id in ids {
+            if let Some(pid) = self.cluster.pid(id) {
+                wait_stopped(pid);
             }
         }
         let mut lost = Vec::new();
@@ -231,6 +266,26 @@ impl Nodes {
 
     pub fn unexpected_exits(&self) -> Vec<String> {
         self.unexpected_exits.clone()
+    }
+
+    /// Nodes that started on an empty data directory more than once: after a power cut that means
+    /// the disk lost everything, the vote included, and the node came back as a new member (which
+    /// starts without complaint, so no exit would show it). The harness never wipes a node.
+    pub fn fresh_restarts(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for id in self.ids() {
+            let text = std::fs::read_to_string(self.log_path(id)).unwrap_or_default();
+            let fresh = FRESH_START_LINES
+                .iter()
+                .map(|line| text.matches(line).count())
+                .sum::<usize>();
+            if fresh > 1 {
+                found.push(format!(
+                    "node {id} started on an empty data directory {fresh} times"
+                ));
+            }
+        }
+        found
     }
 
     /// Lines of the node logs that report a panic.

@@ -294,11 +294,13 @@ pub async fn verify(input: Inputs<'_>, out: &std::path::Path) -> anyhow::Result<
 
     let mut crashed = nodes.unexpected_exits();
     crashed.extend(nodes.panics());
+    crashed.extend(nodes.fresh_restarts());
     checks.push(check(
         "node-health",
         crashed.is_empty(),
         if crashed.is_empty() {
-            "no panics, no exits the nemesis did not cause".into()
+            "no panics, no exits the nemesis did not cause, no restart on an empty data directory"
+                .into()
         } else {
             crashed.join("; ")
         },

@@ -44,6 +44,8 @@ pub enum Error {
     NotEmpty,
     #[error("invalid argument")]
     Invalid,
+    #[error("file name too long")]
+    NameTooLong,
     #[error("operation not supported")]
     Unsupported,
     /// The power was cut: nothing more is served.
@@ -62,6 +64,7 @@ impl Error {
             Error::IsDir => libc_errno::EISDIR,
             Error::NotEmpty => libc_errno::ENOTEMPTY,
             Error::Invalid => libc_errno::EINVAL,
+            Error::NameTooLong => libc_errno::ENAMETOOLONG,
             Error::Unsupported => libc_errno::EOPNOTSUPP,
             Error::Cut | Error::Io(_) => libc_errno::EIO,
         }
@@ -77,6 +80,7 @@ mod libc_errno {
     pub const EISDIR: i32 = Errno::ISDIR.raw_os_error();
     pub const ENOTEMPTY: i32 = Errno::NOTEMPTY.raw_os_error();
     pub const EINVAL: i32 = Errno::INVAL.raw_os_error();
+    pub const ENAMETOOLONG: i32 = Errno::NAMETOOLONG.raw_os_error();
     pub const EOPNOTSUPP: i32 = Errno::OPNOTSUPP.raw_os_error();
     pub const EIO: i32 = Errno::IO.raw_os_error();
 }
@@ -414,8 +418,14 @@ impl State {
         false
     }
 
+    /// chmod: the bits live in the entries that name the inode (as a directory fsync saves them).
     pub fn set_perm(&mut self, ino: u64, perm: u16) -> Result<()> {
         self.inode_mut(ino)?.perm = perm & 0o7777;
+        for entry in self.current.values_mut().flat_map(|d| d.values_mut()) {
+            if entry.ino == ino {
+                entry.perm = perm & 0o7777;
+            }
+        }
         Ok(())
     }
 
@@ -575,9 +585,11 @@ impl State {
             let Some(ino) = self
                 .inodes
                 .iter()
+                .filter(|(_, i)| i.content.dirty_bytes > 0)
                 .max_by_key(|(_, i)| i.content.dirty_bytes)
                 .map(|(ino, _)| *ino)
             else {
+                debug_assert!(false, "dirty_total counts bytes no inode holds");
                 break;
             };
             tracing::debug!(ino, "unsynced data over the bound: written back");
@@ -643,8 +655,14 @@ fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name == "." || name == ".." || name.contains('/') {
         return Err(Error::Invalid);
     }
+    if name.len() > NAME_MAX {
+        return Err(Error::NameTooLong);
+    }
     Ok(())
 }
+
+/// The longest name a directory entry may have, as on ext4.
+pub const NAME_MAX: usize = 255;
 
 /// Removes `[from, to)` from the extents, splitting any that straddle an end.
 fn cut_out(dirty: &mut BTreeMap<u64, Vec<u8>>, from: u64, to: u64, bytes: &mut u64) {

@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 
 use raftkv_lossyfs::Mount;
 
+/// Fields drop in order: the mount goes before the temporary directory it lives in.
 struct Disk {
-    _dir: tempfile::TempDir,
+    mount: Option<Mount>,
     store: PathBuf,
     mnt: PathBuf,
-    mount: Option<Mount>,
+    _dir: tempfile::TempDir,
 }
 
 impl Disk {
