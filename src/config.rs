@@ -149,7 +149,7 @@ pub struct ServerArgs {
     /// fsync that makes them durable (which follows within half a second), as a disk with a lying
     /// write cache would. A power cut then loses acknowledged writes; `raftkv jepsen --nemesis
     /// power-loss` must report it. Never set it on a node that holds data anyone wants.
-    #[arg(long, hide = true)]
+    #[arg(long, env = "RAFTKV_UNSAFE_ACK_BEFORE_FSYNC", hide = true)]
     pub unsafe_ack_before_fsync: bool,
     /// Seconds between the end of one scrub pass and the start of the next.
     #[arg(long, env = "RAFTKV_SCRUB_INTERVAL_SECS", default_value_t = 3600)]
