@@ -141,6 +141,19 @@ pub struct ServerArgs {
     /// from the leader; more are refused with RESOURCE_EXHAUSTED rather than queued without bound.
     #[arg(long, env = "RAFTKV_MAX_APPLY_WAITERS", default_value_t = 4096)]
     pub max_apply_waiters: usize,
+    /// Watch history kept on this node, in revisions that changed keys: a watch can start at, or
+    /// fall behind to, any revision in that window. The oldest go first.
+    #[arg(long, env = "RAFTKV_WATCH_HISTORY_REVISIONS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub watch_history_revisions: u64,
+    /// Watch history kept on this node, in bytes of changes (values and previous values); the window
+    /// is the smaller of this and --watch-history-revisions.
+    #[arg(long, env = "RAFTKV_WATCH_HISTORY_BYTES", default_value_t = 128 * 1024 * 1024)]
+    pub watch_history_bytes: u64,
+    /// Watch streams this node serves at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RAFTKV_MAX_WATCHES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_watches: u64,
     /// Background scrub: read and decode every stored value (log, data, snapshot) at most this fast,
     /// so damage on disk is found even where nothing reads it. 0 turns the scrub off.
     #[arg(long, env = "RAFTKV_SCRUB_BYTES_PER_SEC", default_value_t = 4 * 1024 * 1024)]

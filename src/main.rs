@@ -111,6 +111,22 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print every change to KEY (with --prefix: to every key under it) as it happens, one line per
+    /// event, until interrupted. Resumes on another node on its own if the one serving it goes away.
+    Watch {
+        key: String,
+        /// Watch every key that starts with KEY.
+        #[arg(long)]
+        prefix: bool,
+        /// Start with the changes made at this revision and after (0: from now on).
+        #[arg(long, default_value_t = 0)]
+        from_revision: u64,
+        /// Print each event's previous value too.
+        #[arg(long)]
+        prev_kv: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Run a transaction: if every --compare holds, the --success requests run, else the --failure
     /// ones, atomically (exit status 1 when the failure branch ran).
     Txn {
@@ -325,6 +341,43 @@ fn kv_json(kv: &pb::KeyValue, enc: Encoding) -> serde_json::Value {
     })
 }
 
+/// One watch event as `raftkv watch` prints it.
+fn event_line(event: &pb::Event, enc: Encoding, json: bool) -> String {
+    let kind = match pb::EventType::try_from(event.r#type) {
+        Ok(pb::EventType::Put) => "PUT",
+        Ok(pb::EventType::Delete) => "DELETE",
+        Err(_) => "UNKNOWN",
+    };
+    let kv = event.kv.clone().unwrap_or_default();
+    if json {
+        let prev = event.prev_kv.as_ref().map(|p| kv_json(p, enc));
+        return serde_json::json!({
+            "type": kind,
+            "revision": kv.mod_revision,
+            "kv": kv_json(&kv, enc),
+            "prev_kv": prev,
+        })
+        .to_string();
+    }
+    let mut line = match kind {
+        "PUT" => format!(
+            "PUT {} {} revision={}",
+            enc.encode(&kv.key),
+            enc.encode(&kv.value),
+            kv.mod_revision
+        ),
+        _ => format!(
+            "{kind} {} revision={}",
+            enc.encode(&kv.key),
+            kv.mod_revision
+        ),
+    };
+    if let Some(prev) = &event.prev_kv {
+        line.push_str(&format!(" prev={}", enc.encode(&prev.value)));
+    }
+    line
+}
+
 fn client(args: &ClientArgs) -> anyhow::Result<Client> {
     Ok(Client::with_tls(
         &args.endpoints,
@@ -493,6 +546,31 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
             client: args,
         } => {
             scan(&mut out, &args, start, end, limit, consistency).await?;
+            ExitCode::SUCCESS
+        }
+        Command::Watch {
+            key,
+            prefix,
+            from_revision,
+            prev_kv,
+            client: args,
+        } => {
+            let enc = args.encoding();
+            let key = decode(enc, &key, "key")?;
+            let mut options = if prefix {
+                raftkv_client::WatchOptions::prefix(key)
+            } else {
+                raftkv_client::WatchOptions::key(key)
+            }
+            .from_revision(from_revision);
+            options.prev_kv = prev_kv;
+            let mut watch = client(&args)?.watch(options);
+            while let Some(response) = watch.next().await {
+                for event in response?.events {
+                    writeln!(out, "{}", event_line(&event, enc, args.json))?;
+                }
+                out.flush()?;
+            }
             ExitCode::SUCCESS
         }
         Command::Txn {

@@ -353,3 +353,62 @@ fn jepsen_and_bench_run_the_sibling_binaries() {
         "{err}"
     );
 }
+
+/// `raftkv watch`: the changes from a past revision, then live ones, one line each.
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_prints_each_change_as_a_line() {
+    use std::io::BufRead;
+    let cluster = Cluster::start(3, &[]);
+    let endpoints = ready(&cluster).await;
+    let client = cluster.client();
+    let put_at = |value: &'static str| {
+        let client = &client;
+        async move {
+            let r = client.put(b"app/a".to_vec(), value.into(), false).await;
+            r.unwrap().header.unwrap().revision
+        }
+    };
+    let first = put_at("1").await;
+    client
+        .put(b"other".to_vec(), b"x".to_vec(), false)
+        .await
+        .unwrap();
+    let mut child = Command::new(bin())
+        .args(["watch", "app/", "--prefix", "--prev-kv", "--from-revision"])
+        .arg(first.to_string())
+        .args(["--endpoints", &endpoints])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the CLI");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("a line from raftkv watch")
+    };
+    assert_eq!(next(), format!("PUT app/a 1 revision={first}"));
+    let second = put_at("2").await;
+    assert_eq!(next(), format!("PUT app/a 2 revision={second} prev=1"));
+    let gone = client
+        .delete(b"app/a".to_vec(), false)
+        .await
+        .unwrap()
+        .header
+        .unwrap()
+        .revision;
+    assert_eq!(next(), format!("DELETE app/a revision={gone} prev=2"));
+    child.kill().unwrap();
+    let _ = child.wait();
+}

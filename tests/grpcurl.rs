@@ -310,3 +310,64 @@ async fn grpcurl_drives_the_public_api() {
         "expected InvalidArgument:\n{empty_key}"
     );
 }
+
+/// The README's Watch example: a range from a past revision, in text and JSON. grpcurl keeps the
+/// stream open until `-max-time`, so the run ends with DeadlineExceeded after printing the events.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcurl_watches_a_range() {
+    let cluster = Cluster::start(3, &[]);
+    let client = cluster.client();
+    let first = common::eventually(Duration::from_secs(10), "first put", || {
+        client.put(b"user/1".to_vec(), b"ann".to_vec(), false)
+    })
+    .await
+    .header
+    .unwrap()
+    .revision;
+    client
+        .put(b"user/1".to_vec(), b"bob".to_vec(), false)
+        .await
+        .unwrap();
+    client.delete(b"user/1".to_vec(), false).await.unwrap();
+    let addr = cluster.addr(2);
+    let text_request =
+        format!(r#"start: "user/" end: "user0" prev_kv: true start_revision: {first}"#);
+    let run = grpcurl(&[
+        "-plaintext",
+        "-format",
+        "text",
+        "-max-time",
+        "3",
+        "-d",
+        &text_request,
+        &addr,
+        "raftkv.v1.Watch/Watch",
+    ])
+    .await;
+    for want in [
+        r#"value: "ann""#,
+        r#"value: "bob""#,
+        "type: EVENT_TYPE_DELETE",
+        "node_id: 2",
+    ] {
+        assert!(run.stdout.contains(want), "no {want:?} in:\n{run}");
+    }
+    assert!(run.stderr.contains("DeadlineExceeded"), "{run}");
+
+    let json_request =
+        format!(r#"{{"start": "dXNlci8=", "end": "dXNlcjA=", "startRevision": "{first}"}}"#);
+    let run = grpcurl(&[
+        "-plaintext",
+        "-max-time",
+        "3",
+        "-d",
+        &json_request,
+        &addr,
+        "raftkv.v1.Watch/Watch",
+    ])
+    .await;
+    // "ann" and "bob" in base64.
+    for want in ["YW5u", "Ym9i", "EVENT_TYPE_DELETE"] {
+        assert!(run.stdout.contains(want), "no {want:?} in:\n{run}");
+    }
+}

@@ -1,6 +1,6 @@
-//! Data directories written by the last raftkv that stored format 2 and the last that stored format
-//! 3 open with this one: migrated to format 4 once, at the first start, with every key and revision
-//! intact, and not again after. The fixtures and how they were made: tests/fixtures/README.md.
+//! Data directories written by the last raftkv that stored each older format (2 to 5) open with
+//! this one: migrated to the current format once, at the first start, with every key and revision
+//! intact, and not again after; and a migrated node's watch history starts after what it had. The fixtures and how they were made: tests/fixtures/README.md.
 
 mod common;
 
@@ -15,7 +15,7 @@ use raftkv::pb::v1 as pb;
 /// listens on free ports instead, and a one-node cluster never dials its own recorded addresses.
 const FIXTURE_PEERS: &str = "1=127.0.0.1:47001/127.0.0.1:47101";
 /// Logged once by the last step of every migration, whatever format it started from.
-const MIGRATED: &str = "migrated the data directory from storage format 4 to 5";
+const MIGRATED: &str = "migrated the data directory from storage format 5 to 6";
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -104,6 +104,11 @@ async fn a_format_4_directory_from_the_previous_release_is_migrated_once_and_kee
     migrated_once_keeping_every_key(4).await;
 }
 
+#[tokio::test]
+async fn a_format_5_directory_from_the_previous_release_is_migrated_once_and_keeps_every_key() {
+    migrated_once_keeping_every_key(5).await;
+}
+
 async fn migrated_once_keeping_every_key(format: u32) {
     let old_format = format!("storage format {format}");
     let mut node = Cluster::unstarted(Cluster::builder(1, &[]).peers(FIXTURE_PEERS));
@@ -147,7 +152,39 @@ async fn migrated_once_keeping_every_key(format: u32) {
     });
     kvs.sort_by(|a, b| a.key.cmp(&b.key));
 
-    // A clean restart opens format 5 as it is; so does one after a crash, which rebuilds the state
+    // The history starts after what the node had applied: a watch from before is told so, one from
+    // the new write on sees it.
+    let mut watch = raftkv::pb::v1::watch_client::WatchClient::new(node.channel(1));
+    let from_before = pb::WatchRequest {
+        start_revision: 1,
+        ..Default::default()
+    };
+    let refused = match watch.watch(from_before).await {
+        Ok(stream) => stream.into_inner().message().await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    let refused = refused.expect_err("the history starts after the migration");
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    let from_new = pb::WatchRequest {
+        start_revision: revision,
+        ..Default::default()
+    };
+    let mut stream = watch.watch(from_new).await.expect("watch").into_inner();
+    let mut events = Vec::new();
+    while events.is_empty() {
+        events = stream
+            .message()
+            .await
+            .expect("message")
+            .expect("open")
+            .events;
+    }
+    assert_eq!(
+        events[0].kv.as_ref().map(|kv| kv.key.as_slice()),
+        Some(&b"after-migration"[..])
+    );
+
+    // A clean restart opens the current format as it is; so does one after a crash, which rebuilds the state
     // from the migrated snapshot and re-applies the log after it.
     node.stop(1).await;
     let (code, text) = check(&node.data_dir(1));

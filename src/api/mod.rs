@@ -1,4 +1,4 @@
-//! The public gRPC surface: `raftkv.v1.KV`, `raftkv.v1.Cluster`, `raftkv.v1.Maintenance`, health and reflection, and the
+//! The public gRPC surface: `raftkv.v1.KV`, `Watch`, `Cluster`, `Maintenance`, health and reflection, and the
 //! layers every public call passes. Node-to-node traffic has a port of its own (`network`,
 //! `node::forward`), so nothing here can reach it. Failures become gRPC statuses in one place,
 //! [`status`].
@@ -11,6 +11,7 @@ pub mod kv;
 pub mod maintenance;
 pub mod status;
 pub mod validate;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub async fn services(
         .max_encoding_message_size(usize::MAX);
     let cluster =
         pb::v1::cluster_server::ClusterServer::new(cluster::ClusterService { node: node.clone() });
+    let watch = pb::v1::watch_server::WatchServer::new(watch::WatchService { node: node.clone() })
+        .max_encoding_message_size(usize::MAX);
     let maintenance = pb::v1::maintenance_server::MaintenanceServer::new(
         maintenance::MaintenanceService::new(node.clone()),
     );
@@ -52,6 +55,7 @@ pub async fn services(
         .build_v1alpha()?;
 
     let routes = Routes::new(kv)
+        .add_service(watch)
         .add_service(cluster)
         .add_service(maintenance)
         .add_service(health)
@@ -68,6 +72,7 @@ pub async fn services(
 fn reflection() -> tonic_reflection::server::Builder<'static> {
     let public = [
         <pb::v1::kv_server::KvServer<kv::KvService> as tonic::server::NamedService>::NAME,
+        <pb::v1::watch_server::WatchServer<watch::WatchService> as tonic::server::NamedService>::NAME,
         <pb::v1::cluster_server::ClusterServer<cluster::ClusterService> as tonic::server::NamedService>::NAME,
         <pb::v1::maintenance_server::MaintenanceServer<maintenance::MaintenanceService> as tonic::server::NamedService>::NAME,
         "grpc.health.v1.Health",

@@ -13,7 +13,9 @@ use crate::limits::Invalid;
 use crate::node::Error;
 use crate::types::NodeId;
 
-pub use raftkv_client::{LEADER_ADDR_HEADER, LEADER_ID_HEADER, NODE_ID_HEADER};
+pub use raftkv_client::{
+    COMPACT_REVISION_HEADER, LEADER_ADDR_HEADER, LEADER_ID_HEADER, NODE_ID_HEADER,
+};
 
 /// The status node `node_id` answers with for `e`.
 pub fn of(node_id: NodeId, e: Error) -> Status {
@@ -26,10 +28,14 @@ pub fn of(node_id: NodeId, e: Error) -> Status {
         Error::Storage(_) | Error::Internal(_) => Code::Internal,
         Error::Refused(_) => Code::FailedPrecondition,
         Error::NotFound(_) => Code::NotFound,
+        Error::Compacted { .. } => Code::OutOfRange,
     };
     let mut status = Status::new(code, e.to_string());
     let md = status.metadata_mut();
     md.insert(NODE_ID_HEADER, MetadataValue::from(node_id));
+    if let Error::Compacted { oldest, .. } = &e {
+        md.insert(COMPACT_REVISION_HEADER, MetadataValue::from(*oldest));
+    }
     if let Error::NotLeader { hint, .. } = &e {
         if let Some(id) = hint.id {
             md.insert(LEADER_ID_HEADER, MetadataValue::from(id));
@@ -72,6 +78,13 @@ mod tests {
             (Error::Internal("bug".into()), Code::Internal),
             (Error::Refused("removed".into()), Code::FailedPrecondition),
             (Error::NotFound("no node 9".into()), Code::NotFound),
+            (
+                Error::Compacted {
+                    reason: "gone".into(),
+                    oldest: 40,
+                },
+                Code::OutOfRange,
+            ),
         ] {
             let status = of(2, e.clone());
             assert_eq!(status.code(), code, "{e:?}");
@@ -84,6 +97,17 @@ mod tests {
             "127.0.0.1:7003"
         );
         assert!(refused.message().contains("node 3 at 127.0.0.1:7003"));
+        let compacted = of(
+            2,
+            Error::Compacted {
+                reason: "gone".into(),
+                oldest: 40,
+            },
+        );
+        assert_eq!(
+            compacted.metadata().get(COMPACT_REVISION_HEADER).unwrap(),
+            "40"
+        );
         // The client crate's retry rule reads the header this table stamps on a refusal.
         assert!(raftkv_client::certainly_not_proposed(&refused));
         let unknown = of(2, Error::MaybeApplied("?".into()));

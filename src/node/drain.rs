@@ -23,6 +23,9 @@ pub(super) struct Requests {
     in_flight: AtomicUsize,
     draining: AtomicBool,
     idle: Notify,
+    /// Cancelled when the drain begins: long-lived streams (watches) end then, rather than hold the
+    /// process until it exits under them.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 /// Held for as long as a request is served (see [`Node::admit_request`]).
@@ -76,11 +79,17 @@ impl Node {
         Ok(admitted)
     }
 
+    /// Cancelled once this node stops serving (see [`Node::drain`]).
+    pub fn stopping(&self) -> tokio_util::sync::CancellationToken {
+        self.requests.stopping.clone()
+    }
+
     /// Stops taking requests, hands leadership over when this node leads, and waits for what it
     /// serves to finish; all within `within`. Raft still runs afterwards: the caller stops it.
     pub async fn drain(&self, within: Duration) {
         let deadline = Instant::now() + within;
         self.requests.draining.store(true, Ordering::SeqCst);
+        self.requests.stopping.cancel();
         if self.view().leader == Some(self.id) {
             // Writes proposed here are answered here once committed: a handover before that would
             // leave their clients with an unknown outcome.

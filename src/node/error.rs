@@ -70,6 +70,10 @@ pub enum Error {
     /// The request names a member the cluster does not have.
     #[error("{0}")]
     NotFound(String),
+    /// A watch asked for, or fell behind to, a revision this node's history no longer holds; it can
+    /// start again at `oldest`, after reading the current state.
+    #[error("{reason}")]
+    Compacted { reason: String, oldest: u64 },
 }
 
 impl Error {

@@ -88,6 +88,8 @@ pub struct Node {
     /// than the read lease, or a fresh heartbeat round (see `ServerArgs::read_lease`).
     read_option: LinearizerOption,
     vote_hold: VoteHold,
+    /// One permit per watch stream served (`--max-watches`).
+    watch_slots: Arc<tokio::sync::Semaphore>,
     /// Reads the whole store in the background while the node lives (see `store::integrity`).
     _scrubber: Option<store::integrity::Scrubber>,
     /// Background work that lives as long as the node: snapshots by log size (`log_growth`), a
@@ -153,6 +155,10 @@ impl Node {
             store::Durability::Fsync
         };
         let (log, sm) = store::open_with(&args.data_dir, args.id, durability)?;
+        sm.history().set_limits(store::history::HistoryLimits {
+            max_revisions: args.watch_history_revisions,
+            max_bytes: args.watch_history_bytes,
+        });
         let scrubber = store::integrity::Scrubber::start(
             sm.db().clone(),
             sm.integrity().clone(),
@@ -235,6 +241,9 @@ impl Node {
             // A round is still started at once when the acknowledgement is too old (or the lease is 0).
             read_option: LinearizerOption::new(Some(read_lease), true),
             vote_hold,
+            watch_slots: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(args.max_watches).unwrap_or(usize::MAX),
+            )),
             _scrubber: scrubber,
             background: std::sync::Mutex::new(background),
         });
@@ -435,6 +444,24 @@ impl Node {
     /// caller brings the node up to date first (`linearize`, `wait_applied`).
     pub fn local_get(&self, key: &[u8]) -> Result<Option<KeyValue>, Error> {
         Ok(self.sm.get(key)?)
+    }
+
+    /// The changes this replica applied, for watches. Like an eventual read, they need no leader.
+    pub fn history(&self) -> &store::history::History {
+        self.sm.history()
+    }
+
+    /// A permit to serve one watch stream: the caller holds it for as long as the stream lives.
+    pub fn admit_watch(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        drop(self.admit_request()?);
+        let permit = self.watch_slots.clone().try_acquire_owned().map_err(|_| {
+            Error::Exhausted(format!(
+                "node {} already serves as many watches as it may (--max-watches); \
+                 watch through another node, or close some",
+                self.id
+            ))
+        })?;
+        Ok(permit)
     }
 
     /// The local replica's pairs in `[start, end)` (`end` empty: to the last key), at most `limit` of

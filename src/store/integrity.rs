@@ -457,6 +457,10 @@ fn check_value(
         ("raft_meta", COMMITTED_KEY) => decodes::<Option<LogId>>(tree, key, value),
         ("raft_meta", LAST_PURGED_KEY) => decodes::<LogId>(tree, key, value),
         ("sm_data" | "sm_data.1", _) => decodes::<StoredValue>(tree, key, value),
+        (super::history::TREE, _) if key.len() == 8 => {
+            decodes::<super::history::HistoryRecord>(tree, key, value)
+        }
+        (super::history::TREE, _) => Err(format!("{tree} has a key of {} bytes", key.len())),
         ("sm_snapshot", SNAPSHOT_FILE_KEY) => std::str::from_utf8(value)
             .map(|_| ())
             .map_err(|_| format!("{tree}/snapshot_file is not a file name")),

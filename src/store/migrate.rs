@@ -1,5 +1,6 @@
 //! Older storage formats, rewritten at open before anything else reads the directory: 2 -> 3, then
-//! 3 -> 4 (see [`log_to_engine`]), then 4 -> 5 (see [`snapshot_to_file`]).
+//! 3 -> 4 (see [`log_to_engine`]), then 4 -> 5 (see [`snapshot_to_file`]), then 5 -> 6 (see
+//! [`add_history`]).
 //!
 //! ## 2 -> 3
 //!
@@ -346,4 +347,17 @@ fn write_snapshot_file(
     std::fs::rename(&partial, dir.join(&name))?;
     snapshot::sync_dir(&dir)?;
     Ok(name)
+}
+
+/// Format 6 adds `sm_history`, which starts empty: watches on a migrated node start after the
+/// revision it had applied (see `history`). Only the format changes, so that a build before 6,
+/// which would apply entries without recording them, refuses the directory instead of leaving a
+/// gap in the history that the next start could not see.
+pub(super) fn add_history(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
+    let t = trees(db)?;
+    t.sm_history.clear()?;
+    t.raft_meta.insert(FORMAT_KEY, codec::encode(&6u32)?)?;
+    super::durable::flush_blocking(db, dir)?;
+    tracing::info!("migrated the data directory from storage format 5 to 6: watch history added");
+    Ok(())
 }

@@ -10,6 +10,7 @@
 //!     them): user key -> encoded [`state_machine::StoredValue`];
 //!   - `sm_meta`: last applied log id, last membership, which data tree is current;
 //!   - `sm_snapshot`: the current snapshot's metadata and file name, alone in their tree;
+//!   - `sm_history`: revision -> what it changed, the window watches read (see `history`);
 //!   - `raft_log`: empty; formats before 4 kept the log here (see `migrate`).
 //!
 //! Crash reasoning, relied on by every part:
@@ -30,6 +31,7 @@
 //! so that only raftkv decides what its directories contain (docs/storage-format.md).
 
 mod durable;
+pub mod history;
 pub mod integrity;
 pub mod log;
 mod migrate;
@@ -56,14 +58,15 @@ pub(crate) const NODE_ID_KEY: &[u8] = b"node_id";
 pub(crate) const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
 pub(crate) const FORMAT_KEY: &[u8] = b"format";
 
-/// The layout of what this version stores. 5: the snapshot in a file of its own. 4: the Raft log
+/// The layout of what this version stores. 6: the history of recent changes for watches, in
+/// `sm_history`. 5: the snapshot in a file of its own. 4: the Raft log
 /// and vote in the log engine. 3: every openraft value through raftkv's own records, the log in
-/// sled. 2: openraft's serde shapes, a member with a client and a peer address. 2 to 4 are
-/// migrated to 5 at open (see `migrate`). Directories
+/// sled. 2: openraft's serde shapes, a member with a client and a peer address. 2 to 5 are
+/// migrated to 6 at open (see `migrate`). Directories
 /// without the key were written before it existed (format 1, one address per member); their
 /// membership does not decode as format 2, so they are refused with [`StoreError::Format`] rather
 /// than reported corrupt. The history is in docs/storage-format.md.
-pub const FORMAT: u32 = 5;
+pub const FORMAT: u32 = 6;
 
 /// The oldest format this version migrates from at open (every one from it up to [`FORMAT`]).
 pub const MIGRATES_FROM: u32 = 2;
@@ -119,6 +122,7 @@ pub(crate) struct Trees {
     pub sm_data: sled::Tree,
     pub sm_meta: sled::Tree,
     pub sm_snapshot: sled::Tree,
+    pub sm_history: sled::Tree,
 }
 
 pub(crate) fn trees(db: &sled::Db) -> Result<Trees, StoreError> {
@@ -141,6 +145,7 @@ pub(crate) fn trees(db: &sled::Db) -> Result<Trees, StoreError> {
         sm_data: db.open_tree(data)?,
         sm_meta,
         sm_snapshot: db.open_tree("sm_snapshot")?,
+        sm_history: db.open_tree(history::TREE)?,
     })
 }
 
@@ -195,8 +200,12 @@ pub fn open_with(
             migrate::log_to_engine(&db, dir)
                 .map_err(|e| classify(&integrity, "migrating to format 4", e))?;
         }
-        migrate::snapshot_to_file(&db, dir)
-            .map_err(|e| classify(&integrity, "migrating to format 5", e))?;
+        if format < 5 {
+            migrate::snapshot_to_file(&db, dir)
+                .map_err(|e| classify(&integrity, "migrating to format 5", e))?;
+        }
+        migrate::add_history(&db, dir)
+            .map_err(|e| classify(&integrity, "migrating to format 6", e))?;
     }
     let log_dir = dir.join(log::LOG_DIR);
     if existing && !log_dir.is_dir() {
@@ -262,7 +271,14 @@ fn open_checked(
             durable::flush_blocking(&db, integrity.dir())?;
         }
     }
-    let sm = StateMachineStore::new(db, t.sm_data, t.sm_meta, t.sm_snapshot, integrity)?;
+    let sm = StateMachineStore::new(
+        db,
+        t.sm_data,
+        t.sm_meta,
+        t.sm_snapshot,
+        t.sm_history,
+        integrity,
+    )?;
     snapshot::tidy(&sm)?;
     sm.recover()?;
     Ok((log, sm))

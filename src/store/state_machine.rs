@@ -41,6 +41,7 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 
+use super::history::{Change, History};
 use super::record::Record;
 use super::snapshot::{self, SnapshotBuilder};
 use super::{Integrity, io_err, read_decoded};
@@ -123,6 +124,8 @@ pub(super) struct Inner {
     pub(super) integrity: Arc<Integrity>,
     /// `RETIRED_KEY`'s set, kept in memory: the peer port asks it of senders it refuses.
     retired: RwLock<BTreeSet<NodeId>>,
+    /// The recent changes, for watches (see `history`).
+    pub(super) history: History,
 }
 
 impl Inner {
@@ -169,6 +172,7 @@ impl StateMachineStore {
         data: sled::Tree,
         meta: sled::Tree,
         snapshots: sled::Tree,
+        history: sled::Tree,
         integrity: Arc<Integrity>,
     ) -> Result<Self, super::StoreError> {
         let retired = match meta.get(RETIRED_KEY)? {
@@ -186,6 +190,7 @@ impl StateMachineStore {
                 snapshot_lock: tokio::sync::Mutex::new(()),
                 capture: Mutex::new(None),
                 integrity,
+                history: History::new(history),
             }),
         })
     }
@@ -223,6 +228,11 @@ impl StateMachineStore {
             .retired
             .write()
             .unwrap_or_else(|p| p.into_inner()) = ids;
+    }
+
+    /// The recent changes this replica applied, for watches.
+    pub fn history(&self) -> &History {
+        &self.inner.history
     }
 
     /// The database, for the background scrub.
@@ -337,7 +347,7 @@ impl StateMachineStore {
             }
             _ => false,
         };
-        let applied = applied.ok().flatten();
+        let mut applied = applied.ok().flatten();
         if !clean {
             let had_state = applied.is_some() || !self.inner.data_read().is_empty();
             let restored = snapshot::restore_current(self)?;
@@ -349,7 +359,9 @@ impl StateMachineStore {
                      openraft re-applies the committed log after it"
                 );
             }
+            applied = restored;
         }
+        self.inner.history.load(applied.map_or(0, |l| l.index))?;
         self.inner.db.flush().map(|_| ()).map_err(io_err)
     }
 }
@@ -358,6 +370,8 @@ impl StateMachineStore {
 struct Overlay<'a> {
     data: &'a sled::Tree,
     changed: HashMap<Vec<u8>, Option<StoredValue>>,
+    /// The changes of the entry being executed, in order, for the history.
+    log: Vec<Change>,
 }
 
 impl Overlay<'_> {
@@ -387,7 +401,12 @@ impl Overlay<'_> {
                 version: 1,
             },
         };
-        self.changed.insert(key.to_vec(), Some(next));
+        self.changed.insert(key.to_vec(), Some(next.clone()));
+        self.log.push(Change {
+            key: key.to_vec(),
+            kv: Some(next),
+            prev: prev.clone(),
+        });
         Ok(prev.map(|p| p.into_kv(key)))
     }
 
@@ -395,6 +414,11 @@ impl Overlay<'_> {
         let prev = self.get(key)?;
         if prev.is_some() {
             self.changed.insert(key.to_vec(), None);
+            self.log.push(Change {
+                key: key.to_vec(),
+                kv: None,
+                prev: prev.clone(),
+            });
         }
         Ok(prev.map(|p| p.into_kv(key)))
     }
@@ -539,7 +563,9 @@ impl StateMachineStore {
         let mut view = Overlay {
             data: &data,
             changed: HashMap::new(),
+            log: Vec::new(),
         };
+        let mut history = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::None,
@@ -577,6 +603,9 @@ impl StateMachineStore {
                     CommandResponse::None
                 }
             };
+            if !view.log.is_empty() {
+                history.push((entry.log_id.index, std::mem::take(&mut view.log)));
+            }
             last_applied = Some(entry.log_id);
             pending.push((responder, response));
         }
@@ -602,6 +631,7 @@ impl StateMachineStore {
             }
             .map_err(io_err)?;
         }
+        self.inner.history.write(history)?;
         let meta = &self.inner.meta;
         if let Some(m) = &membership {
             meta.insert(LAST_MEMBERSHIP_KEY, m.encode()?)
@@ -620,6 +650,7 @@ impl StateMachineStore {
             self.set_retired(retired);
         }
         drop(guard);
+        self.inner.history.publish(last_applied.index);
 
         // Committed (durable on a quorum's logs) and applied: now the clients hear back.
         for (responder, response) in pending {
@@ -648,6 +679,7 @@ mod tests {
         let mut view = Overlay {
             data: &t,
             changed: HashMap::new(),
+            log: Vec::new(),
         };
         let put = |k: &str, v: &str| Command::Put {
             key: k.into(),
@@ -679,6 +711,7 @@ mod tests {
         let mut view = Overlay {
             data: &t,
             changed: HashMap::new(),
+            log: Vec::new(),
         };
         let create = |v: &str| {
             Command::Txn(crate::types::Txn {

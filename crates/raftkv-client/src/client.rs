@@ -77,6 +77,13 @@ impl Client {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every node's channel, and the index of the one to try first (the leader, when known).
+    pub(crate) fn channels(&self) -> (usize, Vec<Channel>) {
+        let nodes = self.nodes();
+        let preferred = self.preferred.load(Ordering::Relaxed) % nodes.len();
+        (preferred, nodes.iter().map(|(_, c)| c.clone()).collect())
+    }
+
     fn pick(&self, attempt: usize) -> (usize, Channel) {
         let nodes = self.nodes();
         let i = (self.preferred.load(Ordering::Relaxed) + attempt) % nodes.len();

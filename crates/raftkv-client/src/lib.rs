@@ -1,5 +1,5 @@
 //! The Rust client of raftkv: the public API's protobuf types and gRPC stubs ([`pb`]), a leader-aware
-//! [`Client`], the metadata headers a node answers with, and the rule for when a failed call is safe to
+//! [`Client`], watches that resume on their own ([`Watch`]), the metadata headers a node answers with, and the rule for when a failed call is safe to
 //! retry ([`certainly_not_proposed`]).
 //!
 //! It depends on nothing of the server, so a program that only talks to a cluster builds only this.
@@ -7,10 +7,12 @@
 mod client;
 mod endpoint;
 mod retry;
+mod watch;
 
 pub use client::{Client, ClientError, own_timeout_is_deadline_exceeded};
 pub use endpoint::endpoint;
 pub use retry::{certainly_not_proposed, certainly_not_sent};
+pub use watch::{Watch, WatchError, WatchOptions, prefix_end};
 
 /// Generated protobuf and gRPC code of the public API.
 pub mod pb {
@@ -27,3 +29,5 @@ pub const NODE_ID_HEADER: &str = "raftkv-node-id";
 pub const LEADER_ID_HEADER: &str = "raftkv-leader-id";
 /// On an `UNAVAILABLE` from a node that knows the leader: the leader's client address, to retry at.
 pub const LEADER_ADDR_HEADER: &str = "raftkv-leader-addr";
+/// On the `OUT_OF_RANGE` that ends a watch: the oldest revision the node can still stream from.
+pub const COMPACT_REVISION_HEADER: &str = "raftkv-compact-revision";

@@ -35,6 +35,7 @@ use sled::transaction::{TransactionError, Transactional};
 pub(crate) use capture::Capture;
 pub use inbox::Inbox;
 
+use super::history::History;
 use super::record::Record;
 use super::state_machine::{LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, RETIRED_KEY, StateMachineStore};
 use super::{io_err, read_decoded, tx_err};
@@ -427,6 +428,9 @@ pub(super) async fn install(
     let (meta2, path2, name2) = (meta.clone(), path.clone(), name.clone());
     let (keys, old_tree) = blocking(move || load_and_switch(&sm2, &meta2, &path2, &name2)).await?;
     drop(state);
+    let revision = meta.last_log_id.as_ref().map_or(0, |l| l.index);
+    // Watches that had not reached the snapshot's revision end now (see `history`).
+    inner.history.publish(revision);
     // openraft purges the log behind an installed snapshot, durably (see `durable`).
     super::durable::flush(&inner.db, inner.integrity.dir()).await?;
     if let Some(old) = replaced.filter(|old| *old != name) {
@@ -438,7 +442,9 @@ pub(super) async fn install(
     // The install has taken effect by now, so a failure here is not the install's: the tree is the
     // spare one, dropped again before the next install and at every open.
     let db = inner.db.clone();
+    let sm3 = sm.clone();
     let dropped = blocking(move || {
+        sm3.inner.history.drop_below(revision)?;
         old_tree.clear().map_err(io_err)?;
         db.drop_tree(old_tree.name()).map_err(io_err).map(|_| ())
     })
@@ -500,7 +506,7 @@ fn load_and_switch(
     let mut snapshot_batch = sled::Batch::default();
     snapshot_batch.insert(SNAPSHOT_META_KEY, meta.encode()?);
     snapshot_batch.insert(SNAPSHOT_FILE_KEY, name.as_bytes());
-    let (_, keys, old) = switch_state(sm, Some((path, Some(meta))), snapshot_batch)?;
+    let (_, keys, old) = switch_state(sm, Some((path, Some(meta))), snapshot_batch, true)?;
     Ok((keys, old))
 }
 
@@ -510,11 +516,13 @@ fn load_and_switch(
 /// `sm_snapshot`). A crash at any point leaves one whole state or the other. A file whose metadata
 /// is not `expected` (when given) is refused before anything switches. Returns the file's metadata,
 /// the number of pairs loaded and the tree that was current, which the caller drops: no reader
-/// holds it any more (readers hold the data lock for the whole read).
+/// holds it any more (readers hold the data lock for the whole read). With `barrier` (an install),
+/// the history starts again after the new state's revision, in the same transaction (see `history`).
 fn switch_state(
     sm: &StateMachineStore,
     file: Option<(&Path, Option<&SnapshotMeta>)>,
     snapshot_batch: sled::Batch,
+    barrier: bool,
 ) -> io::Result<(Option<SnapshotMeta>, u64, sled::Tree)> {
     let inner = &sm.inner;
     let spare_name = inner.spare_tree_name();
@@ -551,13 +559,28 @@ fn switch_state(
         meta_batch.insert(RETIRED_KEY, crate::codec::encode(&retired).map_err(io_err)?);
     }
     meta_batch.insert(super::state_machine::DATA_TREE_KEY, spare_name.as_bytes());
+    let revision = found
+        .as_ref()
+        .and_then(|m| m.last_log_id.as_ref())
+        .map_or(0, |l| l.index);
+    let mut history_batch = sled::Batch::default();
+    let mut barrier_bytes = None;
+    if barrier {
+        let (key, value) = History::barrier(revision).map_err(io_err)?;
+        barrier_bytes = Some(value.len() as u64);
+        history_batch.insert(&key, value);
+    }
     let result: Result<(), TransactionError<String>> =
-        (&inner.meta, &inner.snapshots).transaction(|(m, s)| {
+        (&inner.meta, &inner.snapshots, inner.history.tree()).transaction(|(m, s, h)| {
             m.apply_batch(&meta_batch)?;
             s.apply_batch(&snapshot_batch)?;
+            h.apply_batch(&history_batch)?;
             Ok(())
         });
     result.map_err(tx_err)?;
+    if let Some(bytes) = barrier_bytes {
+        inner.history.installed(revision, bytes);
+    }
     sm.set_retired(retired);
     let old = inner.switch_data(spare);
     Ok((found, keys, old))
@@ -593,7 +616,7 @@ pub(super) fn restore_current(sm: &StateMachineStore) -> io::Result<Option<LogId
         return Ok(None);
     }
     let file = path.as_deref().map(|path| (path, None));
-    let (found, _, old) = switch_state(sm, file, sled::Batch::default())?;
+    let (found, _, old) = switch_state(sm, file, sled::Batch::default(), false)?;
     // At open, the node serves only once this returns: dropped whole, which is quick (see `install`
     // for the memory that costs until the process ends).
     sm.inner.db.drop_tree(old.name()).map_err(io_err)?;
