@@ -158,6 +158,9 @@ async fn stream(
             if tx.is_closed() {
                 return Ok(());
             }
+            // A backlog with nothing for this watch is read without sending; let other tasks run
+            // between reads.
+            tokio::task::yield_now().await;
             continue;
         }
         let progress_due = async {
