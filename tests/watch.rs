@@ -77,6 +77,33 @@ async fn collect(
     }
 }
 
+/// Writes `key` and returns the revision of the write.
+async fn put_at(
+    client: &raftkv_client::Client,
+    key: impl Into<Vec<u8>>,
+    value: impl Into<Vec<u8>>,
+) -> u64 {
+    let r = client.put(key.into(), value.into(), false).await.unwrap();
+    r.header.unwrap().revision
+}
+
+/// Reads `stream` until it ends with a status (passing each response to `each`), within 20 s.
+async fn final_status(
+    stream: &mut tonic::Streaming<pb::WatchResponse>,
+    what: &str,
+    mut each: impl FnMut(&pb::WatchResponse),
+) -> tonic::Status {
+    let deadline = Instant::now() + 20 * SECOND;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Err(_) => panic!("{what}"),
+            Ok(Err(status)) => return status,
+            Ok(Ok(Some(r))) => each(&r),
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+        }
+    }
+}
+
 /// Writes a mix of puts, deletes and a two-key txn; returns what every watcher of `w/` must see.
 async fn writes(c: &Cluster) -> Vec<Seen> {
     let client = c.client();
@@ -138,14 +165,7 @@ async fn writes(c: &Cluster) -> Vec<Seen> {
 async fn every_node_streams_every_change_once_in_order_and_resumes_anywhere() {
     let c = Cluster::start(3, &[]);
     c.wait_leader(&[1, 2, 3], 10 * SECOND).await;
-    let first = c
-        .client()
-        .put(b"before".to_vec(), b"0".to_vec(), false)
-        .await
-        .unwrap()
-        .header
-        .unwrap()
-        .revision;
+    let first = put_at(&c.client(), b"before".to_vec(), b"0".to_vec()).await;
     // A live watch from now on, opened before the writes.
     let mut live = watch_client(&c, 3)
         .watch(range("w/", "w0", 0))
@@ -286,22 +306,19 @@ async fn a_watcher_that_falls_behind_the_window_is_told_and_writes_go_on() {
         last = r.header.unwrap().revision;
     }
     c.wait_applied(2, last, 10 * SECOND).await;
-    let deadline = Instant::now() + 20 * SECOND;
     let mut next = 0;
-    let status = loop {
-        match tokio::time::timeout_at(deadline, slow.message()).await {
-            Err(_) => panic!("the slow watcher was never told it fell behind"),
-            Ok(Err(status)) => break status,
-            Ok(Ok(Some(r))) => {
-                for e in &r.events {
-                    let rev = e.kv.as_ref().unwrap().mod_revision;
-                    assert!(rev >= next, "events in order, none repeated");
-                    next = rev + 1;
-                }
+    let status = final_status(
+        &mut slow,
+        "the slow watcher was never told it fell behind",
+        |r| {
+            for e in &r.events {
+                let rev = e.kv.as_ref().unwrap().mod_revision;
+                assert!(rev >= next, "events in order, none repeated");
+                next = rev + 1;
             }
-            Ok(Ok(None)) => panic!("the stream ended without a status"),
-        }
-    };
+        },
+    )
+    .await;
     let oldest = compact_revision(&status);
     assert!(
         oldest > next,
@@ -314,13 +331,7 @@ async fn a_snapshot_install_ends_the_watches_it_skipped() {
     let mut c = Cluster::start(3, &["--snapshot-every", "20", "--keep-logs", "5"]);
     c.wait_leader(&[1, 2, 3], 10 * SECOND).await;
     let client = c.client();
-    let first = client
-        .put(b"s0".to_vec(), b"v".to_vec(), false)
-        .await
-        .unwrap()
-        .header
-        .unwrap()
-        .revision;
+    let first = put_at(&client, b"s0".to_vec(), b"v".to_vec()).await;
     c.wait_applied(3, first, 10 * SECOND).await;
     let mut watch = watch_client(&c, 3)
         .watch(range("", "", first))
@@ -337,13 +348,7 @@ async fn a_snapshot_install_ends_the_watches_it_skipped() {
     // openraft purges in batches of 256 entries: more than that behind the snapshot.
     let mut last = 0;
     for i in 0..400 {
-        last = client
-            .put(format!("s{i}").into_bytes(), b"v".to_vec(), false)
-            .await
-            .unwrap()
-            .header
-            .unwrap()
-            .revision;
+        last = put_at(&client, format!("s{i}").into_bytes(), b"v".to_vec()).await;
     }
     eventually(20 * SECOND, "the leader purges its log", || async {
         let s = c.status(leader).await.unwrap();
@@ -357,15 +362,12 @@ async fn a_snapshot_install_ends_the_watches_it_skipped() {
     c.resume(3);
     let status = c.wait_applied(3, last, 20 * SECOND).await;
     assert!(status.snapshot_index > first);
-    let deadline = Instant::now() + 20 * SECOND;
-    let status = loop {
-        match tokio::time::timeout_at(deadline, watch.message()).await {
-            Err(_) => panic!("the watch went on silently past the install"),
-            Ok(Err(status)) => break status,
-            Ok(Ok(Some(_))) => {}
-            Ok(Ok(None)) => panic!("the stream ended without a status"),
-        }
-    };
+    let status = final_status(
+        &mut watch,
+        "the watch went on silently past the install",
+        |_| {},
+    )
+    .await;
     let oldest = compact_revision(&status);
     assert!(oldest > first + 1, "{oldest}");
     // Watched again from there, node 3 streams what it applied after the snapshot.

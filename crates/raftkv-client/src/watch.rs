@@ -153,7 +153,7 @@ impl Watch {
                     self.failures = 0;
                     self.compacted.clear();
                     if let Some(h) = &response.header {
-                        self.next = Some(h.revision + 1);
+                        self.next = Some(h.revision.saturating_add(1));
                     }
                     return Some(Ok(response));
                 }
