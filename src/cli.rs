@@ -165,6 +165,7 @@ pub fn parse_op(text: &str, enc: Encoding) -> Result<pb::Op, String> {
             key: enc.decode(key)?,
             value: enc.decode(value)?,
             prev_kv,
+            lease: 0,
         }),
         ["get", key] if !prev_kv => pb::op::Op::Get(pb::GetRequest {
             key: enc.decode(key)?,
@@ -242,6 +243,8 @@ pub struct KeyValueSpec {
     pub value: String,
     #[serde(default)]
     pub prev_kv: bool,
+    #[serde(default)]
+    pub lease: u64,
 }
 
 #[derive(Deserialize, Debug)]
@@ -276,6 +279,7 @@ impl TxnFile {
                             key: enc.decode(&put.key)?,
                             value: enc.decode(&put.value)?,
                             prev_kv: put.prev_kv,
+                            lease: put.lease,
                         }),
                         OpSpec::Get { get } if !get.prev_kv => pb::op::Op::Get(pb::GetRequest {
                             key: enc.decode(&get.key)?,
@@ -386,7 +390,8 @@ mod tests {
             Some(pb::op::Op::Put(pb::PutRequest {
                 key: b"a b".to_vec(),
                 value: b"v".to_vec(),
-                prev_kv: true
+                prev_kv: true,
+                lease: 0,
             }))
         );
         assert!(matches!(

@@ -154,6 +154,24 @@ pub struct ServerArgs {
     #[arg(long, env = "RAFTKV_MAX_WATCHES", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_watches: u64,
+    /// The shortest lease TTL: a grant asking for less gets this (and says so), as in etcd, because
+    /// a lease shorter than a failover would expire whenever the leader changes.
+    #[arg(long, env = "RAFTKV_MIN_LEASE_TTL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub min_lease_ttl_ms: u64,
+    /// The longest lease TTL a grant may ask for; more is INVALID_ARGUMENT.
+    #[arg(long, env = "RAFTKV_MAX_LEASE_TTL_MS", default_value_t = 24 * 3600 * 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_lease_ttl_ms: u64,
+    /// Leases that may exist at once; a grant beyond it is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "RAFTKV_MAX_LEASES", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_leases: u64,
+    /// How often the leader writes the remaining time of leases that nobody renews into the log, so
+    /// a new leader resumes their countdown instead of restarting it.
+    #[arg(long, env = "RAFTKV_LEASE_CHECKPOINT_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..))]
+    pub lease_checkpoint_ms: u64,
     /// Background scrub: read and decode every stored value (log, data, snapshot) at most this fast,
     /// so damage on disk is found even where nothing reads it. 0 turns the scrub off.
     #[arg(long, env = "RAFTKV_SCRUB_BYTES_PER_SEC", default_value_t = 4 * 1024 * 1024)]
@@ -323,6 +341,23 @@ impl ServerArgs {
     /// than the leader's. Capping the lease at a quarter of election-max-ms keeps that factor at 4 or
     /// more; `raftkv jepsen`'s clock fault skews rates by up to 2x. A follower's lease lives in memory,
     /// so a restarted node neither votes nor campaigns for election-max-ms (see `node::vote_hold`).
+    pub fn lease_settings(&self) -> anyhow::Result<crate::node::lease::LeaseSettings> {
+        let max = crate::limits::MAX_LEASE_TTL_MS;
+        if self.max_lease_ttl_ms > max || self.min_lease_ttl_ms > self.max_lease_ttl_ms {
+            anyhow::bail!(
+                "--min-lease-ttl-ms {} and --max-lease-ttl-ms {} must satisfy min <= max <= {max}",
+                self.min_lease_ttl_ms,
+                self.max_lease_ttl_ms
+            );
+        }
+        Ok(crate::node::lease::LeaseSettings {
+            min_ttl: Duration::from_millis(self.min_lease_ttl_ms),
+            max_ttl: Duration::from_millis(self.max_lease_ttl_ms),
+            max_leases: usize::try_from(self.max_leases).unwrap_or(usize::MAX),
+            checkpoint_interval: Duration::from_millis(self.lease_checkpoint_ms),
+        })
+    }
+
     pub fn read_lease(&self) -> anyhow::Result<Duration> {
         if self.read_lease_ms.saturating_mul(4) > self.election_max_ms {
             anyhow::bail!(

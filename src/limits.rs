@@ -5,7 +5,7 @@
 //! before it reaches the log, the leader refuses a forwarded command (anyone who can reach the peer port
 //! can send one), and the state machine refuses to apply a committed entry that breaks the fixed rules.
 
-use crate::types::{Command, CompareTarget, TxnOp};
+use crate::types::{Command, CompareTarget, LeaseOp, TxnOp};
 
 /// A request that breaks a limit; the message names the limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -87,6 +87,48 @@ pub fn applicable(cmd: &Command) -> Result<(), Invalid> {
     check_command(&limits, cmd, false)
 }
 
+/// The longest TTL any lease may have, whatever `--max-lease-ttl-ms` says: a fixed rule, so that
+/// apply decides the same on every node. Far above any flag's useful value (a year).
+pub const MAX_LEASE_TTL_MS: u64 = 365 * 24 * 3600 * 1000;
+/// The most leases one expire or checkpoint entry names; the leader splits larger sets.
+pub const MAX_LEASES_PER_ENTRY: usize = 4096;
+
+fn lease_id(id: u64) -> Result<(), Invalid> {
+    if id == 0 {
+        return Err(Invalid("lease id 0 names no lease".into()));
+    }
+    Ok(())
+}
+
+fn check_lease(op: &LeaseOp) -> Result<(), Invalid> {
+    match op {
+        LeaseOp::Grant { ttl_ms, .. } => {
+            if *ttl_ms == 0 || *ttl_ms > MAX_LEASE_TTL_MS {
+                return Err(Invalid(format!(
+                    "a lease TTL must be between 1 and {MAX_LEASE_TTL_MS} ms, not {ttl_ms}"
+                )));
+            }
+            Ok(())
+        }
+        LeaseOp::Revoke { id } => lease_id(*id),
+        LeaseOp::Expire { ids } => {
+            if ids.len() > MAX_LEASES_PER_ENTRY {
+                return Err(Invalid(format!("an expiry of {} leases", ids.len())));
+            }
+            ids.iter().try_for_each(|id| lease_id(*id))
+        }
+        LeaseOp::Checkpoint { remaining } => {
+            if remaining.len() > MAX_LEASES_PER_ENTRY {
+                return Err(Invalid(format!(
+                    "a checkpoint of {} leases",
+                    remaining.len()
+                )));
+            }
+            remaining.iter().try_for_each(|(id, _)| lease_id(*id))
+        }
+    }
+}
+
 fn check_command(limits: &Limits, cmd: &Command, values: bool) -> Result<(), Invalid> {
     let checked_value = |v: &[u8]| if values { value(limits, v) } else { Ok(()) };
     match cmd {
@@ -96,6 +138,17 @@ fn check_command(limits: &Limits, cmd: &Command, values: bool) -> Result<(), Inv
             key(limits, k, "key")?;
             checked_value(v)
         }
+        Command::PutWithLease {
+            key: k,
+            value: v,
+            lease,
+            ..
+        } => {
+            key(limits, k, "key")?;
+            lease_id(*lease)?;
+            checked_value(v)
+        }
+        Command::Lease(op) => check_lease(op),
         Command::Delete { key: k, .. } => key(limits, k, "key"),
         Command::Txn(txn) => {
             for (list, n) in [
@@ -122,6 +175,16 @@ fn check_command(limits: &Limits, cmd: &Command, values: bool) -> Result<(), Inv
                         key: k, value: v, ..
                     } => {
                         key(limits, k, "key")?;
+                        checked_value(v)?;
+                    }
+                    TxnOp::PutWithLease {
+                        key: k,
+                        value: v,
+                        lease,
+                        ..
+                    } => {
+                        key(limits, k, "key")?;
+                        lease_id(*lease)?;
                         checked_value(v)?;
                     }
                     TxnOp::Delete { key: k, .. } | TxnOp::Get { key: k } => key(limits, k, "key")?,

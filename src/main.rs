@@ -1,5 +1,6 @@
 //! The `raftkv` binary: a server and a small client for people and scripts.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -77,6 +78,9 @@ enum Command {
         value: String,
         #[arg(long)]
         prev_kv: bool,
+        /// Attach the key to lease ID: it is deleted when the lease ends.
+        #[arg(long, value_name = "ID", default_value_t = 0)]
+        lease: u64,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -171,6 +175,11 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Grant, keep alive, revoke, inspect and list leases.
+    Lease {
+        #[command(subcommand)]
+        command: LeaseCommand,
+    },
     /// List, add, promote or remove members.
     Member {
         #[command(subcommand)]
@@ -200,6 +209,65 @@ enum Command {
     /// Make a CA, a certificate per node (server and client auth, for both ports) and a client
     /// certificate for the CLI, as PEM files (keys readable by their owner only).
     Certs(raftkv::tls::CertsArgs),
+}
+
+#[derive(Subcommand)]
+enum LeaseCommand {
+    /// Grant a lease of TTL (`10s`, `500ms`, `2m`; a bare number is seconds); prints its id.
+    Grant {
+        #[arg(value_parser = parse_ttl)]
+        ttl: Duration,
+        /// The id to grant (0: the cluster picks one).
+        #[arg(long, default_value_t = 0)]
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Keep lease ID alive until interrupted; exit status 1 once it is lost.
+    KeepAlive {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// End lease ID now, deleting its keys.
+    Revoke {
+        id: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Lease ID's remaining and granted TTL, and with --keys its keys.
+    Ttl {
+        id: u64,
+        #[arg(long)]
+        keys: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The ids of every lease.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// `10s`, `500ms`, `2m`, `1h`, or a bare number of seconds, as etcdctl takes it.
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a TTL (10s, 500ms, 2m, 1h)"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    ms.map(Duration::from_millis)
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 #[derive(Subcommand)]
@@ -331,14 +399,19 @@ const MAX_TXN_FILE_BYTES: u64 = 64 * 1024 * 1024;
 /// Pairs asked for per scan page; the server may return fewer (its byte cap) and says `more`.
 const SCAN_PAGE: u64 = 1000;
 
+/// A key's lease is shown only when it has one.
 fn kv_json(kv: &pb::KeyValue, enc: Encoding) -> serde_json::Value {
-    serde_json::json!({
+    let mut json = serde_json::json!({
         "key": enc.encode(&kv.key),
         "value": enc.encode(&kv.value),
         "create_revision": kv.create_revision,
         "mod_revision": kv.mod_revision,
         "version": kv.version,
-    })
+    });
+    if kv.lease != 0 {
+        json["lease"] = kv.lease.into();
+    }
+    json
 }
 
 /// One watch event as `raftkv watch` prints it.
@@ -463,15 +536,17 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
             key,
             value,
             prev_kv,
+            lease,
             client: args,
         } => {
             let enc = args.encoding();
             let r = client(&args)?
-                .put(
-                    decode(enc, &key, "key")?,
-                    decode(enc, &value, "value")?,
+                .put_request(pb::PutRequest {
+                    key: decode(enc, &key, "key")?,
+                    value: decode(enc, &value, "value")?,
                     prev_kv,
-                )
+                    lease,
+                })
                 .await
                 .map_err(status_error)?;
             let revision = r.header.map_or(0, |h| h.revision);
@@ -627,6 +702,7 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
             }
         }
         Command::Member { command } => member(&mut out, command).await?,
+        Command::Lease { command } => lease(&mut out, command).await?,
         Command::MoveLeader { id, client: args } => {
             let r = client(&args)?.move_leader(id).await.map_err(status_error)?;
             let leader = r.header.map_or(0, |h| h.leader_id);
@@ -716,6 +792,100 @@ async fn snapshot_restore(
 }
 
 /// `raftkv member ...`: one call, then the members as it leaves them.
+async fn lease(
+    out: &mut impl std::io::Write,
+    command: LeaseCommand,
+) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    match command {
+        LeaseCommand::Grant {
+            ttl,
+            id,
+            client: args,
+        } => {
+            let r = client(&args)?
+                .lease_grant(ttl, id)
+                .await
+                .map_err(status_error)?;
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"id": r.id, "ttl_ms": r.ttl_ms})
+                )?;
+            } else {
+                writeln!(out, "lease {} granted with TTL {} ms", r.id, r.ttl_ms)?;
+            }
+        }
+        LeaseCommand::KeepAlive { id, client: args } => {
+            let client = Arc::new(client(&args)?);
+            let ttl = client
+                .lease_time_to_live(id, false)
+                .await
+                .map_err(status_error)?;
+            let mut alive = client.keep_alive(id, Duration::from_millis(ttl.granted_ttl_ms));
+            writeln!(
+                out,
+                "keeping lease {id} alive (TTL {} ms)",
+                ttl.granted_ttl_ms
+            )?;
+            out.flush()?;
+            let lost = alive.lost().await;
+            writeln!(out, "lease {id} lost: {lost}")?;
+            return Ok(ExitCode::FAILURE);
+        }
+        LeaseCommand::Revoke { id, client: args } => {
+            client(&args)?
+                .lease_revoke(id)
+                .await
+                .map_err(status_error)?;
+            if !args.json {
+                writeln!(out, "lease {id} revoked")?;
+            }
+        }
+        LeaseCommand::Ttl {
+            id,
+            keys,
+            client: args,
+        } => {
+            let r = client(&args)?
+                .lease_time_to_live(id, keys)
+                .await
+                .map_err(status_error)?;
+            let enc = args.encoding();
+            let keys: Vec<String> = r.keys.iter().map(|k| enc.encode(k)).collect();
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"id": r.id, "ttl_ms": r.ttl_ms,
+                        "granted_ttl_ms": r.granted_ttl_ms, "keys": keys})
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "lease {} has {} ms left of {} ms",
+                    r.id, r.ttl_ms, r.granted_ttl_ms
+                )?;
+                for key in keys {
+                    writeln!(out, "{key}")?;
+                }
+            }
+        }
+        LeaseCommand::List { client: args } => {
+            let r = client(&args)?.lease_list().await.map_err(status_error)?;
+            if args.json {
+                writeln!(out, "{}", serde_json::json!({"ids": r.ids}))?;
+            } else {
+                for id in r.ids {
+                    writeln!(out, "{id}")?;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn member(
     out: &mut impl std::io::Write,
     command: MemberCommand,

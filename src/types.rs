@@ -78,6 +78,42 @@ pub enum Command {
         prev_kv: bool,
     },
     Txn(Txn),
+    /// A lease's grant, end or countdown (see [`LeaseOp`]).
+    Lease(LeaseOp),
+    /// A put that attaches the key to a lease. Its own variant, after the others, so that every
+    /// command written before leases keeps its bytes.
+    PutWithLease {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        prev_kv: bool,
+        lease: u64,
+    },
+}
+
+/// What happens to leases goes through the log like every other change, so every replica agrees on
+/// which leases exist and which keys they hold. Time does not: only the leader reads a clock, and
+/// what it decides reaches the log as `Expire` and `Checkpoint` (see `node::lease`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseOp {
+    /// `id` 0: the apply picks one (the entry's index, or the next free id above it).
+    Grant {
+        id: u64,
+        ttl_ms: u64,
+    },
+    Revoke {
+        id: u64,
+    },
+    /// The leader found these leases past their deadline; the ones still granted end here.
+    Expire {
+        ids: Vec<u64>,
+    },
+    /// Remaining time per lease, as the leader counted it, so a new leader resumes the countdown.
+    /// A remaining time equal to the granted TTL clears a checkpoint (a keep-alive since).
+    Checkpoint {
+        remaining: Vec<(u64, u64)>,
+    },
 }
 
 impl Command {
@@ -87,6 +123,12 @@ impl Command {
         match self {
             Command::Put { key, value, .. } => key.len() + value.len(),
             Command::Delete { key, .. } => key.len(),
+            Command::PutWithLease { key, value, .. } => key.len() + value.len(),
+            Command::Lease(op) => match op {
+                LeaseOp::Expire { ids } => ids.len() * 8,
+                LeaseOp::Checkpoint { remaining } => remaining.len() * 16,
+                _ => 16,
+            },
             Command::Txn(txn) => {
                 let compares = txn.compare.iter().map(|compare| {
                     let operand = match &compare.target {
@@ -96,7 +138,9 @@ impl Command {
                     compare.key.len() + operand
                 });
                 let ops = txn.success.iter().chain(&txn.failure).map(|op| match op {
-                    TxnOp::Put { key, value, .. } => key.len() + value.len(),
+                    TxnOp::Put { key, value, .. } | TxnOp::PutWithLease { key, value, .. } => {
+                        key.len() + value.len()
+                    }
                     TxnOp::Delete { key, .. } | TxnOp::Get { key } => key.len(),
                 });
                 compares.chain(ops).sum()
@@ -134,6 +178,8 @@ pub enum CompareTarget {
     Version(u64),
     ModRevision(u64),
     CreateRevision(u64),
+    /// The id of the lease the key is attached to (0: none, or no key).
+    Lease(u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +200,15 @@ pub enum TxnOp {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
+    /// Last, for the reason given on `Command::PutWithLease`.
+    PutWithLease {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        prev_kv: bool,
+        lease: u64,
+    },
 }
 
 /// A key's value with the revisions etcd users expect. Revisions are Raft log indexes.
@@ -166,6 +221,9 @@ pub struct KeyValue {
     pub create_revision: u64,
     pub mod_revision: u64,
     pub version: u64,
+    /// Not part of the encoding (which is pinned): 0 wherever the bytes come from.
+    #[serde(skip)]
+    pub lease: u64,
 }
 
 /// A write that has been committed by a quorum, made durable and applied: what a client's write
@@ -199,6 +257,27 @@ pub enum CommandResponse {
     Rejected {
         reason: String,
     },
+    Lease(LeaseResponse),
+}
+
+/// What a lease operation, or a write that names a lease, found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseResponse {
+    Granted {
+        id: u64,
+        ttl_ms: u64,
+    },
+    Revoked,
+    /// Expires and checkpoints answer nobody in particular.
+    Done,
+    /// Revoke of a lease that does not exist, or a put naming one (nothing was written).
+    NotFound {
+        id: u64,
+    },
+    /// A grant of an id that is in use.
+    Exists {
+        id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +302,22 @@ impl fmt::Display for Command {
                 write!(f, "put(key {}B, value {}B)", key.len(), value.len())
             }
             Command::Delete { key, .. } => write!(f, "delete(key {}B)", key.len()),
+            Command::PutWithLease {
+                key, value, lease, ..
+            } => write!(
+                f,
+                "put(key {}B, value {}B, lease {lease})",
+                key.len(),
+                value.len()
+            ),
+            Command::Lease(op) => match op {
+                LeaseOp::Grant { id, ttl_ms } => write!(f, "lease grant({id}, {ttl_ms} ms)"),
+                LeaseOp::Revoke { id } => write!(f, "lease revoke({id})"),
+                LeaseOp::Expire { ids } => write!(f, "lease expire({} leases)", ids.len()),
+                LeaseOp::Checkpoint { remaining } => {
+                    write!(f, "lease checkpoint({} leases)", remaining.len())
+                }
+            },
             Command::Txn(t) => write!(
                 f,
                 "txn({} compares, {} success ops, {} failure ops)",
@@ -288,6 +383,7 @@ mod tests {
             create_revision: 1,
             mod_revision: 300,
             version: 2,
+            lease: 0,
         };
         assert_eq!(
             hex(crate::codec::encode(&kv).unwrap()),
@@ -302,6 +398,7 @@ mod tests {
             create_revision: 1,
             mod_revision: 2,
             version: 3,
+            lease: 0,
         };
         assert_eq!(hex(crate::codec::encode(&stored).unwrap()), "010176010203");
         assert_eq!(

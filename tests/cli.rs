@@ -412,3 +412,70 @@ async fn watch_prints_each_change_as_a_line() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// `raftkv lease`: grant, put --lease, ttl --keys, list, keep-alive until the lease is revoked
+/// (status 1, and why), and NOT_FOUND afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn lease_verbs_grant_attach_inspect_keep_alive_and_revoke() {
+    let cluster = Cluster::start(3, &[]);
+    let endpoints = ready(&cluster).await;
+    let grant = cli(&endpoints, &["lease", "grant", "20s", "--json"]);
+    assert!(grant.status.success(), "{grant:?}");
+    let granted: serde_json::Value = serde_json::from_slice(&grant.stdout).expect("json");
+    assert_eq!(granted["ttl_ms"], 20000);
+    let id = granted["id"].as_u64().expect("id").to_string();
+    let put = cli(&endpoints, &["put", "svc/a", "up", "--lease", &id]);
+    assert!(put.status.success(), "{put:?}");
+    let get = cli(&endpoints, &["get", "svc/a", "--json"]);
+    let got: serde_json::Value = serde_json::from_slice(&get.stdout).expect("json");
+    assert_eq!(
+        got["lease"].as_u64().map(|l| l.to_string()),
+        Some(id.clone())
+    );
+    let ttl = stdout(&cli(&endpoints, &["lease", "ttl", &id, "--keys"]));
+    assert!(
+        ttl.contains("of 20000 ms") && ttl.lines().any(|l| l == "svc/a"),
+        "{ttl}"
+    );
+    let list = stdout(&cli(&endpoints, &["lease", "list"]));
+    assert!(list.lines().any(|l| l == id), "{list}");
+    let missing = cli(&endpoints, &["put", "svc/b", "up", "--lease", "999999"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("NOT_FOUND"),
+        "{missing:?}"
+    );
+
+    let mut keeper = Command::new(bin())
+        .args(["lease", "keep-alive", &id, "--endpoints", &endpoints])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the CLI");
+    // Revoked only once it is keeping the lease alive.
+    let out = keeper.stdout.take().unwrap();
+    let rest = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Read};
+        let mut reader = std::io::BufReader::new(out);
+        let mut first = String::new();
+        reader.read_line(&mut first).expect("read");
+        assert!(first.starts_with("keeping lease"), "{first:?}");
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).expect("read");
+        rest
+    });
+    let revoke = cli(&endpoints, &["lease", "revoke", &id]);
+    assert!(revoke.status.success(), "{revoke:?}");
+    let rest = rest.await.unwrap();
+    let ended = tokio::task::spawn_blocking(move || keeper.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.status.code(), Some(1), "{ended:?}");
+    assert!(rest.contains("expired or was revoked"), "{rest:?}");
+    let gone = cli(&endpoints, &["get", "svc/a"]);
+    assert_eq!(gone.status.code(), Some(1));
+    let ttl_gone = cli(&endpoints, &["lease", "ttl", &id]);
+    assert!(String::from_utf8_lossy(&ttl_gone.stderr).contains("NOT_FOUND"));
+}

@@ -818,6 +818,7 @@ async fn bad_inputs_get_clear_statuses_and_never_crash_a_node() {
         key: b"big".to_vec(),
         value: vec![0; 1024 * 1024 + 1],
         prev_kv: false,
+        lease: 0,
     };
     let (c3, m3) = code(kv.put(req(big, t)).await.map(|_| tonic::Response::new(())));
     assert_eq!(c3, tonic::Code::InvalidArgument, "{m3}");
@@ -826,6 +827,7 @@ async fn bad_inputs_get_clear_statuses_and_never_crash_a_node() {
         key: b"huge".to_vec(),
         value: vec![0; 5 * 1024 * 1024],
         prev_kv: false,
+        lease: 0,
     };
     let (c4, m4) = code(kv.put(req(huge, t)).await.map(|_| tonic::Response::new(())));
     assert_eq!(c4, tonic::Code::ResourceExhausted, "{m4}");

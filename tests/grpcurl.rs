@@ -112,6 +112,8 @@ async fn grpcurl_drives_the_public_api() {
         "raftkv.v1.KV",
         "raftkv.v1.Cluster",
         "raftkv.v1.Maintenance",
+        "raftkv.v1.Watch",
+        "raftkv.v1.Lease",
         "grpc.health.v1.Health",
     ] {
         assert!(
@@ -370,4 +372,56 @@ async fn grpcurl_watches_a_range() {
     for want in ["YW5u", "Ym9i", "EVENT_TYPE_DELETE"] {
         assert!(run.stdout.contains(want), "no {want:?} in:\n{run}");
     }
+}
+
+/// The README's Lease example: grant, a put with the lease, keep-alive and time-to-live on other
+/// nodes, revoke; then the key is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcurl_grants_keeps_alive_and_revokes_a_lease() {
+    let cluster = Cluster::start(3, &[]);
+    cluster
+        .wait_leader(&cluster.ids(), Duration::from_secs(20))
+        .await;
+    let timeout = Duration::from_secs(20);
+    let (a1, a2, a3) = (cluster.addr(1), cluster.addr(2), cluster.addr(3));
+    let text = |data: &'static str, at: &str, method: &'static str| {
+        let at = at.to_string();
+        async move {
+            grpcurl_ok(
+                &["-plaintext", "-format", "text", "-d", data, &at, method],
+                timeout,
+            )
+            .await
+        }
+    };
+    let grant = text("ttl_ms: 10000 id: 7", &a1, "raftkv.v1.Lease/Grant").await;
+    assert!(
+        grant.stdout.contains("id: 7") && grant.stdout.contains("ttl_ms: 10000"),
+        "{grant}"
+    );
+    text(
+        r#"key: "svc/a" value: "10.0.0.1:80" lease: 7"#,
+        &a1,
+        "raftkv.v1.KV/Put",
+    )
+    .await;
+    let alive = text("id: 7", &a2, "raftkv.v1.Lease/KeepAliveOnce").await;
+    assert!(alive.stdout.contains("ttl_ms: 10000"), "{alive}");
+    let ttl = text("id: 7 keys: true", &a3, "raftkv.v1.Lease/TimeToLive").await;
+    assert!(ttl.stdout.contains("granted_ttl_ms: 10000"), "{ttl}");
+    assert!(ttl.stdout.contains(r#"keys: "svc/a""#), "{ttl}");
+    let got = text(r#"key: "svc/a""#, &a2, "raftkv.v1.KV/Get").await;
+    assert!(got.stdout.contains("lease: 7"), "{got}");
+    text("id: 7", &a1, "raftkv.v1.Lease/Revoke").await;
+    let gone = text(r#"key: "svc/a""#, &a3, "raftkv.v1.KV/Get").await;
+    assert!(!gone.stdout.contains("svc/a"), "{gone}");
+    let again = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"id": "7"}"#,
+        &a1,
+        "raftkv.v1.Lease/Revoke",
+    ])
+    .await;
+    assert!(!again.ok && again.stderr.contains("NotFound"), "{again}");
 }

@@ -15,7 +15,7 @@ use raftkv::pb::v1 as pb;
 /// listens on free ports instead, and a one-node cluster never dials its own recorded addresses.
 const FIXTURE_PEERS: &str = "1=127.0.0.1:47001/127.0.0.1:47101";
 /// Logged once by the last step of every migration, whatever format it started from.
-const MIGRATED: &str = "migrated the data directory from storage format 5 to 6";
+const MIGRATED: &str = "migrated the data directory from storage format 6 to 7";
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -51,6 +51,7 @@ fn expected(format: u32) -> Vec<pb::KeyValue> {
             create_revision: field(kv, "create_revision").as_u64().expect("create"),
             mod_revision: field(kv, "mod_revision").as_u64().expect("mod"),
             version: field(kv, "version").as_u64().expect("version"),
+            lease: 0,
         })
         .collect()
 }
@@ -109,6 +110,11 @@ async fn a_format_5_directory_from_the_previous_release_is_migrated_once_and_kee
     migrated_once_keeping_every_key(5).await;
 }
 
+#[tokio::test]
+async fn a_format_6_directory_from_the_previous_release_is_migrated_once_and_keeps_every_key() {
+    migrated_once_keeping_every_key(6).await;
+}
+
 async fn migrated_once_keeping_every_key(format: u32) {
     let old_format = format!("storage format {format}");
     let mut node = Cluster::unstarted(Cluster::builder(1, &[]).peers(FIXTURE_PEERS));
@@ -149,24 +155,31 @@ async fn migrated_once_keeping_every_key(format: u32) {
         create_revision: revision,
         mod_revision: revision,
         version: 1,
+        lease: 0,
     });
     kvs.sort_by(|a, b| a.key.cmp(&b.key));
 
-    // The history starts after what the node had applied: a watch from before is told so, one from
-    // the new write on sees it.
+    // Before format 6 there was no history: it starts after what the node had applied, and a
+    // watch from before is told so. From format 6 on, the history is kept: a watch from the
+    // fixture's newest write sees that revision first.
     let mut watch = raftkv::pb::v1::watch_client::WatchClient::new(node.channel(1));
-    let from_before = pb::WatchRequest {
-        start_revision: 1,
-        ..Default::default()
+    let watch_from = if format < 6 {
+        let from_before = pb::WatchRequest {
+            start_revision: 1,
+            ..Default::default()
+        };
+        let refused = match watch.watch(from_before).await {
+            Ok(stream) => stream.into_inner().message().await.map(|_| ()),
+            Err(status) => Err(status),
+        };
+        let refused = refused.expect_err("the history starts after the migration");
+        assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+        revision
+    } else {
+        newest
     };
-    let refused = match watch.watch(from_before).await {
-        Ok(stream) => stream.into_inner().message().await.map(|_| ()),
-        Err(status) => Err(status),
-    };
-    let refused = refused.expect_err("the history starts after the migration");
-    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
     let from_new = pb::WatchRequest {
-        start_revision: revision,
+        start_revision: watch_from,
         ..Default::default()
     };
     let mut stream = watch.watch(from_new).await.expect("watch").into_inner();
@@ -180,8 +193,8 @@ async fn migrated_once_keeping_every_key(format: u32) {
             .events;
     }
     assert_eq!(
-        events[0].kv.as_ref().map(|kv| kv.key.as_slice()),
-        Some(&b"after-migration"[..])
+        events[0].kv.as_ref().map(|kv| kv.mod_revision),
+        Some(watch_from)
     );
 
     // A clean restart opens the current format as it is; so does one after a crash, which rebuilds the state

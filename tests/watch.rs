@@ -350,15 +350,7 @@ async fn a_snapshot_install_ends_the_watches_it_skipped() {
     for i in 0..400 {
         last = put_at(&client, format!("s{i}").into_bytes(), b"v".to_vec()).await;
     }
-    eventually(20 * SECOND, "the leader purges its log", || async {
-        let s = c.status(leader).await.unwrap();
-        if s.first_log_index > first + 1 {
-            Ok(())
-        } else {
-            Err(tonic::Status::unavailable("not yet"))
-        }
-    })
-    .await;
+    c.wait_purged(leader, first + 1, 20 * SECOND).await;
     c.resume(3);
     let status = c.wait_applied(3, last, 20 * SECOND).await;
     assert!(status.snapshot_index > first);

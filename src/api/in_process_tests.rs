@@ -76,6 +76,7 @@ fn put(key: &str, value: &[u8]) -> pb::PutRequest {
         key: key.into(),
         value: value.to_vec(),
         prev_kv: true,
+        lease: 0,
     }
 }
 

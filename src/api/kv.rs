@@ -16,13 +16,14 @@ pub struct KvService {
     pub node: Arc<Node>,
 }
 
-fn to_pb(kv: KeyValue) -> pb::KeyValue {
+pub fn to_pb(kv: KeyValue) -> pb::KeyValue {
     pb::KeyValue {
         key: kv.key,
         value: kv.value,
         create_revision: kv.create_revision,
         mod_revision: kv.mod_revision,
         version: kv.version,
+        lease: kv.lease,
     }
 }
 

@@ -1,4 +1,4 @@
-//! The public gRPC surface: `raftkv.v1.KV`, `Watch`, `Cluster`, `Maintenance`, health and reflection, and the
+//! The public gRPC surface: `raftkv.v1.KV`, `Watch`, `Lease`, `Cluster`, `Maintenance`, health and reflection, and the
 //! layers every public call passes. Node-to-node traffic has a port of its own (`network`,
 //! `node::forward`), so nothing here can reach it. Failures become gRPC statuses in one place,
 //! [`status`].
@@ -8,6 +8,7 @@ pub mod health;
 #[cfg(test)]
 mod in_process_tests;
 pub mod kv;
+pub mod lease;
 pub mod maintenance;
 pub mod status;
 pub mod validate;
@@ -30,6 +31,9 @@ pub async fn services(
 ) -> anyhow::Result<(Routes, impl Future<Output = ()> + Send)> {
     let max_request = node.limits().max_request_bytes;
     let kv = pb::v1::kv_server::KvServer::new(kv::KvService { node: node.clone() })
+        .max_decoding_message_size(max_request)
+        .max_encoding_message_size(usize::MAX);
+    let lease = pb::v1::lease_server::LeaseServer::new(lease::LeaseService { node: node.clone() })
         .max_decoding_message_size(max_request)
         .max_encoding_message_size(usize::MAX);
     let cluster =
@@ -56,6 +60,7 @@ pub async fn services(
 
     let routes = Routes::new(kv)
         .add_service(watch)
+        .add_service(lease)
         .add_service(cluster)
         .add_service(maintenance)
         .add_service(health)
@@ -73,6 +78,7 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
     let public = [
         <pb::v1::kv_server::KvServer<kv::KvService> as tonic::server::NamedService>::NAME,
         <pb::v1::watch_server::WatchServer<watch::WatchService> as tonic::server::NamedService>::NAME,
+        <pb::v1::lease_server::LeaseServer<lease::LeaseService> as tonic::server::NamedService>::NAME,
         <pb::v1::cluster_server::ClusterServer<cluster::ClusterService> as tonic::server::NamedService>::NAME,
         <pb::v1::maintenance_server::MaintenanceServer<maintenance::MaintenanceService> as tonic::server::NamedService>::NAME,
         "grpc.health.v1.Health",

@@ -8,10 +8,18 @@ use crate::types::{Command, Compare, CompareResult, CompareTarget, Txn, TxnOp};
 pub fn put(limits: &Limits, req: pb::PutRequest) -> Result<Command, Invalid> {
     key(limits, &req.key, "key")?;
     value(limits, &req.value)?;
-    Ok(Command::Put {
-        key: req.key,
-        value: req.value,
-        prev_kv: req.prev_kv,
+    Ok(match req.lease {
+        0 => Command::Put {
+            key: req.key,
+            value: req.value,
+            prev_kv: req.prev_kv,
+        },
+        lease => Command::PutWithLease {
+            key: req.key,
+            value: req.value,
+            prev_kv: req.prev_kv,
+            lease,
+        },
     })
 }
 
@@ -94,9 +102,11 @@ fn compare(limits: &Limits, c: pb::Compare) -> Result<Compare, Invalid> {
         Some(pb::compare::Target::Version(v)) => CompareTarget::Version(v),
         Some(pb::compare::Target::ModRevision(v)) => CompareTarget::ModRevision(v),
         Some(pb::compare::Target::CreateRevision(v)) => CompareTarget::CreateRevision(v),
+        Some(pb::compare::Target::Lease(v)) => CompareTarget::Lease(v),
         None => {
             return Err(Invalid(
-                "compare needs a target (value, version, mod_revision or create_revision)".into(),
+                "compare needs a target (value, version, mod_revision, create_revision or lease)"
+                    .into(),
             ));
         }
     };
@@ -113,10 +123,18 @@ fn ops(limits: &Limits, ops: Vec<pb::Op>) -> Result<Vec<TxnOp>, Invalid> {
             Some(pb::op::Op::Put(p)) => {
                 key(limits, &p.key, "key")?;
                 value(limits, &p.value)?;
-                Ok(TxnOp::Put {
-                    key: p.key,
-                    value: p.value,
-                    prev_kv: p.prev_kv,
+                Ok(match p.lease {
+                    0 => TxnOp::Put {
+                        key: p.key,
+                        value: p.value,
+                        prev_kv: p.prev_kv,
+                    },
+                    lease => TxnOp::PutWithLease {
+                        key: p.key,
+                        value: p.value,
+                        prev_kv: p.prev_kv,
+                        lease,
+                    },
                 })
             }
             Some(pb::op::Op::Delete(d)) => {
@@ -165,6 +183,7 @@ mod tests {
                 key: b"k".to_vec(),
                 value: b"v".to_vec(),
                 prev_kv: true,
+                lease: 0,
             },
         )
         .unwrap();
@@ -180,6 +199,7 @@ mod tests {
             key: b"k".to_vec(),
             value: vec![0; 11],
             prev_kv: false,
+            lease: 0,
         };
         assert!(
             put(&l, too_long)
@@ -237,6 +257,7 @@ mod tests {
                     key: b"p".to_vec(),
                     value: b"q".to_vec(),
                     prev_kv: false,
+                    lease: 0,
                 })),
                 op(pb::op::Op::Get(pb::GetRequest {
                     key: b"g".to_vec(),

@@ -237,6 +237,7 @@ fn event(change: Change, revision: u64, with_prev: bool) -> pb::Event {
         create_revision: v.create_revision,
         mod_revision: v.mod_revision,
         version: v.version,
+        lease: v.lease,
     };
     let prev_kv = if with_prev {
         change.prev.clone().map(to_pb)

@@ -32,8 +32,9 @@ use crate::network::identity::{Refusals, sent_by};
 use crate::network::{PeerChannels, certainly_not_sent};
 use crate::pb::internal::forward_server::Forward;
 use crate::pb::internal::{
-    ForwardedWrite, MembershipChangeRequest, MembershipChangeResponse, ProposeBatchRequest,
-    ProposeBatchResponse, ReadIndexRequest, ReadIndexResponse, WriteOutcome,
+    ForwardedWrite, LeaseTimeRequest, LeaseTimeResponse, MembershipChangeRequest,
+    MembershipChangeResponse, ProposeBatchRequest, ProposeBatchResponse, ReadIndexRequest,
+    ReadIndexResponse, WriteOutcome,
 };
 use crate::types::{Applied, Command, NodeId};
 
@@ -302,6 +303,38 @@ pub async fn read_index(
     }
 }
 
+/// Asks the leader at `addr` to renew lease `id` or to say how long it has left (see `node::lease`).
+/// A keep-alive does nothing until it is answered, so every failure to hear back is `NotLeader`:
+/// the caller may ask again, at whichever node leads.
+pub async fn lease_time(
+    channels: &PeerChannels,
+    addr: &str,
+    id: u64,
+    renew: bool,
+    deadline: Instant,
+) -> Result<Option<Duration>, Error> {
+    let unreachable = |why: String| Error::not_leader(why, super::LeaderHint::default());
+    let mut client = channels
+        .forward_client(addr)
+        .map_err(|e| unreachable(format!("bad leader address {addr}: {e}")))?;
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    let request = LeaseTimeRequest {
+        id,
+        renew,
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    let response = client
+        .lease_time(grpc::request(request, timeout))
+        .await
+        .map_err(|s| unreachable(format!("leader at {addr}: {}", s.message())))?;
+    match codec::decode::<Result<Option<u64>, Error>>(&response.into_inner().result) {
+        Ok(result) => result.map(|ms| ms.map(Duration::from_millis)),
+        Err(e) => Err(unreachable(format!(
+            "leader at {addr}: undecodable answer: {e}"
+        ))),
+    }
+}
+
 /// Sends a membership change to the leader at `addr` (see `node::membership`); one call per change,
 /// as changes are rare.
 pub async fn change_membership(
@@ -426,6 +459,27 @@ impl Forward for ForwardService {
         };
         let result = codec::encode(&result).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(MembershipChangeResponse { result }))
+    }
+
+    async fn lease_time(
+        &self,
+        request: Request<LeaseTimeRequest>,
+    ) -> Result<Response<LeaseTimeResponse>, Status> {
+        self.admit("LeaseTime", &request)?;
+        let request = request.into_inner();
+        let deadline = self
+            .node
+            .deadline(Some(Duration::from_millis(request.timeout_ms)));
+        let result = match self.node.admit_request() {
+            Ok(_in_flight) => self
+                .node
+                .lease_time_as_leader(request.id, request.renew, deadline)
+                .await
+                .map(|left| left.map(|d| d.as_millis() as u64)),
+            Err(e) => Err(e),
+        };
+        let result = codec::encode(&result).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(LeaseTimeResponse { result }))
     }
 }
 

@@ -13,6 +13,7 @@
 //! - [`vote_hold`]: refusing votes for a while after a start;
 //! - [`membership`]: the members, and adding, promoting and removing them, moving the leadership;
 //! - [`join`]: how a node started with `--join` becomes a member;
+//! - [`lease`]: the leader's clock for leases: keep-alives, expiries, checkpoints;
 //! - [`drain`]: a graceful stop: no new requests, a leader's handover, the last answers;
 //! - [`error`]: what a caller may do after a failure.
 
@@ -21,6 +22,7 @@ pub mod error;
 pub mod forward;
 mod gauges;
 pub mod join;
+pub mod lease;
 mod log_growth;
 pub mod membership;
 mod read;
@@ -90,6 +92,8 @@ pub struct Node {
     vote_hold: VoteHold,
     /// One permit per watch stream served (`--max-watches`).
     watch_slots: Arc<tokio::sync::Semaphore>,
+    /// Lease deadlines, kept while this node leads (see `lease`).
+    lease_clock: lease::LeaseClock,
     /// Reads the whole store in the background while the node lives (see `store::integrity`).
     _scrubber: Option<store::integrity::Scrubber>,
     /// Background work that lives as long as the node: snapshots by log size (`log_growth`), a
@@ -244,9 +248,11 @@ impl Node {
             watch_slots: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(args.max_watches).unwrap_or(usize::MAX),
             )),
+            lease_clock: lease::LeaseClock::new(args.lease_settings()?),
             _scrubber: scrubber,
             background: std::sync::Mutex::new(background),
         });
+        crate::sync::lock(&node.background).spawn(lease::run(Arc::downgrade(&node)));
         tokio::spawn(vote_hold.end(node.raft.clone()));
         crate::sync::lock(&node.background).spawn(gauges::publish(Arc::downgrade(&node)));
         crate::sync::lock(&node.background).spawn(membership::stop_campaigns_once_removed(
@@ -444,6 +450,16 @@ impl Node {
     /// caller brings the node up to date first (`linearize`, `wait_applied`).
     pub fn local_get(&self, key: &[u8]) -> Result<Option<KeyValue>, Error> {
         Ok(self.sm.get(key)?)
+    }
+
+    /// The lease settings this node enforces at the edge.
+    pub fn lease_settings(&self) -> &lease::LeaseSettings {
+        self.lease_clock.settings()
+    }
+
+    /// The leases this replica has applied.
+    pub fn leases(&self) -> Arc<store::leases::Table> {
+        self.sm.leases().read()
     }
 
     /// The changes this replica applied, for watches. Like an eventual read, they need no leader.

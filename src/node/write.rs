@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use super::forward::ForwardError;
 use super::{Error, Node};
 use crate::telemetry::names;
-use crate::types::{Applied, Command, CommandResponse, TypeConfig};
+use crate::types::{Applied, Command, CommandResponse, LeaseResponse, TypeConfig};
 
 /// How long a write waits on a leader that has just taken office for its first quorum acknowledgement
 /// (see `Node::taking_office`); normally one round trip. Well under a forwarded write's deadline.
@@ -77,8 +77,21 @@ impl Node {
                             ));
                         }
                         Ok(Ok(resp)) => {
-                            if let CommandResponse::Rejected { reason } = resp.data {
-                                return Err(Error::Invalid(format!("not applied: {reason}")));
+                            match &resp.data {
+                                CommandResponse::Rejected { reason } => {
+                                    return Err(Error::Invalid(format!("not applied: {reason}")));
+                                }
+                                CommandResponse::Lease(LeaseResponse::NotFound { id }) => {
+                                    return Err(Error::NotFound(format!(
+                                        "lease {id} not found (never granted, revoked or expired); nothing was written"
+                                    )));
+                                }
+                                CommandResponse::Lease(LeaseResponse::Exists { id }) => {
+                                    return Err(Error::Refused(format!(
+                                        "lease {id} already exists; grant another id, or 0 for one the server picks"
+                                    )));
+                                }
+                                _ => {}
                             }
                             return Ok(Applied {
                                 revision: resp.log_id.index,

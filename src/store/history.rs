@@ -61,12 +61,43 @@ pub(crate) struct HistoryRecord {
     changes: Vec<Change>,
 }
 
+/// As for `StoredValue`, a record whose changes name no lease keeps the bytes of format 6; one that
+/// does has, appended, the leases of each change's new and previous value.
 impl Record for HistoryRecord {
     fn encode(&self) -> Result<Vec<u8>, codec::CodecError> {
-        codec::encode(self)
+        let lease = |v: &Option<StoredValue>| v.as_ref().map_or(0, |v| v.lease);
+        let leases: Vec<(u64, u64)> = self
+            .changes
+            .iter()
+            .map(|c| (lease(&c.kv), lease(&c.prev)))
+            .collect();
+        if leases.iter().all(|&(a, b)| a == 0 && b == 0) {
+            codec::encode(self)
+        } else {
+            codec::encode(&(self, leases))
+        }
     }
     fn decode(bytes: &[u8]) -> Result<Self, codec::CodecError> {
-        codec::decode(bytes)
+        match codec::decode::<HistoryRecord>(bytes) {
+            Err(codec::CodecError::Trailing(_)) => {
+                let (mut record, leases): (HistoryRecord, Vec<(u64, u64)>) = codec::decode(bytes)?;
+                if leases.len() != record.changes.len() {
+                    return Err(codec::CodecError::Invalid(
+                        "a history record's leases do not match its changes".into(),
+                    ));
+                }
+                for (change, (kv, prev)) in record.changes.iter_mut().zip(leases) {
+                    if let Some(v) = change.kv.as_mut() {
+                        v.lease = kv;
+                    }
+                    if let Some(v) = change.prev.as_mut() {
+                        v.lease = prev;
+                    }
+                }
+                Ok(record)
+            }
+            other => other,
+        }
     }
 }
 
@@ -133,13 +164,7 @@ fn key_of(revision: u64) -> [u8; 8] {
 }
 
 fn revision_of(key: &[u8]) -> io::Result<u64> {
-    let bytes: [u8; 8] = key.try_into().map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{TREE} has a key of {} bytes", key.len()),
-        )
-    })?;
-    Ok(u64::from_be_bytes(bytes))
+    super::u64_of_key(TREE, key)
 }
 
 impl History {
@@ -368,6 +393,7 @@ mod tests {
             create_revision: rev,
             mod_revision: rev,
             version: 1,
+            lease: 0,
         })
     }
 

@@ -461,6 +461,10 @@ fn check_value(
             decodes::<super::history::HistoryRecord>(tree, key, value)
         }
         (super::history::TREE, _) => Err(format!("{tree} has a key of {} bytes", key.len())),
+        (super::leases::TREE, _) if key.len() == 8 => {
+            decodes::<super::leases::LeaseRecord>(tree, key, value)
+        }
+        (super::leases::TREE, _) => Err(format!("{tree} has a key of {} bytes", key.len())),
         ("sm_snapshot", SNAPSHOT_FILE_KEY) => std::str::from_utf8(value)
             .map(|_| ())
             .map_err(|_| format!("{tree}/snapshot_file is not a file name")),

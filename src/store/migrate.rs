@@ -1,6 +1,6 @@
 //! Older storage formats, rewritten at open before anything else reads the directory: 2 -> 3, then
 //! 3 -> 4 (see [`log_to_engine`]), then 4 -> 5 (see [`snapshot_to_file`]), then 5 -> 6 (see
-//! [`add_history`]).
+//! [`add_history`]), then 6 -> 7 (see [`add_leases`]).
 //!
 //! ## 2 -> 3
 //!
@@ -359,5 +359,17 @@ pub(super) fn add_history(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
     t.raft_meta.insert(FORMAT_KEY, codec::encode(&6u32)?)?;
     super::durable::flush_blocking(db, dir)?;
     tracing::info!("migrated the data directory from storage format 5 to 6: watch history added");
+    Ok(())
+}
+
+/// Format 7 adds leases: `sm_leases`, which starts empty, and values that may carry a lease id
+/// (every value of an older format reads as having none). Only the format changes, so that a build
+/// before 7, which could not read a leased value, refuses the directory.
+pub(super) fn add_leases(db: &sled::Db, dir: &Path) -> Result<(), StoreError> {
+    let t = trees(db)?;
+    t.sm_leases.clear()?;
+    t.raft_meta.insert(FORMAT_KEY, codec::encode(&7u32)?)?;
+    super::durable::flush_blocking(db, dir)?;
+    tracing::info!("migrated the data directory from storage format 6 to 7: leases added");
     Ok(())
 }

@@ -11,6 +11,7 @@
 //!   - `sm_meta`: last applied log id, last membership, which data tree is current;
 //!   - `sm_snapshot`: the current snapshot's metadata and file name, alone in their tree;
 //!   - `sm_history`: revision -> what it changed, the window watches read (see `history`);
+//!   - `sm_leases`: lease id -> its granted TTL and last checkpoint (see `leases`);
 //!   - `raft_log`: empty; formats before 4 kept the log here (see `migrate`).
 //!
 //! Crash reasoning, relied on by every part:
@@ -33,6 +34,7 @@
 mod durable;
 pub mod history;
 pub mod integrity;
+pub mod leases;
 pub mod log;
 mod migrate;
 pub(crate) mod record;
@@ -58,15 +60,16 @@ pub(crate) const NODE_ID_KEY: &[u8] = b"node_id";
 pub(crate) const CLUSTER_ID_KEY: &[u8] = b"cluster_id";
 pub(crate) const FORMAT_KEY: &[u8] = b"format";
 
-/// The layout of what this version stores. 6: the history of recent changes for watches, in
+/// The layout of what this version stores. 7: leases (`sm_leases`, and a key's lease appended to
+/// its stored value). 6: the history of recent changes for watches, in
 /// `sm_history`. 5: the snapshot in a file of its own. 4: the Raft log
 /// and vote in the log engine. 3: every openraft value through raftkv's own records, the log in
-/// sled. 2: openraft's serde shapes, a member with a client and a peer address. 2 to 5 are
-/// migrated to 6 at open (see `migrate`). Directories
+/// sled. 2: openraft's serde shapes, a member with a client and a peer address. 2 to 6 are
+/// migrated to 7 at open (see `migrate`). Directories
 /// without the key were written before it existed (format 1, one address per member); their
 /// membership does not decode as format 2, so they are refused with [`StoreError::Format`] rather
 /// than reported corrupt. The history is in docs/storage-format.md.
-pub const FORMAT: u32 = 6;
+pub const FORMAT: u32 = 7;
 
 /// The oldest format this version migrates from at open (every one from it up to [`FORMAT`]).
 pub const MIGRATES_FROM: u32 = 2;
@@ -123,6 +126,7 @@ pub(crate) struct Trees {
     pub sm_meta: sled::Tree,
     pub sm_snapshot: sled::Tree,
     pub sm_history: sled::Tree,
+    pub sm_leases: sled::Tree,
 }
 
 pub(crate) fn trees(db: &sled::Db) -> Result<Trees, StoreError> {
@@ -146,6 +150,7 @@ pub(crate) fn trees(db: &sled::Db) -> Result<Trees, StoreError> {
         sm_meta,
         sm_snapshot: db.open_tree("sm_snapshot")?,
         sm_history: db.open_tree(history::TREE)?,
+        sm_leases: db.open_tree(leases::TREE)?,
     })
 }
 
@@ -204,8 +209,12 @@ pub fn open_with(
             migrate::snapshot_to_file(&db, dir)
                 .map_err(|e| classify(&integrity, "migrating to format 5", e))?;
         }
-        migrate::add_history(&db, dir)
-            .map_err(|e| classify(&integrity, "migrating to format 6", e))?;
+        if format < 6 {
+            migrate::add_history(&db, dir)
+                .map_err(|e| classify(&integrity, "migrating to format 6", e))?;
+        }
+        migrate::add_leases(&db, dir)
+            .map_err(|e| classify(&integrity, "migrating to format 7", e))?;
     }
     let log_dir = dir.join(log::LOG_DIR);
     if existing && !log_dir.is_dir() {
@@ -277,6 +286,7 @@ fn open_checked(
         t.sm_meta,
         t.sm_snapshot,
         t.sm_history,
+        t.sm_leases,
         integrity,
     )?;
     snapshot::tidy(&sm)?;
@@ -368,6 +378,18 @@ pub(crate) fn read_decoded<T: record::Record>(
         Some(bytes) => Ok(Some(T::decode(&bytes)?)),
         None => Ok(None),
     }
+}
+
+/// A sled key that is a big-endian u64 (a revision, a lease id), so sled's order is numeric order.
+/// Anything else is corruption of `tree`.
+pub(crate) fn u64_of_key(tree: &str, key: &[u8]) -> std::io::Result<u64> {
+    let bytes: [u8; 8] = key.try_into().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{tree} has a key of {} bytes", key.len()),
+        )
+    })?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 /// openraft reports storage failures as `io::Error`. sled's own conversion keeps what `integrity`

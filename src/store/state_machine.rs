@@ -42,14 +42,16 @@ use openraft::{EntryPayload, OptionalSend};
 use serde::{Deserialize, Serialize};
 
 use super::history::{Change, History};
+use super::leases::{LeaseView, Leases};
 use super::record::Record;
 use super::snapshot::{self, SnapshotBuilder};
 use super::{Integrity, io_err, read_decoded};
 use crate::codec;
 use crate::sync::lock;
 use crate::types::{
-    Command, CommandResponse, Compare, CompareResult, CompareTarget, KeyValue, LogId, NodeId,
-    Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TxnOp, TxnOpResult, TypeConfig,
+    Command, CommandResponse, Compare, CompareResult, CompareTarget, KeyValue, LeaseOp,
+    LeaseResponse, LogId, NodeId, Snapshot, SnapshotData, SnapshotMeta, StoredMembership, TxnOp,
+    TxnOpResult, TypeConfig,
 };
 
 pub(super) const LAST_APPLIED_KEY: &[u8] = b"last_applied";
@@ -73,15 +75,36 @@ pub struct StoredValue {
     pub create_revision: u64,
     pub mod_revision: u64,
     pub version: u64,
+    /// The lease the key is attached to, 0 for none. Outside the serde shape: see the `Record` impl.
+    #[serde(skip)]
+    pub lease: u64,
 }
 
-/// raftkv's own type, so its serde shape is its record (pinned in `types`).
+/// A key without a lease is stored exactly as before leases existed (pinned in `types`), so
+/// existing data, snapshots and backups need no rewrite; a key with one has the lease id appended.
+/// The two are told apart by length: the old shape leaves the id over as trailing bytes.
 impl Record for StoredValue {
     fn encode(&self) -> Result<Vec<u8>, codec::CodecError> {
-        codec::encode(self)
+        if self.lease == 0 {
+            codec::encode(self)
+        } else {
+            codec::encode(&(self, self.lease))
+        }
     }
     fn decode(bytes: &[u8]) -> Result<Self, codec::CodecError> {
-        codec::decode(bytes)
+        match codec::decode::<StoredValue>(bytes) {
+            Err(codec::CodecError::Trailing(_)) => {
+                let (mut value, lease): (StoredValue, u64) = codec::decode(bytes)?;
+                if lease == 0 {
+                    return Err(codec::CodecError::Invalid(
+                        "a stored value names lease 0".into(),
+                    ));
+                }
+                value.lease = lease;
+                Ok(value)
+            }
+            other => other,
+        }
     }
 }
 
@@ -93,6 +116,7 @@ impl StoredValue {
             create_revision: self.create_revision,
             mod_revision: self.mod_revision,
             version: self.version,
+            lease: self.lease,
         }
     }
 }
@@ -126,6 +150,8 @@ pub(super) struct Inner {
     retired: RwLock<BTreeSet<NodeId>>,
     /// The recent changes, for watches (see `history`).
     pub(super) history: History,
+    /// Which leases exist and the keys they hold (see `leases`).
+    pub(super) leases: Leases,
 }
 
 impl Inner {
@@ -173,14 +199,17 @@ impl StateMachineStore {
         meta: sled::Tree,
         snapshots: sled::Tree,
         history: sled::Tree,
+        leases: sled::Tree,
         integrity: Arc<Integrity>,
     ) -> Result<Self, super::StoreError> {
         let retired = match meta.get(RETIRED_KEY)? {
             Some(bytes) => codec::decode(&bytes)?,
             None => BTreeSet::new(),
         };
+        let leases = Leases::new(leases);
         Ok(Self {
             inner: Arc::new(Inner {
+                leases,
                 retired: RwLock::new(retired),
                 db,
                 data: RwLock::new(data),
@@ -233,6 +262,11 @@ impl StateMachineStore {
     /// The recent changes this replica applied, for watches.
     pub fn history(&self) -> &History {
         &self.inner.history
+    }
+
+    /// The leases this replica has applied.
+    pub fn leases(&self) -> &Leases {
+        &self.inner.leases
     }
 
     /// The database, for the background scrub.
@@ -361,6 +395,7 @@ impl StateMachineStore {
             }
             applied = restored;
         }
+        self.inner.leases.reload(&self.inner.data())?;
         self.inner.history.load(applied.map_or(0, |l| l.index))?;
         self.inner.db.flush().map(|_| ()).map_err(io_err)
     }
@@ -372,6 +407,8 @@ struct Overlay<'a> {
     changed: HashMap<Vec<u8>, Option<StoredValue>>,
     /// The changes of the entry being executed, in order, for the history.
     log: Vec<Change>,
+    /// The leases as this batch has left them so far.
+    leases: LeaseView,
 }
 
 impl Overlay<'_> {
@@ -385,7 +422,14 @@ impl Overlay<'_> {
         }
     }
 
-    fn put(&mut self, key: &[u8], value: Vec<u8>, revision: u64) -> io::Result<Option<KeyValue>> {
+    /// Writes `key`, attached to `lease` (0: none; the caller has checked that it exists).
+    fn put(
+        &mut self,
+        key: &[u8],
+        value: Vec<u8>,
+        revision: u64,
+        lease: u64,
+    ) -> io::Result<Option<KeyValue>> {
         let prev = self.get(key)?;
         let next = match &prev {
             Some(p) => StoredValue {
@@ -393,14 +437,18 @@ impl Overlay<'_> {
                 create_revision: p.create_revision,
                 mod_revision: revision,
                 version: p.version + 1,
+                lease,
             },
             None => StoredValue {
                 value,
                 create_revision: revision,
                 mod_revision: revision,
                 version: 1,
+                lease,
             },
         };
+        self.leases
+            .reattach(key, prev.as_ref().map_or(0, |p| p.lease), lease);
         self.changed.insert(key.to_vec(), Some(next.clone()));
         self.log.push(Change {
             key: key.to_vec(),
@@ -412,7 +460,8 @@ impl Overlay<'_> {
 
     fn delete(&mut self, key: &[u8]) -> io::Result<Option<KeyValue>> {
         let prev = self.get(key)?;
-        if prev.is_some() {
+        if let Some(p) = &prev {
+            self.leases.reattach(key, p.lease, 0);
             self.changed.insert(key.to_vec(), None);
             self.log.push(Change {
                 key: key.to_vec(),
@@ -434,6 +483,7 @@ fn compare_holds(cmp: &Compare, current: Option<&StoredValue>) -> bool {
         (CompareTarget::Version(v), cur) => cur.map_or(0, |c| c.version).cmp(v),
         (CompareTarget::ModRevision(v), cur) => cur.map_or(0, |c| c.mod_revision).cmp(v),
         (CompareTarget::CreateRevision(v), cur) => cur.map_or(0, |c| c.create_revision).cmp(v),
+        (CompareTarget::Lease(v), cur) => cur.map_or(0, |c| c.lease).cmp(v),
     };
     match cmp.result {
         CompareResult::Equal => ordering == Ordering::Equal,
@@ -443,6 +493,11 @@ fn compare_holds(cmp: &Compare, current: Option<&StoredValue>) -> bool {
     }
 }
 
+/// A put naming a lease that does not exist writes nothing, as in etcd.
+fn lease_not_found(id: u64) -> CommandResponse {
+    CommandResponse::Lease(LeaseResponse::NotFound { id })
+}
+
 fn execute(cmd: Command, revision: u64, view: &mut Overlay<'_>) -> io::Result<CommandResponse> {
     Ok(match cmd {
         Command::Put {
@@ -450,11 +505,26 @@ fn execute(cmd: Command, revision: u64, view: &mut Overlay<'_>) -> io::Result<Co
             value,
             prev_kv,
         } => {
-            let prev = view.put(&key, value, revision)?;
+            let prev = view.put(&key, value, revision, 0)?;
             CommandResponse::Put {
                 prev: prev.filter(|_| prev_kv),
             }
         }
+        Command::PutWithLease {
+            key,
+            value,
+            prev_kv,
+            lease,
+        } => {
+            if !view.leases.exists(lease) {
+                return Ok(lease_not_found(lease));
+            }
+            let prev = view.put(&key, value, revision, lease)?;
+            CommandResponse::Put {
+                prev: prev.filter(|_| prev_kv),
+            }
+        }
+        Command::Lease(op) => CommandResponse::Lease(execute_lease(op, revision, view)?),
         Command::Delete { key, prev_kv } => {
             let prev = view.delete(&key)?;
             CommandResponse::Delete {
@@ -471,6 +541,14 @@ fn execute(cmd: Command, revision: u64, view: &mut Overlay<'_>) -> io::Result<Co
                 }
             }
             let ops = if succeeded { txn.success } else { txn.failure };
+            // All or nothing: a txn that names a missing lease writes none of its ops.
+            let missing = ops.iter().find_map(|op| match op {
+                TxnOp::PutWithLease { lease, .. } if !view.leases.exists(*lease) => Some(*lease),
+                _ => None,
+            });
+            if let Some(id) = missing {
+                return Ok(lease_not_found(id));
+            }
             let mut results = Vec::with_capacity(ops.len());
             for op in ops {
                 results.push(match op {
@@ -479,7 +557,15 @@ fn execute(cmd: Command, revision: u64, view: &mut Overlay<'_>) -> io::Result<Co
                         value,
                         prev_kv,
                     } => TxnOpResult::Put {
-                        prev: view.put(&key, value, revision)?.filter(|_| prev_kv),
+                        prev: view.put(&key, value, revision, 0)?.filter(|_| prev_kv),
+                    },
+                    TxnOp::PutWithLease {
+                        key,
+                        value,
+                        prev_kv,
+                        lease,
+                    } => TxnOpResult::Put {
+                        prev: view.put(&key, value, revision, lease)?.filter(|_| prev_kv),
                     },
                     TxnOp::Delete { key, prev_kv } => {
                         let prev = view.delete(&key)?;
@@ -494,6 +580,44 @@ fn execute(cmd: Command, revision: u64, view: &mut Overlay<'_>) -> io::Result<Co
                 });
             }
             CommandResponse::Txn { succeeded, results }
+        }
+    })
+}
+
+/// Grants, ends and checkpoints leases. Ending a lease deletes its keys at this revision.
+fn execute_lease(op: LeaseOp, revision: u64, view: &mut Overlay<'_>) -> io::Result<LeaseResponse> {
+    Ok(match op {
+        LeaseOp::Grant { id, ttl_ms } => {
+            let id = match id {
+                0 => view.leases.free_id(revision),
+                id if view.leases.exists(id) => return Ok(LeaseResponse::Exists { id }),
+                id => id,
+            };
+            view.leases.grant(id, ttl_ms);
+            LeaseResponse::Granted { id, ttl_ms }
+        }
+        LeaseOp::Revoke { id } => match view.leases.end(id) {
+            None => LeaseResponse::NotFound { id },
+            Some(keys) => {
+                for key in keys {
+                    view.delete(&key)?;
+                }
+                LeaseResponse::Revoked
+            }
+        },
+        LeaseOp::Expire { ids } => {
+            for id in ids {
+                for key in view.leases.end(id).unwrap_or_default() {
+                    view.delete(&key)?;
+                }
+            }
+            LeaseResponse::Done
+        }
+        LeaseOp::Checkpoint { remaining } => {
+            for (id, ms) in remaining {
+                view.leases.checkpoint(id, ms);
+            }
+            LeaseResponse::Done
         }
     })
 }
@@ -564,6 +688,7 @@ impl StateMachineStore {
             data: &data,
             changed: HashMap::new(),
             log: Vec::new(),
+            leases: LeaseView::new(self.inner.leases.read()),
         };
         let mut history = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
@@ -624,13 +749,18 @@ impl StateMachineStore {
                 capture.note(key, || data.get(key)).map_err(io_err)?;
             }
         }
-        for (key, value) in view.changed {
+        let Overlay {
+            changed, leases, ..
+        } = view;
+        for (key, value) in changed {
             match value {
                 Some(v) => data.insert(key, v.encode()?),
                 None => data.remove(key),
             }
             .map_err(io_err)?;
         }
+        let lease_changes = leases.changed;
+        self.inner.leases.commit(lease_changes)?;
         self.inner.history.write(history)?;
         let meta = &self.inner.meta;
         if let Some(m) = &membership {
@@ -676,10 +806,12 @@ mod tests {
     #[test]
     fn put_tracks_revisions_and_versions() {
         let (_d, t) = tree();
+        let leases = Leases::new(t.clone());
         let mut view = Overlay {
             data: &t,
             changed: HashMap::new(),
             log: Vec::new(),
+            leases: LeaseView::new(leases.read()),
         };
         let put = |k: &str, v: &str| Command::Put {
             key: k.into(),
@@ -708,10 +840,12 @@ mod tests {
     #[test]
     fn txn_create_if_absent_then_cas() {
         let (_d, t) = tree();
+        let leases = Leases::new(t.clone());
         let mut view = Overlay {
             data: &t,
             changed: HashMap::new(),
             log: Vec::new(),
+            leases: LeaseView::new(leases.read()),
         };
         let create = |v: &str| {
             Command::Txn(crate::types::Txn {

@@ -1509,3 +1509,154 @@ fn overwritten_large_values_leave_no_blobs_behind() {
         assert_eq!(value[0], ((ROUNDS - 1) * KEYS + key) as u8);
     }
 }
+
+fn lease_entry(index: u64, op: crate::types::LeaseOp) -> crate::types::Entry {
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Command::Lease(op)),
+    }
+}
+
+fn leased_put(index: u64, key: &str, lease: u64) -> crate::types::Entry {
+    Entry {
+        log_id: log_id(1, index),
+        payload: EntryPayload::Normal(Command::PutWithLease {
+            key: key.into(),
+            value: b"v".to_vec(),
+            prev_kv: false,
+            lease,
+        }),
+    }
+}
+
+/// The lease table follows the state it belongs to: kept by a clean stop, rebuilt with the state
+/// from the snapshot after a crash (leases granted after it are granted again by the replayed log,
+/// never found already there), and carried by a snapshot into an install elsewhere.
+#[tokio::test]
+async fn leases_follow_the_state_through_crashes_clean_stops_and_installs() {
+    use crate::types::LeaseOp;
+    let ids = |sm: &StateMachineStore| sm.leases().read().keys().copied().collect::<Vec<_>>();
+    let keys = |sm: &StateMachineStore, id: u64| {
+        sm.leases().read()[&id]
+            .keys
+            .iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect::<Vec<_>>()
+    };
+    // Granted, no snapshot, crash: the grant goes with the state and applies again.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = open(dir.path(), 1).unwrap();
+        apply(
+            &mut sm,
+            vec![lease_entry(
+                1,
+                LeaseOp::Grant {
+                    id: 0,
+                    ttl_ms: 5000,
+                },
+            )],
+        )
+        .await;
+        assert_eq!(ids(&sm), vec![1]);
+    }
+    let (_log, mut sm) = reopen(dir.path(), 1).await.unwrap();
+    assert!(ids(&sm).is_empty());
+    apply(
+        &mut sm,
+        vec![lease_entry(
+            1,
+            LeaseOp::Grant {
+                id: 0,
+                ttl_ms: 5000,
+            },
+        )],
+    )
+    .await;
+    assert_eq!(ids(&sm), vec![1]);
+    drop((_log, sm));
+
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = {
+        let (_log, mut sm) = open(dir.path(), 1).unwrap();
+        apply(
+            &mut sm,
+            vec![
+                lease_entry(
+                    1,
+                    LeaseOp::Grant {
+                        id: 7,
+                        ttl_ms: 5000,
+                    },
+                ),
+                leased_put(2, "a", 7),
+                leased_put(3, "b", 7),
+                lease_entry(
+                    4,
+                    LeaseOp::Checkpoint {
+                        remaining: vec![(7, 1200)],
+                    },
+                ),
+            ],
+        )
+        .await;
+        let snapshot = build_snapshot(&mut sm).await;
+        apply(
+            &mut sm,
+            vec![
+                lease_entry(
+                    5,
+                    LeaseOp::Grant {
+                        id: 8,
+                        ttl_ms: 5000,
+                    },
+                ),
+                leased_put(6, "c", 8),
+            ],
+        )
+        .await;
+        snapshot
+    };
+    let (log, mut sm) = reopen(dir.path(), 1).await.unwrap();
+    assert_eq!(ids(&sm), vec![7], "back at the snapshot");
+    assert_eq!(keys(&sm, 7), vec!["a", "b"]);
+    assert_eq!(sm.leases().read()[&7].record.checkpoint_ms, Some(1200));
+    assert_eq!(sm.get(b"a").unwrap().unwrap().lease, 7);
+    apply(
+        &mut sm,
+        vec![
+            lease_entry(
+                5,
+                LeaseOp::Grant {
+                    id: 8,
+                    ttl_ms: 5000,
+                },
+            ),
+            leased_put(6, "c", 8),
+            lease_entry(7, LeaseOp::Expire { ids: vec![7] }),
+        ],
+    )
+    .await;
+    assert_eq!(ids(&sm), vec![8]);
+    assert_eq!(sm.get(b"a").unwrap(), None);
+    sm.close().await.unwrap();
+    drop((log, sm));
+    let (_log, sm) = reopen(dir.path(), 1).await.unwrap();
+    assert_eq!(ids(&sm), vec![8], "a clean stop keeps the table");
+    assert_eq!(keys(&sm, 8), vec!["c"]);
+
+    // The snapshot taken while lease 7 held a and b installs them elsewhere, replacing lease 8.
+    let other = tempfile::tempdir().unwrap();
+    let (_log2, mut target) = open(other.path(), 2).unwrap();
+    apply(
+        &mut target,
+        vec![lease_entry(1, LeaseOp::Grant { id: 9, ttl_ms: 100 })],
+    )
+    .await;
+    target
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(ids(&target), vec![7]);
+    assert_eq!(keys(&target, 7), vec!["a", "b"]);
+}

@@ -191,6 +191,18 @@ impl Cluster {
         }
     }
 
+    /// Waits until node `id` has purged its log past `index`, so a node behind it can only catch up
+    /// by snapshot.
+    pub async fn wait_purged(&self, id: u64, index: u64, timeout: Duration) {
+        eventually(timeout, "the log is purged", || async {
+            match self.status(id).await {
+                Some(s) if s.first_log_index > index => Ok(()),
+                _ => Err(tonic::Status::unavailable("not yet")),
+            }
+        })
+        .await;
+    }
+
     /// Waits until node `id` has applied at least `index`.
     pub async fn wait_applied(&self, id: u64, index: u64, timeout: Duration) -> pb::StatusResponse {
         match self.kit.wait_applied(id, index, timeout).await {
@@ -238,6 +250,7 @@ pub fn put(key: &str, value: &str) -> pb::PutRequest {
         key: key.into(),
         value: value.into(),
         prev_kv: false,
+        lease: 0,
     }
 }
 

@@ -46,6 +46,7 @@ impl RaftkvConn {
             key,
             value,
             prev_kv: false,
+            lease: 0,
         };
         self.kv
             .put(request(req, self.timeout))
@@ -89,6 +90,7 @@ impl RaftkvConn {
                     key: key.clone(),
                     value: next,
                     prev_kv: false,
+                    lease: 0,
                 })),
             }],
             failure: vec![pb::Op {

@@ -15,6 +15,7 @@ use tonic::transport::{Channel, ClientTlsConfig};
 use crate::pb::v1 as pb;
 use crate::pb::v1::cluster_client::ClusterClient;
 use crate::pb::v1::kv_client::KvClient;
+use crate::pb::v1::lease_client::LeaseClient;
 use crate::pb::v1::maintenance_client::MaintenanceClient;
 use crate::{LEADER_ADDR_HEADER, NODE_ID_HEADER, endpoint};
 
@@ -124,6 +125,15 @@ impl Client {
             .await
     }
 
+    pub(crate) async fn call_lease<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(LeaseClient<Channel>, Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        self.call_on(|channel, t| f(LeaseClient::new(channel), t))
+            .await
+    }
+
     async fn call_cluster<T, F, Fut>(&self, f: F) -> Result<T, tonic::Status>
     where
         F: Fn(ClusterClient<Channel>, Duration) -> Fut,
@@ -183,11 +193,17 @@ impl Client {
         value: Vec<u8>,
         prev_kv: bool,
     ) -> Result<pb::PutResponse, tonic::Status> {
-        let req = pb::PutRequest {
+        self.put_request(pb::PutRequest {
             key,
             value,
             prev_kv,
-        };
+            lease: 0,
+        })
+        .await
+    }
+
+    /// A put with every field of the request, such as `lease`.
+    pub async fn put_request(&self, req: pb::PutRequest) -> Result<pb::PutResponse, tonic::Status> {
         self.call(|mut c, t| {
             let r = with_timeout(req.clone(), t);
             async move { c.put(r).await.map(|r| r.into_inner()) }
@@ -344,7 +360,7 @@ pub fn own_timeout_is_deadline_exceeded(status: tonic::Status) -> tonic::Status 
     status
 }
 
-fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+pub(crate) fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout.max(Duration::from_millis(1)));
     r

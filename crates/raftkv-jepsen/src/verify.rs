@@ -402,6 +402,7 @@ async fn final_ops(nodes: &Nodes) -> Check {
                 key: key.clone(),
                 value: value.clone(),
                 prev_kv: false,
+                lease: 0,
             };
             async move {
                 kv.put(request(req, Duration::from_secs(2)))

@@ -230,6 +230,7 @@ impl Shared {
             key: key.as_bytes().to_vec(),
             value: value.to_string().into_bytes(),
             prev_kv: false,
+            lease: 0,
         };
         self.timed(node, |mut c, t| async move { c.put(request(req, t)).await })
             .await
@@ -516,6 +517,7 @@ async fn register_cas(
                 key: key.as_bytes().to_vec(),
                 value: new.to_string().into_bytes(),
                 prev_kv: false,
+                lease: 0,
             })),
         }],
         failure: vec![],

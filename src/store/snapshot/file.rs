@@ -11,7 +11,10 @@
 //! Between `META` and the first `PAIRS` may come one `RETIRED` frame: the ids membership changes
 //! have removed (encoded with `codec`), which are state like the pairs (ids are never reused, and a
 //! node that caught up by snapshot must refuse them too). It is written only when there are any, so
-//! a cluster that never removed a member writes the files an older version reads.
+//! a cluster that never removed a member writes the files an older version reads. Likewise, before
+//! the first `PAIRS`, any number of `LEASES` frames: the granted leases (id and `LeaseRecord` each,
+//! encoded with `codec` as a list), only when there are any. Every pair whose value names a lease
+//! must name one of them.
 //! Nothing may follow `END`, and a file without it is no snapshot: a torn write or a cut transfer is
 //! refused instead of installed as a smaller state. Keys are strictly increasing across the file,
 //! as sled iterates them, so a reader can also reject duplicates.
@@ -24,6 +27,7 @@ use std::io::{self, Read, Write};
 
 use crate::codec::CodecError;
 use crate::limits::MAX_KEY_BYTES;
+use crate::store::leases::LeaseRecord;
 use crate::store::record::Record;
 use crate::store::state_machine::StoredValue;
 use crate::types::{NodeId, SnapshotMeta};
@@ -34,6 +38,9 @@ const META: u8 = 1;
 const PAIRS: u8 = 2;
 const END: u8 = 3;
 const RETIRED: u8 = 4;
+const LEASES: u8 = 5;
+/// Leases per `LEASES` frame: each takes well under 64 bytes, so a frame stays far below the limit.
+const LEASES_PER_FRAME: usize = 4096;
 const FRAME_HEADER: usize = 9;
 
 /// A `PAIRS` frame is closed once it holds this much; one pair may take it past.
@@ -81,14 +88,15 @@ pub struct Writer<W: Write> {
 
 impl<W: Write> Writer<W> {
     pub fn new(out: W, meta: &SnapshotMeta) -> Result<Self, FileError> {
-        Self::with_retired(out, meta, &BTreeSet::new())
+        Self::with_state(out, meta, &BTreeSet::new(), &[])
     }
 
-    /// A file whose state includes the `retired` member ids.
-    pub fn with_retired(
+    /// A file whose state includes the `retired` member ids and the granted `leases`.
+    pub fn with_state(
         mut out: W,
         meta: &SnapshotMeta,
         retired: &BTreeSet<NodeId>,
+        leases: &[(u64, LeaseRecord)],
     ) -> Result<Self, FileError> {
         out.write_all(MAGIC)?;
         let mut writer = Writer {
@@ -101,6 +109,9 @@ impl<W: Write> Writer<W> {
         writer.write_frame(META, &meta)?;
         if !retired.is_empty() {
             writer.write_frame(RETIRED, &crate::codec::encode(retired)?)?;
+        }
+        for chunk in leases.chunks(LEASES_PER_FRAME) {
+            writer.write_frame(LEASES, &crate::codec::encode(chunk)?)?;
         }
         Ok(writer)
     }
@@ -173,15 +184,18 @@ pub struct Reader<R: Read> {
     input: R,
     meta: SnapshotMeta,
     retired: BTreeSet<NodeId>,
+    leases: std::collections::BTreeMap<u64, LeaseRecord>,
     frame: Vec<u8>,
+    /// The kind of the frame already read into `frame` and not yet handed out.
+    pending: Option<u8>,
     pairs: u64,
-    /// Past the frames that may only come before the pairs.
-    in_pairs: bool,
     last_key: Option<Vec<u8>>,
     ended: bool,
 }
 
 impl<R: Read> Reader<R> {
+    /// Reads the magic and every frame before the pairs, so the state beside the pairs (removed
+    /// ids, leases) is known from here on.
     pub fn new(mut input: R) -> Result<Self, FileError> {
         let mut magic = [0u8; 8];
         read_exact_or(&mut input, &mut magic, "shorter than its magic")?;
@@ -194,13 +208,30 @@ impl<R: Read> Reader<R> {
             return malformed(format!("first frame is of kind {kind}, not the metadata"));
         }
         let meta = SnapshotMeta::decode(&frame)?;
+        let mut retired = BTreeSet::new();
+        let mut leases = std::collections::BTreeMap::new();
+        let mut kind = read_frame(&mut input, &mut frame)?;
+        if kind == RETIRED {
+            retired = crate::codec::decode(&frame)?;
+            kind = read_frame(&mut input, &mut frame)?;
+        }
+        while kind == LEASES {
+            let granted: Vec<(u64, LeaseRecord)> = crate::codec::decode(&frame)?;
+            for (id, record) in granted {
+                if id == 0 || leases.insert(id, record).is_some() {
+                    return malformed(format!("lease {id} is not a valid, distinct id"));
+                }
+            }
+            kind = read_frame(&mut input, &mut frame)?;
+        }
         Ok(Reader {
             input,
             meta,
-            retired: BTreeSet::new(),
+            retired,
+            leases,
             frame,
+            pending: Some(kind),
             pairs: 0,
-            in_pairs: false,
             last_key: None,
             ended: false,
         })
@@ -210,24 +241,27 @@ impl<R: Read> Reader<R> {
         &self.meta
     }
 
-    /// The removed member ids the file holds; complete once the first run of pairs (or the end) was
-    /// read.
+    /// The removed member ids the file holds.
     pub fn retired(&self) -> &BTreeSet<NodeId> {
         &self.retired
     }
 
+    /// The granted leases the file holds.
+    pub fn leases(&self) -> Vec<(u64, LeaseRecord)> {
+        self.leases.iter().map(|(id, r)| (*id, *r)).collect()
+    }
+
     /// The next run of pairs (key, stored value), or `None` after the end frame. Every key is checked
-    /// to be larger than the one before it and every value to decode as a stored value.
+    /// to be larger than the one before it and every value to decode as a stored value whose lease,
+    /// if any, the file holds.
     pub fn next_pairs(&mut self) -> Result<Option<Vec<Pair<'_>>>, FileError> {
         if self.ended {
             return Ok(None);
         }
-        let mut kind = read_frame(&mut self.input, &mut self.frame)?;
-        if kind == RETIRED && !self.in_pairs {
-            self.retired = crate::codec::decode(&self.frame)?;
-            kind = read_frame(&mut self.input, &mut self.frame)?;
-        }
-        self.in_pairs = true;
+        let kind = match self.pending.take() {
+            Some(kind) => kind,
+            None => read_frame(&mut self.input, &mut self.frame)?,
+        };
         match kind {
             PAIRS => {}
             END => {
@@ -261,7 +295,10 @@ impl<R: Read> Reader<R> {
             if self.last_key.as_deref().is_some_and(|last| last >= key) {
                 return malformed("keys out of order");
             }
-            StoredValue::decode(value)?;
+            let lease = StoredValue::decode(value)?.lease;
+            if lease != 0 && !self.leases.contains_key(&lease) {
+                return malformed(format!("a key names lease {lease}, which the file lacks"));
+            }
             self.last_key = Some(key.to_vec());
             pairs.push((key, value));
         }
@@ -334,6 +371,7 @@ mod tests {
             create_revision: 1,
             mod_revision: 2,
             version: 1,
+            lease: 0,
         }
         .encode()
         .unwrap()
@@ -421,7 +459,7 @@ mod tests {
     #[test]
     fn removed_ids_travel_before_the_pairs_and_only_there() {
         let retired = BTreeSet::from([2u64, 5]);
-        let mut w = Writer::with_retired(Vec::new(), &meta(3), &retired).unwrap();
+        let mut w = Writer::with_state(Vec::new(), &meta(3), &retired, &[]).unwrap();
         w.push(b"a", &value(b"x")).unwrap();
         let bytes = w.finish().unwrap().0;
         let mut r = Reader::new(bytes.as_slice()).unwrap();
@@ -430,7 +468,7 @@ mod tests {
         assert!(r.next_pairs().unwrap().is_none());
         assert_eq!(verify(bytes.as_slice()).unwrap(), (meta(3), 1));
         // None removed: no frame, the bytes an older version writes and reads.
-        let plain = Writer::with_retired(Vec::new(), &meta(3), &BTreeSet::new())
+        let plain = Writer::with_state(Vec::new(), &meta(3), &BTreeSet::new(), &[])
             .unwrap()
             .finish()
             .unwrap()

@@ -36,6 +36,7 @@ pub(crate) use capture::Capture;
 pub use inbox::Inbox;
 
 use super::history::History;
+use super::leases::LeaseRecord;
 use super::record::Record;
 use super::state_machine::{LAST_APPLIED_KEY, LAST_MEMBERSHIP_KEY, RETIRED_KEY, StateMachineStore};
 use super::{io_err, read_decoded, tx_err};
@@ -256,10 +257,11 @@ async fn capture_image(
     prefix: &'static str,
 ) -> io::Result<(SnapshotMeta, PathBuf, u64, u64)> {
     let inner = &sm.inner;
-    let (meta, retired, _end) = {
+    let (meta, retired, leases, _end) = {
         // The state the image will be: no apply is half way while the capture starts.
         let _guard = inner.write_lock.lock().await;
         let retired = sm.retired_ids();
+        let leases = inner.leases.records();
         let last_log_id: Option<LogId> = sm.read_meta(LAST_APPLIED_KEY)?;
         let last_membership: StoredMembership =
             sm.read_meta(LAST_MEMBERSHIP_KEY)?.unwrap_or_default();
@@ -268,12 +270,12 @@ async fn capture_image(
             last_log_id,
             last_membership,
         };
-        (meta, retired, EndCapture(inner))
+        (meta, retired, leases, EndCapture(inner))
     };
     let sm2 = sm.clone();
     let image_meta = meta.clone();
     let (path, pairs, bytes) =
-        blocking(move || write_image(&sm2, &image_meta, &retired, prefix)).await?;
+        blocking(move || write_image(&sm2, &image_meta, &retired, &leases, prefix)).await?;
     Ok((meta, path, pairs, bytes))
 }
 
@@ -283,6 +285,7 @@ fn write_image(
     sm: &StateMachineStore,
     meta: &SnapshotMeta,
     retired: &BTreeSet<NodeId>,
+    leases: &[(u64, LeaseRecord)],
     prefix: &str,
 ) -> io::Result<(PathBuf, u64, u64)> {
     let inner = &sm.inner;
@@ -291,7 +294,7 @@ fn write_image(
     let name = format!("{prefix}{}", new_name(meta));
     let partial = dir.join(format!("{name}.partial"));
     let out = BufWriter::with_capacity(1 << 20, File::create(&partial)?);
-    let mut writer = file::Writer::with_retired(out, meta, retired)?;
+    let mut writer = file::Writer::with_state(out, meta, retired, leases)?;
     let data = inner.data();
     let mut last: Option<sled::IVec> = None;
     let mut applies_held = None;
@@ -473,7 +476,8 @@ pub async fn install_image(
         std::fs::create_dir_all(&dir)?;
         let mut reader = file::Reader::new(BufReader::with_capacity(1 << 20, image))?;
         let out = BufWriter::with_capacity(1 << 20, File::create(&to)?);
-        let mut writer = file::Writer::new(out, &relabel)?;
+        let mut writer =
+            file::Writer::with_state(out, &relabel, &BTreeSet::new(), &reader.leases())?;
         while let Some(run) = reader.next_pairs()? {
             for (k, v) in run {
                 writer.push(k, v)?;
@@ -532,10 +536,12 @@ fn switch_state(
     // Removals are for good and ids are never reused, so what this replica knew stays known: the
     // file adds the removals it carries (none, from a version before they were carried).
     let mut retired = sm.retired_ids();
+    let mut leases = Vec::new();
     let (found, keys) = match file {
         Some((path, expected)) => {
-            let (found, keys, carried) = load_file(&spare, path)?;
+            let (found, keys, carried, granted) = load_file(&spare, path)?;
             retired.extend(carried);
+            leases = granted;
             if let Some(expected) = expected.filter(|e| **e != found) {
                 return Err(io::Error::other(format!(
                     "the snapshot file is of {:?}, openraft installs {:?}",
@@ -570,14 +576,23 @@ fn switch_state(
         barrier_bytes = Some(value.len() as u64);
         history_batch.insert(&key, value);
     }
-    let result: Result<(), TransactionError<String>> =
-        (&inner.meta, &inner.snapshots, inner.history.tree()).transaction(|(m, s, h)| {
+    let leases_batch = inner.leases.replace_batch(&leases)?;
+    let result: Result<(), TransactionError<String>> = (
+        &inner.meta,
+        &inner.snapshots,
+        inner.history.tree(),
+        inner.leases.tree(),
+    )
+        .transaction(|(m, s, h, l)| {
             m.apply_batch(&meta_batch)?;
             s.apply_batch(&snapshot_batch)?;
             h.apply_batch(&history_batch)?;
+            l.apply_batch(&leases_batch)?;
             Ok(())
         });
     result.map_err(tx_err)?;
+    // The key index comes from the new tree, before readers can see it.
+    inner.leases.reload(&spare)?;
     if let Some(bytes) = barrier_bytes {
         inner.history.installed(revision, bytes);
     }
@@ -587,9 +602,11 @@ fn switch_state(
 }
 
 /// Inserts a snapshot file's pairs into `tree` (which must be empty), as they are read.
-/// Returns the file's metadata and the number of pairs. The file is checked as it is read; a
+/// Returns the file's metadata, the number of pairs, the removed ids and the leases it carries. The file is checked as it is read; a
 /// local file that does not read is corruption (`InvalidData`).
-fn load_file(tree: &sled::Tree, path: &Path) -> io::Result<(SnapshotMeta, u64, BTreeSet<NodeId>)> {
+type Loaded = (SnapshotMeta, u64, BTreeSet<NodeId>, Vec<(u64, LeaseRecord)>);
+
+fn load_file(tree: &sled::Tree, path: &Path) -> io::Result<Loaded> {
     let mut reader = file::Reader::new(BufReader::with_capacity(1 << 20, File::open(path)?))?;
     let mut keys = 0u64;
     // Plain inserts, not one `apply_batch` per frame: a batch holds one epoch guard for all its
@@ -602,7 +619,12 @@ fn load_file(tree: &sled::Tree, path: &Path) -> io::Result<(SnapshotMeta, u64, B
             tree.insert(k, v).map_err(io_err)?;
         }
     }
-    Ok((reader.meta().clone(), keys, reader.retired().clone()))
+    Ok((
+        reader.meta().clone(),
+        keys,
+        reader.retired().clone(),
+        reader.leases(),
+    ))
 }
 
 /// Replaces the state with the stored snapshot's, or empties it when there is none, and returns the
@@ -610,9 +632,11 @@ fn load_file(tree: &sled::Tree, path: &Path) -> io::Result<(SnapshotMeta, u64, B
 pub(super) fn restore_current(sm: &StateMachineStore) -> io::Result<Option<LogId>> {
     let path = current_name(sm)?.map(|name| dir_of(sm.inner.integrity.dir()).join(name));
     if path.is_none() && sm.inner.data_read().is_empty() {
-        // Nothing was ever applied, or nothing that a switch would remove (a new directory).
+        // Nothing was ever applied, or nothing that a switch would remove (a new directory). Leases
+        // granted before the crash go too: the log grants them again.
         sm.inner.meta.remove(LAST_APPLIED_KEY).map_err(io_err)?;
         sm.inner.meta.remove(LAST_MEMBERSHIP_KEY).map_err(io_err)?;
+        sm.inner.leases.tree().clear().map_err(io_err)?;
         return Ok(None);
     }
     let file = path.as_deref().map(|path| (path, None));
