@@ -111,21 +111,22 @@ fn check_lease(op: &LeaseOp) -> Result<(), Invalid> {
             Ok(())
         }
         LeaseOp::Revoke { id } => lease_id(*id),
-        LeaseOp::Expire { ids } => {
-            if ids.len() > MAX_LEASES_PER_ENTRY {
-                return Err(Invalid(format!("an expiry of {} leases", ids.len())));
+        LeaseOp::Expire { leases, .. } => {
+            if leases.len() > MAX_LEASES_PER_ENTRY {
+                return Err(Invalid(format!("an expiry of {} leases", leases.len())));
             }
-            ids.iter().try_for_each(|id| lease_id(*id))
+            leases.iter().try_for_each(|l| lease_id(l.id))
         }
-        LeaseOp::Checkpoint { remaining } => {
+        LeaseOp::Checkpoint { remaining, .. } => {
             if remaining.len() > MAX_LEASES_PER_ENTRY {
                 return Err(Invalid(format!(
                     "a checkpoint of {} leases",
                     remaining.len()
                 )));
             }
-            remaining.iter().try_for_each(|(id, _)| lease_id(*id))
+            remaining.iter().try_for_each(|(l, _)| lease_id(l.id))
         }
+        LeaseOp::Clear { lease } => lease_id(lease.id),
     }
 }
 

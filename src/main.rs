@@ -180,6 +180,20 @@ enum Command {
         #[command(subcommand)]
         command: LeaseCommand,
     },
+    /// Run COMMAND while holding the lock NAME (the key `locks/NAME`, on a lease kept alive meanwhile):
+    /// waits while another holder has it; exits with COMMAND's status, or 1 after killing COMMAND
+    /// if the lock's lease is lost. COMMAND gets the fencing token in `RAFTKV_LOCK_REVISION`.
+    Lock {
+        name: String,
+        /// The lock's lease TTL: how long the lock outlives a holder that died.
+        #[arg(long, value_parser = parse_ttl, default_value = "10s")]
+        ttl: Duration,
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// List, add, promote or remove members.
     Member {
         #[command(subcommand)]
@@ -703,6 +717,12 @@ async fn run_client(command: Command) -> anyhow::Result<std::process::ExitCode> 
         }
         Command::Member { command } => member(&mut out, command).await?,
         Command::Lease { command } => lease(&mut out, command).await?,
+        Command::Lock {
+            name,
+            ttl,
+            client: args,
+            command,
+        } => lock(&mut out, &args, &name, ttl, &command).await?,
         Command::MoveLeader { id, client: args } => {
             let r = client(&args)?.move_leader(id).await.map_err(status_error)?;
             let leader = r.header.map_or(0, |h| h.leader_id);
@@ -792,6 +812,44 @@ async fn snapshot_restore(
 }
 
 /// `raftkv member ...`: one call, then the members as it leaves them.
+/// `raftkv lock`: COMMAND runs only while this process holds the lock.
+async fn lock(
+    out: &mut impl std::io::Write,
+    args: &ClientArgs,
+    name: &str,
+    ttl: Duration,
+    command: &[String],
+) -> anyhow::Result<std::process::ExitCode> {
+    let client = Arc::new(client(args)?);
+    let key = format!("locks/{name}").into_bytes();
+    let mut held = client.lock(key, ttl).await?;
+    writeln!(
+        out,
+        "holding lock {name} (fencing token {})",
+        held.revision()
+    )?;
+    out.flush()?;
+    let mut child = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .env("RAFTKV_LOCK_REVISION", held.revision().to_string())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", command[0]))?;
+    let code = tokio::select! {
+        status = child.wait() => {
+            let status = status?;
+            std::process::ExitCode::from(status.code().map_or(1, |c| c.clamp(0, 255) as u8))
+        }
+        lost = held.lost() => {
+            child.kill().await.ok();
+            writeln!(out, "lock {name} lost ({lost}): {} was killed", command[0])?;
+            return Ok(std::process::ExitCode::FAILURE);
+        }
+    };
+    held.unlock().await.map_err(status_error)?;
+    Ok(code)
+}
+
 async fn lease(
     out: &mut impl std::io::Write,
     command: LeaseCommand,

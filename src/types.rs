@@ -105,15 +105,32 @@ pub enum LeaseOp {
     Revoke {
         id: u64,
     },
-    /// The leader found these leases past their deadline; the ones still granted end here.
+    /// The leader of `term` found these leases past their deadline; they end here. Applied only in
+    /// an entry of that term, and only to the grant it names: a decision a leader made before it
+    /// lost office, or about a lease that has since ended and been granted again, ends nothing.
     Expire {
-        ids: Vec<u64>,
+        term: u64,
+        leases: Vec<LeaseRef>,
     },
-    /// Remaining time per lease, as the leader counted it, so a new leader resumes the countdown.
-    /// A remaining time equal to the granted TTL clears a checkpoint (a keep-alive since).
+    /// Remaining milliseconds per lease, as the leader of `term` counted them, so that a new leader
+    /// resumes the countdown. Under the same rules as `Expire`: it shortens what a new leader gives.
     Checkpoint {
-        remaining: Vec<(u64, u64)>,
+        term: u64,
+        remaining: Vec<(LeaseRef, u64)>,
     },
+    /// A keep-alive after a checkpoint: the lease's next leader counts from the full TTL again.
+    /// Applied whenever it commits, since it can only lengthen a lease.
+    Clear {
+        lease: LeaseRef,
+    },
+}
+
+/// One grant of a lease: its id and the revision that granted it. Ids can be granted again once a
+/// lease ends; the revision tells the grants apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LeaseRef {
+    pub id: u64,
+    pub granted_at: u64,
 }
 
 impl Command {
@@ -125,8 +142,8 @@ impl Command {
             Command::Delete { key, .. } => key.len(),
             Command::PutWithLease { key, value, .. } => key.len() + value.len(),
             Command::Lease(op) => match op {
-                LeaseOp::Expire { ids } => ids.len() * 8,
-                LeaseOp::Checkpoint { remaining } => remaining.len() * 16,
+                LeaseOp::Expire { leases, .. } => leases.len() * 16,
+                LeaseOp::Checkpoint { remaining, .. } => remaining.len() * 24,
                 _ => 16,
             },
             Command::Txn(txn) => {
@@ -313,10 +330,13 @@ impl fmt::Display for Command {
             Command::Lease(op) => match op {
                 LeaseOp::Grant { id, ttl_ms } => write!(f, "lease grant({id}, {ttl_ms} ms)"),
                 LeaseOp::Revoke { id } => write!(f, "lease revoke({id})"),
-                LeaseOp::Expire { ids } => write!(f, "lease expire({} leases)", ids.len()),
-                LeaseOp::Checkpoint { remaining } => {
+                LeaseOp::Expire { leases, .. } => {
+                    write!(f, "lease expire({} leases)", leases.len())
+                }
+                LeaseOp::Checkpoint { remaining, .. } => {
                     write!(f, "lease checkpoint({} leases)", remaining.len())
                 }
+                LeaseOp::Clear { lease } => write!(f, "lease clear({})", lease.id),
             },
             Command::Txn(t) => write!(
                 f,

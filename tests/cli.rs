@@ -479,3 +479,60 @@ async fn lease_verbs_grant_attach_inspect_keep_alive_and_revoke() {
     let ttl_gone = cli(&endpoints, &["lease", "ttl", &id]);
     assert!(String::from_utf8_lossy(&ttl_gone.stderr).contains("NOT_FOUND"));
 }
+
+/// `raftkv lock`: two holders of one lock run their commands one after the other, never together,
+/// each with its own, increasing fencing token.
+#[tokio::test(flavor = "multi_thread")]
+async fn lock_runs_commands_one_at_a_time() {
+    let cluster = Cluster::start(3, &[]);
+    let endpoints = ready(&cluster).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let script = format!(
+        "echo start $RAFTKV_LOCK_REVISION >> {0}; sleep 1; echo end >> {0}",
+        log.display()
+    );
+    let spawn = || {
+        Command::new(bin())
+            .args([
+                "lock",
+                "job",
+                "--endpoints",
+                &endpoints,
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn the CLI")
+    };
+    let (a, b) = (spawn(), spawn());
+    let wait =
+        |child: std::process::Child| tokio::task::spawn_blocking(move || child.wait_with_output());
+    let (a, b) = (wait(a), wait(b));
+    for out in [a.await.unwrap().unwrap(), b.await.unwrap().unwrap()] {
+        assert!(out.status.success(), "{out:?}");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(
+        lines[0].starts_with("start ") && lines[1] == "end",
+        "{text}"
+    );
+    assert!(
+        lines[2].starts_with("start ") && lines[3] == "end",
+        "{text}"
+    );
+    let token = |line: &str| line["start ".len()..].parse::<u64>().expect("a token");
+    assert!(token(lines[0]) < token(lines[2]), "{text}");
+    // Unlocked: the lock key is gone.
+    assert_eq!(
+        cli(&endpoints, &["get", "locks/job"]).status.code(),
+        Some(1)
+    );
+}

@@ -402,6 +402,7 @@ impl ForwardService {
         let cmd = codec::decode::<Command>(&write.command)
             .map_err(|e| Error::Invalid(format!("undecodable forwarded write: {e}")))?;
         crate::limits::command(self.node.limits(), &cmd)?;
+        self.node.admit_forwarded_lease_op(&cmd)?;
         self.node.propose_as_leader(cmd, deadline).await
     }
 }

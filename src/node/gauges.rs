@@ -25,6 +25,8 @@ pub(super) async fn publish(node: Weak<Node>) {
     // A counter is exported from its first increment; from 0 at start, so that rate() and the
     // alert on it (docs/alerts.yml) count the first failure too instead of seeing a new series.
     metrics::counter!(names::PROPOSALS_FAILED).increment(0);
+    metrics::counter!(names::LEASE_RENEWED).increment(0);
+    metrics::counter!(names::LEASE_EXPIRED).increment(0);
     loop {
         ticker.tick().await;
         let Some(node) = node.upgrade() else { return };
@@ -63,6 +65,9 @@ pub(super) async fn publish(node: Weak<Node>) {
         metrics::counter!(names::PROPOSALS_APPLIED).absolute(index(m.last_applied.as_ref()));
         metrics::gauge!(names::SNAPSHOT_INDEX).set(index(m.snapshot.as_ref()) as f64);
         metrics::gauge!(names::PURGED_INDEX).set(index(m.purged.as_ref()) as f64);
+        drop(m);
+        metrics::gauge!(names::LEASES).set(node.leases().len() as f64);
+        metrics::gauge!(names::WATCHES).set(node.watches_served() as f64);
     }
 }
 

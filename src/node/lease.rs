@@ -20,10 +20,20 @@
 //! longer) has its remaining time written to the log (`LeaseOp::Checkpoint`), and again every
 //! interval after that. A new leader resumes from there.
 //!
+//! A new leader checkpoints the leases it inherits after one interval already: what it was given
+//! covers every keep-alive acknowledged before it took office, so leaders that each serve a little
+//! longer than the interval still wear an unrenewed lease down.
+//!
 //! A checkpoint is a promise to the next leader that the lease has at most that long left, so a
-//! keep-alive after one first clears it through the log (a checkpoint at the full TTL) before it is
+//! keep-alive after one first clears it through the log (`LeaseOp::Clear`) before it is
 //! acknowledged. Leases renewed more often than every half TTL are never checkpointed, so for them a
-//! keep-alive stays free.
+//! keep-alive stays free. Checkpoints and clears are proposed one at a time (`proposals`), each
+//! computed just before it is proposed, so a clear is always after the checkpoint it clears, and
+//! a checkpoint never carries a deadline from before a keep-alive it follows.
+//!
+//! Expiries and checkpoints name the grant (`LeaseRef`) and the term they were decided in, and the
+//! apply ignores them otherwise (see `store::state_machine`): a leader that lost office, or a lease
+//! ended and granted again under the same id, cannot make a stale decision stick.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -37,7 +47,8 @@ use super::{Error, Node};
 use crate::limits::MAX_LEASES_PER_ENTRY;
 use crate::store::leases::Table;
 use crate::sync::lock;
-use crate::types::{Command, LeaseOp};
+use crate::telemetry::names;
+use crate::types::{Command, LeaseOp, LeaseRef};
 
 /// How often the leader looks for deadlines that passed, and so how late past its TTL a lease may
 /// end (plus the time to commit the expiry).
@@ -58,6 +69,8 @@ pub struct LeaseSettings {
 /// One lease as the leader in office times it.
 #[derive(Debug, Clone)]
 struct Deadline {
+    /// Which grant of the id this times.
+    granted_at: u64,
     at: Instant,
     granted: Duration,
     /// The last keep-alive, or when this leader started timing the lease.
@@ -65,9 +78,6 @@ struct Deadline {
     last_checkpoint: Option<Instant>,
     /// A checkpoint below the full TTL is committed or on its way: a keep-alive must clear it first.
     checkpointed: bool,
-    /// Bumped by every checkpoint this leader decides, so a keep-alive knows whether the clearing it
-    /// committed is still the last word.
-    checkpoint_seq: u64,
     /// An expiry has been proposed: keep-alives are refused from now on.
     expiring: bool,
 }
@@ -83,6 +93,42 @@ struct Office {
 pub struct LeaseClock {
     settings: LeaseSettings,
     office: Mutex<Office>,
+    /// Held while a checkpoint or a clear is decided, proposed and committed (see the module
+    /// comment); never while `office` is.
+    proposals: tokio::sync::Mutex<()>,
+}
+
+impl Deadline {
+    /// Starts timing a lease: from its checkpoint or its full TTL. `inherited`: found on taking
+    /// office, so it may be checkpointed after one interval (see the module comment).
+    fn start(lease: &crate::store::leases::Lease, now: Instant, inherited: bool) -> Self {
+        let granted = Duration::from_millis(lease.record.granted_ms);
+        let left = lease
+            .record
+            .checkpoint_ms
+            .map_or(granted, Duration::from_millis);
+        let renewed = if inherited {
+            now.checked_sub(granted / 2).unwrap_or(now)
+        } else {
+            now
+        };
+        Deadline {
+            granted_at: lease.record.granted_at,
+            at: now + left,
+            granted,
+            renewed,
+            last_checkpoint: None,
+            checkpointed: lease.record.checkpoint_ms.is_some(),
+            expiring: false,
+        }
+    }
+
+    fn lease(&self, id: u64) -> LeaseRef {
+        LeaseRef {
+            id,
+            granted_at: self.granted_at,
+        }
+    }
 }
 
 impl LeaseClock {
@@ -90,6 +136,7 @@ impl LeaseClock {
         LeaseClock {
             settings,
             office: Mutex::new(Office::default()),
+            proposals: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -101,42 +148,58 @@ impl LeaseClock {
     /// starts timing the leases of a new term and newly granted ones, and forgets ended ones.
     fn sync(&self, term: Option<u64>, table: &Table, now: Instant) {
         let mut office = lock(&self.office);
-        if office.term != term {
+        let inherited = office.term != term;
+        if inherited {
             office.term = term;
             office.leases.clear();
         }
         if term.is_none() {
             return;
         }
-        office.leases.retain(|id, _| table.contains_key(id));
+        office.leases.retain(|id, d| {
+            table
+                .get(id)
+                .is_some_and(|l| l.record.granted_at == d.granted_at)
+        });
         for (id, lease) in table {
-            office.leases.entry(*id).or_insert_with(|| {
-                let granted = Duration::from_millis(lease.record.granted_ms);
-                let left = lease
-                    .record
-                    .checkpoint_ms
-                    .map_or(granted, Duration::from_millis);
-                Deadline {
-                    at: now + left,
-                    granted,
-                    renewed: now,
-                    last_checkpoint: None,
-                    checkpointed: lease.record.checkpoint_ms.is_some(),
-                    checkpoint_seq: 0,
-                    expiring: false,
+            office
+                .leases
+                .entry(*id)
+                .or_insert_with(|| Deadline::start(lease, now, inherited));
+        }
+    }
+
+    /// [`LeaseClock::sync`] for one lease, for a keep-alive: the office must be `term`'s already.
+    fn sync_one(&self, id: u64, lease: Option<&crate::store::leases::Lease>, now: Instant) {
+        let mut office = lock(&self.office);
+        match lease {
+            None => {
+                office.leases.remove(&id);
+            }
+            Some(lease) => {
+                let stale = office
+                    .leases
+                    .get(&id)
+                    .is_some_and(|d| d.granted_at != lease.record.granted_at);
+                if stale {
+                    office.leases.remove(&id);
                 }
-            });
+                office
+                    .leases
+                    .entry(id)
+                    .or_insert_with(|| Deadline::start(lease, now, false));
+            }
         }
     }
 
     /// The leases whose deadline has passed, marked as expiring.
-    fn due(&self, now: Instant) -> Vec<u64> {
+    fn due(&self, now: Instant) -> Vec<LeaseRef> {
         let mut office = lock(&self.office);
         let mut due = Vec::new();
         for (id, d) in office.leases.iter_mut() {
             if !d.expiring && d.at <= now {
                 d.expiring = true;
-                due.push(*id);
+                due.push(d.lease(*id));
             }
         }
         due.sort_unstable();
@@ -144,17 +207,17 @@ impl LeaseClock {
     }
 
     /// Proposals that failed leave their leases to the next tick.
-    fn not_expired(&self, ids: &[u64]) {
+    fn not_expired(&self, leases: &[LeaseRef]) {
         let mut office = lock(&self.office);
-        for id in ids {
-            if let Some(d) = office.leases.get_mut(id) {
+        for lease in leases {
+            if let Some(d) = office.leases.get_mut(&lease.id) {
                 d.expiring = false;
             }
         }
     }
 
-    /// The leases to checkpoint now, with their remaining time, marked as checkpointed.
-    fn checkpoints(&self, now: Instant) -> Vec<(u64, u64)> {
+    /// Up to `max` leases to checkpoint now, with their remaining time, marked as checkpointed.
+    fn checkpoints(&self, now: Instant, max: usize) -> Vec<(LeaseRef, u64)> {
         let interval = self.settings.checkpoint_interval;
         let mut office = lock(&self.office);
         let mut out = Vec::new();
@@ -163,6 +226,9 @@ impl LeaseClock {
             let since_last = d
                 .last_checkpoint
                 .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+            if out.len() == max {
+                break;
+            }
             if d.expiring || quiet < interval.max(d.granted / 2) || since_last < interval {
                 continue;
             }
@@ -170,9 +236,8 @@ impl LeaseClock {
             // Rounded up, and at least 1 ms: a checkpoint never shortens the lease.
             let left_ms = (left.as_micros().div_ceil(1000) as u64).max(1);
             d.checkpointed = true;
-            d.checkpoint_seq += 1;
             d.last_checkpoint = Some(now);
-            out.push((*id, left_ms));
+            out.push((d.lease(*id), left_ms));
         }
         out.sort_unstable();
         out
@@ -185,8 +250,43 @@ enum Renewal {
     Gone,
     /// Extended: the TTL the caller now has.
     Renewed(Duration),
-    /// A checkpoint stands: clear it through the log first (with this sequence number).
-    Clear { granted: Duration, seq: u64 },
+    /// A checkpoint stands: clear it through the log first.
+    Clear(LeaseRef),
+}
+
+impl LeaseClock {
+    /// Extends lease `id` unless a checkpoint stands; `Err` when `term` is no longer the office.
+    fn renew(&self, term: u64, id: u64, now: Instant) -> Result<Renewal, ()> {
+        let mut office = lock(&self.office);
+        if office.term != Some(term) {
+            return Err(());
+        }
+        Ok(match office.leases.get_mut(&id) {
+            None => Renewal::Gone,
+            Some(d) if d.expiring || d.at <= now => Renewal::Gone,
+            Some(d) if d.checkpointed => {
+                // No new checkpoint of it while this one is cleared.
+                d.renewed = now;
+                Renewal::Clear(d.lease(id))
+            }
+            Some(d) => {
+                d.at = now + d.granted;
+                d.renewed = now;
+                metrics::counter!(names::LEASE_RENEWED).increment(1);
+                Renewal::Renewed(d.granted)
+            }
+        })
+    }
+
+    /// After a clear of `lease` committed (with `proposals` held since before it was proposed).
+    fn cleared(&self, lease: LeaseRef) {
+        let mut office = lock(&self.office);
+        if let Some(d) = office.leases.get_mut(&lease.id)
+            && d.granted_at == lease.granted_at
+        {
+            d.checkpointed = false;
+        }
+    }
 }
 
 impl Node {
@@ -239,6 +339,40 @@ impl Node {
         }
     }
 
+    /// A forwarded write is a client's, so it may grant and revoke but never decide time: expiries,
+    /// checkpoints and clears come only from this node's own clock. A grant meets this leader's
+    /// lease settings, as one arriving on its public port would.
+    pub fn admit_forwarded_lease_op(&self, cmd: &Command) -> Result<(), Error> {
+        let Command::Lease(op) = cmd else {
+            return Ok(());
+        };
+        let settings = self.lease_clock.settings();
+        match op {
+            LeaseOp::Grant { ttl_ms, .. } => {
+                let (min, max) = (
+                    settings.min_ttl.as_millis() as u64,
+                    settings.max_ttl.as_millis() as u64,
+                );
+                if !(min..=max).contains(ttl_ms) {
+                    return Err(Error::Invalid(format!(
+                        "a forwarded grant of {ttl_ms} ms is outside {min}..={max} ms"
+                    )));
+                }
+                if self.sm.leases().read().len() >= settings.max_leases {
+                    return Err(Error::Exhausted(format!(
+                        "{} leases exist (--max-leases); revoke some or let them expire",
+                        settings.max_leases
+                    )));
+                }
+                Ok(())
+            }
+            LeaseOp::Revoke { .. } => Ok(()),
+            LeaseOp::Expire { .. } | LeaseOp::Checkpoint { .. } | LeaseOp::Clear { .. } => Err(
+                Error::Invalid("lease expiries and checkpoints are the leader's own".into()),
+            ),
+        }
+    }
+
     /// [`Node::lease_time`] on the leader; refused with `NotLeader` anywhere else.
     pub async fn lease_time_as_leader(
         &self,
@@ -246,6 +380,7 @@ impl Node {
         renew: bool,
         deadline: Instant,
     ) -> Result<Option<Duration>, Error> {
+        let lost = || Error::not_leader("lost leadership", self.hint());
         let Some(term) = self.lease_office() else {
             return Err(Error::not_leader(
                 "not the leader in office (leases are timed by the leader once it has applied an entry of its term)",
@@ -255,55 +390,41 @@ impl Node {
         // Still the leader now: no later leader can have taken office yet (see the module comment).
         self.read_index(deadline).await?;
         let clock = &self.lease_clock;
-        clock.sync(Some(term), &self.sm.leases().read(), Instant::now());
+        let table = self.sm.leases().read();
+        if lock(&clock.office).term != Some(term) {
+            clock.sync(Some(term), &table, Instant::now());
+        } else {
+            clock.sync_one(id, table.get(&id), Instant::now());
+        }
+        drop(table);
         if !renew {
             let office = lock(&clock.office);
+            if office.term != Some(term) {
+                return Err(lost());
+            }
             return Ok(office
                 .leases
                 .get(&id)
                 .filter(|d| !d.expiring)
                 .map(|d| d.at.saturating_duration_since(Instant::now())));
         }
+        match clock.renew(term, id, Instant::now()).map_err(|()| lost())? {
+            Renewal::Gone => return Ok(None),
+            Renewal::Renewed(ttl) => return Ok(Some(ttl)),
+            Renewal::Clear(_) => {}
+        }
+        // A checkpoint stands: clear it, then extend, with no checkpoint decided in between.
+        let _serial = tokio::time::timeout_at(deadline, clock.proposals.lock())
+            .await
+            .map_err(|_| Error::Deadline("a lease checkpoint is still being committed".into()))?;
         loop {
-            let renewal = {
-                let mut office = lock(&clock.office);
-                if office.term != Some(term) {
-                    return Err(Error::not_leader("lost leadership", self.hint()));
-                }
-                let now = Instant::now();
-                match office.leases.get_mut(&id) {
-                    None => Renewal::Gone,
-                    Some(d) if d.expiring || d.at <= now => Renewal::Gone,
-                    Some(d) if d.checkpointed => {
-                        // No new checkpoint while this one is cleared.
-                        d.renewed = now;
-                        Renewal::Clear {
-                            granted: d.granted,
-                            seq: d.checkpoint_seq,
-                        }
-                    }
-                    Some(d) => {
-                        d.at = now + d.granted;
-                        d.renewed = now;
-                        Renewal::Renewed(d.granted)
-                    }
-                }
-            };
-            match renewal {
+            match clock.renew(term, id, Instant::now()).map_err(|()| lost())? {
                 Renewal::Gone => return Ok(None),
                 Renewal::Renewed(ttl) => return Ok(Some(ttl)),
-                Renewal::Clear { granted, seq } => {
-                    let clear = Command::Lease(LeaseOp::Checkpoint {
-                        remaining: vec![(id, granted.as_millis() as u64)],
-                    });
+                Renewal::Clear(lease) => {
+                    let clear = Command::Lease(LeaseOp::Clear { lease });
                     self.propose_as_leader(clear, deadline).await?;
-                    let mut office = lock(&clock.office);
-                    if let Some(d) = office.leases.get_mut(&id)
-                        && d.checkpoint_seq == seq
-                    {
-                        d.checkpointed = false;
-                    }
-                    // Then round again: extended now, or cleared again if a checkpoint came between.
+                    clock.cleared(lease);
                 }
             }
         }
@@ -325,31 +446,50 @@ async fn tick(node: &Arc<Node>) {
     let term = node.lease_office();
     let clock = &node.lease_clock;
     clock.sync(term, &node.sm.leases().read(), Instant::now());
-    if term.is_none() {
-        return;
-    }
+    let Some(term) = term else { return };
+    let still = || node.lease_office() == Some(term);
     let due = clock.due(Instant::now());
-    for ids in due.chunks(MAX_LEASES_PER_ENTRY) {
-        let expire = Command::Lease(LeaseOp::Expire { ids: ids.to_vec() });
+    for leases in due.chunks(MAX_LEASES_PER_ENTRY) {
+        if !still() {
+            return;
+        }
+        let expire = Command::Lease(LeaseOp::Expire {
+            term,
+            leases: leases.to_vec(),
+        });
         let deadline = Instant::now() + PROPOSAL_TIMEOUT;
         match node.propose_as_leader(expire, deadline).await {
-            Ok(_) => tracing::debug!(leases = ids.len(), "expired leases"),
+            Ok(_) => {
+                metrics::counter!(names::LEASE_EXPIRED).increment(leases.len() as u64);
+                tracing::debug!(leases = leases.len(), "expired leases");
+            }
             Err(e) => {
-                clock.not_expired(ids);
+                clock.not_expired(leases);
                 tracing::debug!(error = %e, "lease expiry not committed; retried at the next tick");
             }
         }
     }
-    let checkpoints = clock.checkpoints(Instant::now());
-    for remaining in checkpoints.chunks(MAX_LEASES_PER_ENTRY) {
-        let cmd = Command::Lease(LeaseOp::Checkpoint {
-            remaining: remaining.to_vec(),
-        });
+    // One entry at a time, each decided just before it is proposed (see the module comment).
+    loop {
+        if !still() {
+            return;
+        }
+        let _serial = clock.proposals.lock().await;
+        let remaining = clock.checkpoints(Instant::now(), MAX_LEASES_PER_ENTRY);
+        if remaining.is_empty() {
+            return;
+        }
+        let full = remaining.len() == MAX_LEASES_PER_ENTRY;
+        let cmd = Command::Lease(LeaseOp::Checkpoint { term, remaining });
         let deadline = Instant::now() + PROPOSAL_TIMEOUT;
-        // A failed checkpoint leaves the leases marked checkpointed, which only makes their next
+        // A failed checkpoint leaves its leases marked checkpointed, which only makes their next
         // keep-alive clear it: safe either way.
         if let Err(e) = node.propose_as_leader(cmd, deadline).await {
             tracing::debug!(error = %e, "lease checkpoint not committed");
+            return;
+        }
+        if !full {
+            return;
         }
     }
 }
@@ -367,6 +507,7 @@ mod tests {
                     id,
                     Lease {
                         record: LeaseRecord {
+                            granted_at: id,
                             granted_ms,
                             checkpoint_ms,
                         },
@@ -386,6 +527,10 @@ mod tests {
         })
     }
 
+    fn r(id: u64) -> LeaseRef {
+        LeaseRef { id, granted_at: id }
+    }
+
     #[test]
     fn a_new_term_resumes_from_the_checkpoint_and_times_new_leases_from_now() {
         let c = clock();
@@ -400,11 +545,11 @@ mod tests {
         assert_eq!(at(2), t0 + Duration::from_millis(10_000));
         assert!(lock(&c.office).leases[&1].checkpointed);
         assert!(c.due(t0 + Duration::from_millis(1_999)).is_empty());
-        assert_eq!(c.due(t0 + Duration::from_millis(2_000)), vec![1]);
+        assert_eq!(c.due(t0 + Duration::from_millis(2_000)), vec![r(1)]);
         // Marked: not proposed twice.
         assert!(c.due(t0 + Duration::from_millis(3_000)).is_empty());
-        c.not_expired(&[1]);
-        assert_eq!(c.due(t0 + Duration::from_millis(3_000)), vec![1]);
+        c.not_expired(&[r(1)]);
+        assert_eq!(c.due(t0 + Duration::from_millis(3_000)), vec![r(1)]);
         // Ended leases are forgotten; a lost office forgets all.
         c.sync(Some(3), &table(&[(2, 10_000, None)]), t0);
         assert_eq!(lock(&c.office).leases.len(), 1);
@@ -413,27 +558,68 @@ mod tests {
     }
 
     #[test]
+    fn an_id_granted_again_is_a_new_lease() {
+        let c = clock();
+        let t0 = Instant::now();
+        c.sync(Some(1), &table(&[(5, 1_000, None)]), t0);
+        assert_eq!(c.due(t0 + Duration::from_millis(1_000)), vec![r(5)]);
+        // Ended and granted again (another revision) before the expiry applied: timed afresh.
+        let mut again = table(&[(5, 1_000, None)]);
+        again.get_mut(&5).unwrap().record.granted_at = 9;
+        let t1 = t0 + Duration::from_millis(1_500);
+        c.sync(Some(1), &again, t1);
+        let d = lock(&c.office).leases[&5].clone();
+        assert_eq!(
+            (d.granted_at, d.expiring, d.at),
+            (9, false, t1 + Duration::from_millis(1_000))
+        );
+    }
+
+    #[test]
     fn only_quiet_leases_are_checkpointed_and_never_shortened() {
         let c = clock();
         let t0 = Instant::now();
+        c.sync(Some(1), &table(&[]), t0);
+        // Granted in this term: timed from now.
         c.sync(Some(1), &table(&[(1, 10_000, None), (2, 1_000, None)]), t0);
         // Lease 1 needs half its TTL of quiet; lease 2 the interval.
-        assert!(c.checkpoints(t0 + Duration::from_millis(999)).is_empty());
+        assert!(
+            c.checkpoints(t0 + Duration::from_millis(999), 10)
+                .is_empty()
+        );
         assert_eq!(
-            c.checkpoints(t0 + Duration::from_millis(1_000)),
-            vec![(2, 1)]
+            c.checkpoints(t0 + Duration::from_millis(1_000), 10),
+            vec![(r(2), 1)]
         );
         c.sync(Some(1), &table(&[(1, 10_000, None)]), t0);
-        assert!(c.checkpoints(t0 + Duration::from_millis(4_999)).is_empty());
+        assert!(
+            c.checkpoints(t0 + Duration::from_millis(4_999), 10)
+                .is_empty()
+        );
         assert_eq!(
-            c.checkpoints(t0 + Duration::from_millis(5_000)),
-            vec![(1, 5_000)]
+            c.checkpoints(t0 + Duration::from_millis(5_000), 10),
+            vec![(r(1), 5_000)]
         );
         // Not again within the interval.
-        assert!(c.checkpoints(t0 + Duration::from_millis(5_500)).is_empty());
-        assert_eq!(
-            c.checkpoints(t0 + Duration::from_micros(6_000_500)),
-            vec![(1, 4_000)]
+        assert!(
+            c.checkpoints(t0 + Duration::from_millis(5_500), 10)
+                .is_empty()
         );
+        assert_eq!(
+            c.checkpoints(t0 + Duration::from_micros(6_000_500), 10),
+            vec![(r(1), 4_000)]
+        );
+    }
+
+    #[test]
+    fn a_new_leader_checkpoints_what_it_inherits_at_once() {
+        let c = clock();
+        let t0 = Instant::now();
+        c.sync(Some(4), &table(&[(1, 60_000, None), (2, 60_000, None)]), t0);
+        // Already half a TTL quiet as far as the checkpoint rule goes; at most `max` per entry.
+        let mut both = [c.checkpoints(t0, 1), c.checkpoints(t0, 1)].concat();
+        both.sort_unstable();
+        assert_eq!(both, vec![(r(1), 60_000), (r(2), 60_000)]);
+        assert!(c.checkpoints(t0, 1).is_empty());
     }
 }

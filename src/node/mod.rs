@@ -92,6 +92,7 @@ pub struct Node {
     vote_hold: VoteHold,
     /// One permit per watch stream served (`--max-watches`).
     watch_slots: Arc<tokio::sync::Semaphore>,
+    max_watches: usize,
     /// Lease deadlines, kept while this node leads (see `lease`).
     lease_clock: lease::LeaseClock,
     /// Reads the whole store in the background while the node lives (see `store::integrity`).
@@ -248,6 +249,7 @@ impl Node {
             watch_slots: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(args.max_watches).unwrap_or(usize::MAX),
             )),
+            max_watches: usize::try_from(args.max_watches).unwrap_or(usize::MAX),
             lease_clock: lease::LeaseClock::new(args.lease_settings()?),
             _scrubber: scrubber,
             background: std::sync::Mutex::new(background),
@@ -450,6 +452,12 @@ impl Node {
     /// caller brings the node up to date first (`linearize`, `wait_applied`).
     pub fn local_get(&self, key: &[u8]) -> Result<Option<KeyValue>, Error> {
         Ok(self.sm.get(key)?)
+    }
+
+    /// Watch streams being served now.
+    pub fn watches_served(&self) -> usize {
+        self.max_watches
+            .saturating_sub(self.watch_slots.available_permits())
     }
 
     /// The lease settings this node enforces at the edge.

@@ -27,6 +27,8 @@ pub(crate) const TREE: &str = "sm_leases";
 /// A lease as stored: what it was granted, and the remaining time of its last checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRecord {
+    /// The revision of the grant: which grant of the id this is (see `types::LeaseRef`).
+    pub granted_at: u64,
     pub granted_ms: u64,
     /// Remaining milliseconds as of the last checkpoint; `None` once a keep-alive has reset it (or
     /// before the first). A new leader starts the countdown from here, or from `granted_ms`.
@@ -112,6 +114,32 @@ impl Leases {
         }
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
         Ok(())
+    }
+
+    /// The table `records` make over `data`, for an install to build before it switches (the
+    /// switch itself must not fail half way) and swap in with [`Leases::replace`].
+    pub(super) fn build(records: &[(u64, LeaseRecord)], data: &sled::Tree) -> io::Result<Table> {
+        let mut table: Table = records
+            .iter()
+            .map(|(id, record)| {
+                (
+                    *id,
+                    Lease {
+                        record: *record,
+                        keys: BTreeSet::new(),
+                    },
+                )
+            })
+            .collect();
+        if !table.is_empty() {
+            attach_keys(&mut table, data)?;
+        }
+        Ok(table)
+    }
+
+    /// Makes `table` the one in memory (its records are already in `sm_leases`).
+    pub(super) fn replace(&self, table: Table) {
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
     }
 
     /// Writes a batch's lease changes to `sm_leases` (plain inserts, like the rest of apply) and
@@ -219,17 +247,24 @@ impl LeaseView {
         self.changed.get_mut(&id).and_then(Option::as_mut)
     }
 
-    pub(super) fn grant(&mut self, id: u64, granted_ms: u64) {
+    pub(super) fn grant(&mut self, id: u64, granted_at: u64, granted_ms: u64) {
         self.changed.insert(
             id,
             Some(Lease {
                 record: LeaseRecord {
+                    granted_at,
                     granted_ms,
                     checkpoint_ms: None,
                 },
                 keys: BTreeSet::new(),
             }),
         );
+    }
+
+    /// Whether `lease` is the grant that holds its id now.
+    pub(super) fn current(&self, lease: &crate::types::LeaseRef) -> bool {
+        self.get(lease.id)
+            .is_some_and(|l| l.record.granted_at == lease.granted_at)
     }
 
     /// Ends a lease and returns the keys it held, for the caller to delete.
@@ -285,7 +320,7 @@ mod tests {
         let leases = Leases::open(db.open_tree(TREE).unwrap(), &data).unwrap();
         let changed = {
             let mut view = LeaseView::new(leases.read());
-            view.grant(7, 5000);
+            view.grant(7, 1, 5000);
             view.reattach(b"a", 0, 7);
             view.reattach(b"b", 0, 7);
             view.reattach(b"b", 7, 0);
@@ -331,6 +366,7 @@ mod tests {
         let data = db.open_tree("sm_data").unwrap();
         let tree = db.open_tree(TREE).unwrap();
         let record = LeaseRecord {
+            granted_at: 1,
             granted_ms: 1000,
             checkpoint_ms: None,
         };

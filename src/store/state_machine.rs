@@ -394,8 +394,10 @@ impl StateMachineStore {
                 );
             }
             applied = restored;
+        } else {
+            // Rebuilt with the state otherwise (see `snapshot::restore_current`).
+            self.inner.leases.reload(&self.inner.data())?;
         }
-        self.inner.leases.reload(&self.inner.data())?;
         self.inner.history.load(applied.map_or(0, |l| l.index))?;
         self.inner.db.flush().map(|_| ()).map_err(io_err)
     }
@@ -498,7 +500,13 @@ fn lease_not_found(id: u64) -> CommandResponse {
     CommandResponse::Lease(LeaseResponse::NotFound { id })
 }
 
-fn execute(cmd: Command, revision: u64, view: &mut Overlay<'_>) -> io::Result<CommandResponse> {
+/// `term`: the term of the entry (of the leader that appended it).
+fn execute(
+    cmd: Command,
+    revision: u64,
+    term: u64,
+    view: &mut Overlay<'_>,
+) -> io::Result<CommandResponse> {
     Ok(match cmd {
         Command::Put {
             key,
@@ -524,7 +532,7 @@ fn execute(cmd: Command, revision: u64, view: &mut Overlay<'_>) -> io::Result<Co
                 prev: prev.filter(|_| prev_kv),
             }
         }
-        Command::Lease(op) => CommandResponse::Lease(execute_lease(op, revision, view)?),
+        Command::Lease(op) => CommandResponse::Lease(execute_lease(op, revision, term, view)?),
         Command::Delete { key, prev_kv } => {
             let prev = view.delete(&key)?;
             CommandResponse::Delete {
@@ -585,7 +593,12 @@ fn execute(cmd: Command, revision: u64, view: &mut Overlay<'_>) -> io::Result<Co
 }
 
 /// Grants, ends and checkpoints leases. Ending a lease deletes its keys at this revision.
-fn execute_lease(op: LeaseOp, revision: u64, view: &mut Overlay<'_>) -> io::Result<LeaseResponse> {
+fn execute_lease(
+    op: LeaseOp,
+    revision: u64,
+    term: u64,
+    view: &mut Overlay<'_>,
+) -> io::Result<LeaseResponse> {
     Ok(match op {
         LeaseOp::Grant { id, ttl_ms } => {
             let id = match id {
@@ -593,7 +606,7 @@ fn execute_lease(op: LeaseOp, revision: u64, view: &mut Overlay<'_>) -> io::Resu
                 id if view.leases.exists(id) => return Ok(LeaseResponse::Exists { id }),
                 id => id,
             };
-            view.leases.grant(id, ttl_ms);
+            view.leases.grant(id, revision, ttl_ms);
             LeaseResponse::Granted { id, ttl_ms }
         }
         LeaseOp::Revoke { id } => match view.leases.end(id) {
@@ -605,17 +618,35 @@ fn execute_lease(op: LeaseOp, revision: u64, view: &mut Overlay<'_>) -> io::Resu
                 LeaseResponse::Revoked
             }
         },
-        LeaseOp::Expire { ids } => {
-            for id in ids {
-                for key in view.leases.end(id).unwrap_or_default() {
-                    view.delete(&key)?;
+        // A leader's decision counts only in an entry of its own term: one it made before it lost
+        // office, appended again once it came back, would override a keep-alive that another
+        // leader acknowledged in between.
+        LeaseOp::Expire { term: decided, .. } | LeaseOp::Checkpoint { term: decided, .. }
+            if decided != term =>
+        {
+            LeaseResponse::Done
+        }
+        LeaseOp::Expire { leases, .. } => {
+            for lease in leases {
+                if view.leases.current(&lease) {
+                    for key in view.leases.end(lease.id).unwrap_or_default() {
+                        view.delete(&key)?;
+                    }
                 }
             }
             LeaseResponse::Done
         }
-        LeaseOp::Checkpoint { remaining } => {
-            for (id, ms) in remaining {
-                view.leases.checkpoint(id, ms);
+        LeaseOp::Checkpoint { remaining, .. } => {
+            for (lease, ms) in remaining {
+                if view.leases.current(&lease) {
+                    view.leases.checkpoint(lease.id, ms);
+                }
+            }
+            LeaseResponse::Done
+        }
+        LeaseOp::Clear { lease } => {
+            if view.leases.current(&lease) {
+                view.leases.checkpoint(lease.id, u64::MAX);
             }
             LeaseResponse::Done
         }
@@ -695,7 +726,12 @@ impl StateMachineStore {
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse::None,
                 EntryPayload::Normal(cmd) => match crate::limits::applicable(&cmd) {
-                    Ok(()) => execute(cmd, entry.log_id.index, &mut view)?,
+                    Ok(()) => execute(
+                        cmd,
+                        entry.log_id.index,
+                        entry.log_id.leader_id.term,
+                        &mut view,
+                    )?,
                     // Every replica decides the same (the rules are fixed), so skipping keeps them
                     // identical; the entry stays in the log and counts as applied.
                     Err(e) => {
@@ -819,10 +855,10 @@ mod tests {
             prev_kv: true,
         };
         assert_eq!(
-            execute(put("a", "1"), 5, &mut view).unwrap(),
+            execute(put("a", "1"), 5, 1, &mut view).unwrap(),
             CommandResponse::Put { prev: None }
         );
-        let r = execute(put("a", "2"), 9, &mut view).unwrap();
+        let r = execute(put("a", "2"), 9, 1, &mut view).unwrap();
         let CommandResponse::Put { prev: Some(prev) } = r else {
             panic!("expected prev_kv, got {r:?}")
         };
@@ -862,7 +898,7 @@ mod tests {
                 failure: vec![TxnOp::Get { key: b"k".to_vec() }],
             })
         };
-        let r1 = execute(create("first"), 1, &mut view).unwrap();
+        let r1 = execute(create("first"), 1, 1, &mut view).unwrap();
         assert!(matches!(
             r1,
             CommandResponse::Txn {
@@ -870,7 +906,7 @@ mod tests {
                 ..
             }
         ));
-        let r2 = execute(create("second"), 2, &mut view).unwrap();
+        let r2 = execute(create("second"), 2, 1, &mut view).unwrap();
         let CommandResponse::Txn {
             succeeded: false,
             results,

@@ -1594,7 +1594,14 @@ async fn leases_follow_the_state_through_crashes_clean_stops_and_installs() {
                 lease_entry(
                     4,
                     LeaseOp::Checkpoint {
-                        remaining: vec![(7, 1200)],
+                        term: 1,
+                        remaining: vec![(
+                            crate::types::LeaseRef {
+                                id: 7,
+                                granted_at: 1,
+                            },
+                            1200,
+                        )],
                     },
                 ),
             ],
@@ -1633,7 +1640,16 @@ async fn leases_follow_the_state_through_crashes_clean_stops_and_installs() {
                 },
             ),
             leased_put(6, "c", 8),
-            lease_entry(7, LeaseOp::Expire { ids: vec![7] }),
+            lease_entry(
+                7,
+                LeaseOp::Expire {
+                    term: 1,
+                    leases: vec![crate::types::LeaseRef {
+                        id: 7,
+                        granted_at: 1,
+                    }],
+                },
+            ),
         ],
     )
     .await;
@@ -1659,4 +1675,96 @@ async fn leases_follow_the_state_through_crashes_clean_stops_and_installs() {
         .unwrap();
     assert_eq!(ids(&target), vec![7]);
     assert_eq!(keys(&target, 7), vec!["a", "b"]);
+}
+
+/// An expiry or checkpoint counts only in an entry of the term that decided it and only for the
+/// grant it names: a stale decision (a leader that lost office, an id granted again) does nothing.
+#[tokio::test]
+async fn stale_lease_decisions_change_nothing() {
+    use crate::types::{LeaseOp, LeaseRef};
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = open(dir.path(), 1).unwrap();
+    let at = |term: u64, index: u64, op: LeaseOp| Entry {
+        log_id: openraft::testing::log_id::<TypeConfig>(term, 1, index),
+        payload: EntryPayload::Normal(Command::Lease(op)),
+    };
+    let first = LeaseRef {
+        id: 5,
+        granted_at: 1,
+    };
+    apply(
+        &mut sm,
+        vec![
+            at(
+                1,
+                1,
+                LeaseOp::Grant {
+                    id: 5,
+                    ttl_ms: 9000,
+                },
+            ),
+            leased_put(2, "k", 5),
+            // Decided in term 1, appended in term 2: ignored.
+            at(
+                2,
+                3,
+                LeaseOp::Expire {
+                    term: 1,
+                    leases: vec![first],
+                },
+            ),
+            at(
+                2,
+                4,
+                LeaseOp::Checkpoint {
+                    term: 1,
+                    remaining: vec![(first, 10)],
+                },
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(sm.leases().read()[&5].record.checkpoint_ms, None);
+    assert!(sm.get(b"k").unwrap().is_some());
+    // Revoked and granted again: the expiry of the first grant leaves the second alone.
+    apply(
+        &mut sm,
+        vec![
+            at(2, 5, LeaseOp::Revoke { id: 5 }),
+            at(
+                2,
+                6,
+                LeaseOp::Grant {
+                    id: 5,
+                    ttl_ms: 9000,
+                },
+            ),
+            at(
+                2,
+                7,
+                LeaseOp::Expire {
+                    term: 2,
+                    leases: vec![first],
+                },
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(sm.leases().read()[&5].record.granted_at, 6);
+    apply(
+        &mut sm,
+        vec![at(
+            2,
+            8,
+            LeaseOp::Expire {
+                term: 2,
+                leases: vec![LeaseRef {
+                    id: 5,
+                    granted_at: 6,
+                }],
+            },
+        )],
+    )
+    .await;
+    assert!(sm.leases().read().is_empty());
 }

@@ -56,6 +56,14 @@ pub const BACKUP_LAST_SUCCESS: &str = "raftkv_backup_last_success_timestamp_seco
 pub const BACKUP_INTERVAL: &str = "raftkv_backup_interval_seconds";
 /// Scheduled backups that failed.
 pub const BACKUP_FAILURES: &str = "raftkv_backup_failures_total";
+/// Leases this replica holds (granted, not yet ended).
+pub const LEASES: &str = "raftkv_lease_active";
+/// Keep-alives this node answered as the leader that extended a lease.
+pub const LEASE_RENEWED: &str = "raftkv_lease_renewed_total";
+/// Leases this node, as the leader, ended because their TTL passed.
+pub const LEASE_EXPIRED: &str = "raftkv_lease_expired_total";
+/// Watch streams this node serves now.
+pub const WATCHES: &str = "raftkv_watch_streams";
 /// Public gRPC calls answered, labelled `grpc_service`, `grpc_method`, `grpc_code`.
 pub const GRPC_HANDLED: &str = "grpc_server_handled_total";
 /// Public gRPC calls started, labelled `grpc_service`, `grpc_method`.
@@ -132,6 +140,13 @@ pub(super) fn describe() {
         "How often scheduled backups are taken."
     );
     describe_counter!(BACKUP_FAILURES, "Scheduled backups that failed.");
+    describe_gauge!(LEASES, "Leases this replica holds.");
+    describe_counter!(
+        LEASE_RENEWED,
+        "Keep-alives this leader answered that extended a lease."
+    );
+    describe_counter!(LEASE_EXPIRED, "Leases this leader ended at their TTL.");
+    describe_gauge!(WATCHES, "Watch streams this node serves.");
     describe_counter!(GRPC_HANDLED, "Public gRPC calls answered, by status code.");
     describe_counter!(GRPC_STARTED, "Public gRPC calls started.");
     describe_histogram!(

@@ -1,6 +1,6 @@
 //! The Rust client of raftkv: the public API's protobuf types and gRPC stubs ([`pb`]), a leader-aware
 //! [`Client`], watches that resume on their own ([`Watch`]), leases with a background keep-alive
-//! ([`KeepAlive`]), the metadata headers a node answers with, and the rule for when a failed call is safe to
+//! ([`KeepAlive`]), a lock built on them ([`Lock`]), the metadata headers a node answers with, and the rule for when a failed call is safe to
 //! retry ([`certainly_not_proposed`]).
 //!
 //! It depends on nothing of the server, so a program that only talks to a cluster builds only this.
@@ -8,12 +8,14 @@
 mod client;
 mod endpoint;
 mod lease;
+mod lock;
 mod retry;
 mod watch;
 
 pub use client::{Client, ClientError, own_timeout_is_deadline_exceeded};
 pub use endpoint::endpoint;
 pub use lease::{KeepAlive, LeaseLost};
+pub use lock::{Lock, LockError};
 pub use retry::{certainly_not_proposed, certainly_not_sent};
 pub use watch::{Watch, WatchError, WatchOptions, prefix_end};
 

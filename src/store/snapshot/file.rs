@@ -41,6 +41,9 @@ const RETIRED: u8 = 4;
 const LEASES: u8 = 5;
 /// Leases per `LEASES` frame: each takes well under 64 bytes, so a frame stays far below the limit.
 const LEASES_PER_FRAME: usize = 4096;
+/// The most leases a file may hold: far above any `--max-leases`, and a bound on what a reader
+/// collects before the pairs.
+pub const MAX_LEASES: usize = 10_000_000;
 const FRAME_HEADER: usize = 9;
 
 /// A `PAIRS` frame is closed once it holds this much; one pair may take it past.
@@ -218,8 +221,14 @@ impl<R: Read> Reader<R> {
         while kind == LEASES {
             let granted: Vec<(u64, LeaseRecord)> = crate::codec::decode(&frame)?;
             for (id, record) in granted {
-                if id == 0 || leases.insert(id, record).is_some() {
-                    return malformed(format!("lease {id} is not a valid, distinct id"));
+                let valid = id != 0
+                    && (1..=crate::limits::MAX_LEASE_TTL_MS).contains(&record.granted_ms)
+                    && record.checkpoint_ms.is_none_or(|c| c < record.granted_ms);
+                if !valid || leases.insert(id, record).is_some() {
+                    return malformed(format!("lease {id} is not a valid, distinct lease"));
+                }
+                if leases.len() > MAX_LEASES {
+                    return malformed(format!("more than {MAX_LEASES} leases"));
                 }
             }
             kind = read_frame(&mut input, &mut frame)?;

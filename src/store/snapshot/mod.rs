@@ -576,6 +576,8 @@ fn switch_state(
         barrier_bytes = Some(value.len() as u64);
         history_batch.insert(&key, value);
     }
+    // Built before anything switches: nothing after the transaction may fail.
+    let lease_table = super::leases::Leases::build(&leases, &spare)?;
     let leases_batch = inner.leases.replace_batch(&leases)?;
     let result: Result<(), TransactionError<String>> = (
         &inner.meta,
@@ -591,8 +593,7 @@ fn switch_state(
             Ok(())
         });
     result.map_err(tx_err)?;
-    // The key index comes from the new tree, before readers can see it.
-    inner.leases.reload(&spare)?;
+    inner.leases.replace(lease_table);
     if let Some(bytes) = barrier_bytes {
         inner.history.installed(revision, bytes);
     }
