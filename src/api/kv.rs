@@ -37,19 +37,6 @@ pub fn header(h: Header) -> pb::ResponseHeader {
 }
 
 impl KvService {
-    /// The time by which this node answers the call (see `Node::deadline`).
-    fn deadline<T>(&self, request: &Request<T>) -> Instant {
-        self.node
-            .deadline(crate::grpc::timeout_of(request.metadata()))
-    }
-
-    /// The response, or the status that says what went wrong (see `status`).
-    fn reply<T>(&self, result: Result<T, Error>) -> Result<Response<T>, Status> {
-        result
-            .map(Response::new)
-            .map_err(|e| status::of(self.node.id(), e))
-    }
-
     /// Brings this node to the freshness a read asked for.
     async fn prepare_read(
         &self,
@@ -235,39 +222,54 @@ impl Kv for KvService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let deadline = self.deadline(&request);
-        self.reply(KvService::put(self, request.into_inner(), deadline).await)
+        let deadline = super::deadline(&self.node, &request);
+        status::reply(
+            &self.node,
+            KvService::put(self, request.into_inner(), deadline).await,
+        )
     }
 
     async fn get(
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let deadline = self.deadline(&request);
-        self.reply(KvService::get(self, request.into_inner(), deadline).await)
+        let deadline = super::deadline(&self.node, &request);
+        status::reply(
+            &self.node,
+            KvService::get(self, request.into_inner(), deadline).await,
+        )
     }
 
     async fn delete(
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let deadline = self.deadline(&request);
-        self.reply(KvService::delete(self, request.into_inner(), deadline).await)
+        let deadline = super::deadline(&self.node, &request);
+        status::reply(
+            &self.node,
+            KvService::delete(self, request.into_inner(), deadline).await,
+        )
     }
 
     async fn scan(
         &self,
         request: Request<pb::ScanRequest>,
     ) -> Result<Response<pb::ScanResponse>, Status> {
-        let deadline = self.deadline(&request);
-        self.reply(KvService::scan(self, request.into_inner(), deadline).await)
+        let deadline = super::deadline(&self.node, &request);
+        status::reply(
+            &self.node,
+            KvService::scan(self, request.into_inner(), deadline).await,
+        )
     }
 
     async fn txn(
         &self,
         request: Request<pb::TxnRequest>,
     ) -> Result<Response<pb::TxnResponse>, Status> {
-        let deadline = self.deadline(&request);
-        self.reply(KvService::txn(self, request.into_inner(), deadline).await)
+        let deadline = super::deadline(&self.node, &request);
+        status::reply(
+            &self.node,
+            KvService::txn(self, request.into_inner(), deadline).await,
+        )
     }
 }

@@ -18,6 +18,9 @@ use crate::pb::v1 as pb;
 use crate::pb::v1::lease_server::Lease;
 use crate::types::{Command, CommandResponse, LeaseOp, LeaseResponse};
 
+/// What one listed id or key costs in a response beyond its bytes (a tag and a length, or a
+/// varint id), rounded up.
+const PER_ITEM_BYTES: usize = 11;
 /// Keep-alive responses a stream buffers before it stops reading requests.
 const STREAM_BUFFER: usize = 4;
 
@@ -32,17 +35,6 @@ fn not_found(id: u64) -> Error {
 }
 
 impl LeaseService {
-    fn deadline<T>(&self, request: &Request<T>) -> Instant {
-        self.node
-            .deadline(crate::grpc::timeout_of(request.metadata()))
-    }
-
-    fn reply<T>(&self, result: Result<T, Error>) -> Result<Response<T>, Status> {
-        result
-            .map(Response::new)
-            .map_err(|e| status::of(self.node.id(), e))
-    }
-
     fn header(&self, revision: Option<u64>) -> Option<pb::ResponseHeader> {
         Some(header(self.node.header(revision)))
     }
@@ -136,21 +128,26 @@ impl LeaseService {
         let header = self.header(None);
         let table = self.node.leases();
         let lease = table.get(&req.id).ok_or_else(|| not_found(req.id))?;
-        let keys: Vec<Vec<u8>> = if req.keys {
-            lease.keys.iter().cloned().collect()
-        } else {
-            Vec::new()
-        };
-        let keys_bytes: usize = keys.iter().map(Vec::len).sum();
+        // Measured before anything is copied: a lease may hold many keys.
         let max = self.node.limits().max_response_bytes;
+        let keys_bytes: usize = if req.keys {
+            lease.keys.iter().map(|k| k.len() + PER_ITEM_BYTES).sum()
+        } else {
+            0
+        };
         if keys_bytes > max {
             return Err(Error::Exhausted(format!(
                 "lease {} holds {} keys ({keys_bytes} bytes), more than --max-response-bytes {max}; \
                  ask without keys",
                 req.id,
-                keys.len()
+                lease.keys.len()
             )));
         }
+        let keys: Vec<Vec<u8>> = if req.keys {
+            lease.keys.iter().cloned().collect()
+        } else {
+            Vec::new()
+        };
         let granted_ttl_ms = lease.record.granted_ms;
         drop(table);
         let left = self
@@ -171,7 +168,15 @@ impl LeaseService {
         let _in_flight = self.node.admit_request()?;
         self.node.linearize(deadline).await?;
         let header = self.header(None);
-        let ids = self.node.leases().keys().copied().collect();
+        let table = self.node.leases();
+        let max = self.node.limits().max_response_bytes;
+        if table.len().saturating_mul(PER_ITEM_BYTES) > max {
+            return Err(Error::Exhausted(format!(
+                "{} leases would pass --max-response-bytes {max}",
+                table.len()
+            )));
+        }
+        let ids = table.keys().copied().collect();
         Ok(pb::LeaseLeasesResponse { header, ids })
     }
 }
@@ -185,16 +190,22 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseGrantRequest>,
     ) -> Result<Response<pb::LeaseGrantResponse>, Status> {
-        let deadline = self.deadline(&request);
-        self.reply(LeaseService::grant(self, request.into_inner(), deadline).await)
+        let deadline = super::deadline(&self.node, &request);
+        status::reply(
+            &self.node,
+            LeaseService::grant(self, request.into_inner(), deadline).await,
+        )
     }
 
     async fn revoke(
         &self,
         request: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        let deadline = self.deadline(&request);
-        self.reply(LeaseService::revoke(self, request.into_inner(), deadline).await)
+        let deadline = super::deadline(&self.node, &request);
+        status::reply(
+            &self.node,
+            LeaseService::revoke(self, request.into_inner(), deadline).await,
+        )
     }
 
     type KeepAliveStream = KeepAliveStream;
@@ -242,7 +253,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<pb::LeaseKeepAliveRequest>,
     ) -> Result<Response<pb::LeaseKeepAliveResponse>, Status> {
-        let deadline = self.deadline(&request);
+        let deadline = super::deadline(&self.node, &request);
         let id = request.into_inner().id;
         let result = LeaseService::keep_alive(&self.node, id, deadline)
             .await
@@ -253,22 +264,25 @@ impl Lease for LeaseService {
                     Ok(r)
                 }
             });
-        self.reply(result)
+        status::reply(&self.node, result)
     }
 
     async fn time_to_live(
         &self,
         request: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
-        let deadline = self.deadline(&request);
-        self.reply(LeaseService::time_to_live(self, request.into_inner(), deadline).await)
+        let deadline = super::deadline(&self.node, &request);
+        status::reply(
+            &self.node,
+            LeaseService::time_to_live(self, request.into_inner(), deadline).await,
+        )
     }
 
     async fn leases(
         &self,
         request: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
-        let deadline = self.deadline(&request);
-        self.reply(LeaseService::leases(self, deadline).await)
+        let deadline = super::deadline(&self.node, &request);
+        status::reply(&self.node, LeaseService::leases(self, deadline).await)
     }
 }

@@ -23,6 +23,12 @@ use crate::node::Node;
 use crate::pb;
 use crate::types::NodeId;
 
+/// The time by which this node answers a call: the client's deadline, if it set one, within the
+/// node's own rules (see `Node::deadline`).
+pub fn deadline<T>(node: &Node, request: &tonic::Request<T>) -> tokio::time::Instant {
+    node.deadline(crate::grpc::timeout_of(request.metadata()))
+}
+
 /// Every public service of one node, as routes for server.rs to mount, and the health probe that must
 /// run for as long as they are served (drop it with the server).
 pub async fn services(

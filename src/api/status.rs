@@ -52,6 +52,16 @@ pub fn invalid(node_id: NodeId, e: Invalid) -> Status {
     of(node_id, e.into())
 }
 
+/// A handler's answer: the response, or the status that says what went wrong.
+pub fn reply<T>(
+    node: &crate::node::Node,
+    result: Result<T, Error>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    result
+        .map(tonic::Response::new)
+        .map_err(|e| of(node.id(), e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
